@@ -1,0 +1,1 @@
+"""Fabric drivers: the switches and trunks between hosts."""

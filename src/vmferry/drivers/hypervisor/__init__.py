@@ -1,0 +1,1 @@
+"""Hypervisor drivers: run guests and live-migrate them. ``base`` is the interface."""

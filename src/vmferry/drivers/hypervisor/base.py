@@ -1,0 +1,120 @@
+"""The hypervisor interface: what the host agent needs from QEMU (or anything like it)."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What a guest is made of. The disk-less lab guest takes its identity on the kernel
+    command line; ``shared_dir`` is the storage both hosts see (checked, not copied)."""
+
+    name: str
+    memory_mib: int
+    mac: str
+    tap: str                       # tap device on this host that the guest's NIC uses
+    ip_cidr: str                   # e.g. "192.0.2.10/24"
+    gateway: str | None = None
+    workload_mibps: int = 0        # memory the guest dirties per second (0: idle)
+    vcpus: int = 1
+    machine: str = "q35"
+
+
+class GuestState(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    INMIGRATE = "inmigrate"        # destination waiting for the incoming stream
+    POSTMIGRATE = "postmigrate"    # source after a completed migration
+    SHUTDOWN = "shutdown"
+    ABSENT = "absent"              # no process
+
+
+@dataclass(frozen=True)
+class MigrationTuning:
+    max_downtime_ms: int = 300
+    bandwidth_mbps: int | None = None     # None: unlimited
+    postcopy: bool = False                # allow switching to postcopy when not converging
+    auto_converge: bool = True            # throttle the guest's vCPUs when not converging
+
+
+@dataclass
+class MigrationProgress:
+    status: str                    # QEMU's: setup, active, postcopy-active, completed, failed...
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    dirty_pages_rate: int = 0      # pages/s
+    mbps: float = 0.0
+    expected_downtime_ms: int | None = None
+    downtime_ms: int | None = None       # measured, once completed
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    cpu_throttle_percent: int = 0
+    dirty_sync_count: int = 0
+    error: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[MigrationProgress], None]
+
+
+class Hypervisor(ABC):
+    """Runs guests on one host. Implementations translate their library errors into
+    ``HypervisorError`` (or ``WaitTimeout``) at this boundary."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """The hypervisor's version, e.g. "10.0.2"."""
+
+    @abstractmethod
+    def machine_types(self) -> list[str]:
+        """Machine types this hypervisor can run and accept migrations for."""
+
+    @abstractmethod
+    def start(self, spec: GuestSpec, *, incoming_uri: str | None = None) -> int:
+        """Start a guest (idempotent for a running one); with ``incoming_uri`` (e.g.
+        ``tcp:203.0.113.2:49152``) it waits paused for a migration stream. Returns the pid."""
+
+    @abstractmethod
+    def stop(self, name: str) -> None:
+        """Stop the guest and remove every file of it (idempotent)."""
+
+    @abstractmethod
+    def state(self, name: str) -> GuestState:
+        """The guest's run state (ABSENT when no process)."""
+
+    @abstractmethod
+    def guests(self) -> list[str]:
+        """Names of the guests with a process on this host."""
+
+    @abstractmethod
+    def migrate(self, name: str, uri: str, tuning: MigrationTuning) -> None:
+        """Start an outgoing live migration to ``uri``; returns once it has started."""
+
+    @abstractmethod
+    def migration_progress(self, name: str) -> MigrationProgress:
+        """Where an outgoing (or incoming) migration stands."""
+
+    @abstractmethod
+    def wait_migration(self, name: str, *, timeout: float,
+                       on_progress: ProgressCallback | None = None,
+                       postcopy_after_s: float | None = None) -> MigrationProgress:
+        """Wait (bounded) for the outgoing migration to end: completed, failed or cancelled.
+        Switches to postcopy after ``postcopy_after_s`` seconds when it was allowed.
+        Raises ``WaitTimeout`` (after cancelling) when it does not end in time."""
+
+    @abstractmethod
+    def cancel_migration(self, name: str) -> None:
+        """Cancel an outgoing migration; the source guest keeps running."""
+
+    @abstractmethod
+    def resume(self, name: str) -> None:
+        """Resume a paused guest (e.g. the destination after switchover if needed)."""
+
+    @abstractmethod
+    def announce(self, name: str) -> None:
+        """Make the guest's NIC announce its MAC (RARP/GARP) so switches learn where it is."""

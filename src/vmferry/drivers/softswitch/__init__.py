@@ -1,0 +1,1 @@
+"""Softswitch drivers: bridges, ports, VLANs, flows and meters. ``base`` is the interface."""

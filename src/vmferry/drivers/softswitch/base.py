@@ -1,0 +1,105 @@
+"""The softswitch interface: what vmferry needs from Open vSwitch (or anything like it).
+
+Ports, flows and meters that vmferry installs are tagged (``external_ids:vmferry-owner`` on
+rows, a cookie on flows) so they can be found and removed exactly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+OWNER_KEY = "vmferry-owner"     # external_ids key on ports/interfaces we create
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """A port as it should be."""
+
+    name: str
+    tag: int | None = None                     # access VLAN
+    trunks: frozenset[int] = frozenset()       # trunk VLANs (empty + no tag: all VLANs)
+    vlan_mode: str | None = None               # None, "access", "trunk", "native-untagged"...
+    iface_type: str = ""                       # "" (system/tap), "internal", "patch"...
+    options: dict[str, str] = field(default_factory=dict)
+    external_ids: dict[str, str] = field(default_factory=dict)
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class PortState:
+    """A port as it is, read back from the switch."""
+
+    name: str
+    tag: int | None
+    trunks: frozenset[int]
+    vlan_mode: str | None
+    iface_type: str
+    ofport: int | None
+    mac_in_use: str | None
+    external_ids: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Flow:
+    """An OpenFlow rule in ovs-ofctl syntax, minus cookie (the driver adds it)."""
+
+    table: int
+    priority: int
+    match: str                 # e.g. "in_port=3,dl_src=52:54:00:00:00:01"
+    actions: str               # e.g. "NORMAL", "drop", "meter:1,NORMAL"
+
+
+@dataclass(frozen=True)
+class Meter:
+    meter_id: int
+    kbps: int | None = None    # rate in kbit/s (bands drop above the rate)
+    pktps: int | None = None   # or in packets/s
+    burst: int | None = None   # kbit or packets, as the unit above
+
+
+class Softswitch(ABC):
+    """One switch instance (one OVSDB). Errors become ``SoftswitchError`` at this boundary."""
+
+    @abstractmethod
+    def ensure_bridge(self, bridge: str, *, datapath_type: str = "netdev",
+                      fail_mode: str | None = None) -> None:
+        """Create the bridge if missing (idempotent)."""
+
+    @abstractmethod
+    def delete_bridge(self, bridge: str) -> None: ...
+
+    @abstractmethod
+    def ensure_port(self, bridge: str, port: PortSpec) -> None:
+        """Make the port exist and match ``port`` (only the difference is written)."""
+
+    @abstractmethod
+    def delete_port(self, bridge: str, port: str) -> None:
+        """Remove the port (idempotent)."""
+
+    @abstractmethod
+    def ports(self, bridge: str) -> dict[str, PortState]:
+        """Every port of the bridge as it is now."""
+
+    @abstractmethod
+    def set_trunks(self, bridge: str, port: str, vlans: frozenset[int]) -> None:
+        """Set the VLANs a trunk port carries."""
+
+    @abstractmethod
+    def replace_flows(self, bridge: str, cookie: int, flows: list[Flow]) -> None:
+        """Make the flows carrying ``cookie`` exactly ``flows`` (atomically, in one bundle)."""
+
+    @abstractmethod
+    def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
+        """Flows now installed (only those with ``cookie`` when given)."""
+
+    @abstractmethod
+    def replace_meters(self, bridge: str, meters: list[Meter], owned: set[int]) -> None:
+        """Make the meters with ids in ``owned`` exactly ``meters``."""
+
+    @abstractmethod
+    def dump_meters(self, bridge: str) -> list[Meter]: ...
+
+    @abstractmethod
+    def flush_fdb(self, bridge: str, mac: str | None = None) -> None:
+        """Forget learned MAC locations (one MAC, or all) so the next frame relearns it."""
