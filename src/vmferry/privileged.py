@@ -120,6 +120,21 @@ def create_tap(namespace: str | None, ifname: str, mtu: int = 1500) -> None:
         ipr.link("set", index=index, state="up", mtu=mtu)
 
 
+def create_linux_bridge(namespace: str | None, ifname: str) -> None:
+    """A plain Linux bridge (no VLAN filtering: this kernel lacks it), up (idempotent)."""
+    check_ifname(ifname)
+    with _ipr(namespace) as ipr:
+        if not ipr.link_lookup(ifname=ifname):
+            ipr.link("add", ifname=ifname, kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+
+
+def attach_to_bridge(namespace: str | None, ifname: str, bridge: str) -> None:
+    with _ipr(namespace) as ipr:
+        master = ipr.link_lookup(ifname=bridge)[0]
+        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], master=master)
+
+
 def delete_link(namespace: str | None, ifname: str) -> None:
     """Delete a link (idempotent); deleting one end of a veth deletes both."""
     with _ipr(namespace) as ipr:

@@ -1,0 +1,3 @@
+from vmferry.cli.main import main
+
+main()

@@ -1,0 +1,207 @@
+"""What a host agent does, free of HTTP: guests, their ports, the uplink trunk."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmferry import privileged
+from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest
+from vmferry.drivers.hypervisor.base import (
+    GuestSpec,
+    GuestState,
+    Hypervisor,
+    MigrationProgress,
+    MigrationTuning,
+)
+from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec, Softswitch
+from vmferry.errors import CapacityError, ConflictError, NotFoundError, VmferryError
+from vmferry.model.fabric import carried_vlans, trunk_column
+from vmferry.model.network import short_ifname
+from vmferry.model.topology import HOST_BRIDGE, HOST_UPLINK_PORT
+
+log = logging.getLogger(__name__)
+
+OWNER = "vmferry"
+VM_KEY = "vmferry-vm"
+MIGRATION_PORT_BASE = 49152
+
+
+def tap_name(vm: str) -> str:
+    return short_ifname("vm-", vm)
+
+
+@dataclass
+class AgentConfig:
+    host: str
+    run_dir: Path
+    memory_mib: int
+    shared_storage: Path | None
+    migration_ip: str | None      # address on the migration network, without prefix
+
+
+class HostAgent:
+    """Owns one host. Every operation is idempotent and leaves nothing half-done on error."""
+
+    def __init__(self, config: AgentConfig, hypervisor: Hypervisor, softswitch: Softswitch) -> None:
+        self.config = config
+        self.hypervisor = hypervisor
+        self.softswitch = softswitch
+        self._lock = threading.RLock()
+        # Memory and requests of guests we started, for capacity and reports.
+        self._guests: dict[str, GuestRequest] = {}
+        self._incoming: dict[str, str] = {}
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        self._load_requests()
+
+    # ---- guests -----------------------------------------------------------------------------
+
+    def create_guest(self, request: GuestRequest) -> GuestInfo:
+        """Plug the guest's port and start it (waiting for a stream when ``incoming``)."""
+        with self._lock:
+            state = self.hypervisor.state(request.name)
+            if state is not GuestState.ABSENT:
+                known = self._guests.get(request.name)
+                if known is not None and known.mac != request.mac:
+                    raise ConflictError("name", f"a different guest {request.name!r} runs here")
+                return self.guest(request.name)
+            free = self.config.memory_mib - self.memory_used_mib()
+            if request.memory_mib > free:
+                raise CapacityError(
+                    f"host {self.config.host} has {free} MiB free, guest needs "
+                    f"{request.memory_mib} MiB", host=self.config.host, field="memory_mib")
+            tap = tap_name(request.name)
+            try:
+                privileged.create_tap(None, tap)
+                self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
+                incoming_uri = self._incoming_uri(request.name) if request.incoming else None
+                spec = GuestSpec(name=request.name, memory_mib=request.memory_mib,
+                                 mac=request.mac, tap=tap, ip_cidr=request.ip,
+                                 gateway=request.gateway, workload_mibps=request.workload_mibps)
+                self._guests[request.name] = request
+                self._save_request(request)
+                self.hypervisor.start(spec, incoming_uri=incoming_uri)
+                if incoming_uri:
+                    self._incoming[request.name] = incoming_uri
+            except VmferryError:
+                self._remove_guest(request.name)
+                raise
+            return self.guest(request.name)
+
+    def delete_guest(self, name: str) -> None:
+        """Stop the guest and remove its port, flows, meters and tap (idempotent)."""
+        with self._lock:
+            self._remove_guest(name)
+
+    def _remove_guest(self, name: str) -> None:
+        self.hypervisor.stop(name)
+        self.softswitch.delete_port(HOST_BRIDGE, tap_name(name))
+        privileged.delete_link(None, tap_name(name))
+        self._guests.pop(name, None)
+        self._incoming.pop(name, None)
+        self._request_file(name).unlink(missing_ok=True)
+
+    def guest(self, name: str) -> GuestInfo:
+        state = self.hypervisor.state(name)
+        if state is GuestState.ABSENT and name not in self._guests:
+            raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+        ports = self.softswitch.ports(HOST_BRIDGE)
+        request = self._guests.get(name)
+        return GuestInfo(name=name, state=state.value, tap=tap_name(name),
+                         port_present=tap_name(name) in ports,
+                         incoming_uri=self._incoming.get(name),
+                         memory_mib=request.memory_mib if request else None)
+
+    def guests(self) -> list[GuestInfo]:
+        names = set(self.hypervisor.guests()) | set(self._guests)
+        return [self.guest(n) for n in sorted(names)]
+
+    def memory_used_mib(self) -> int:
+        return sum(r.memory_mib for n, r in self._guests.items()
+                   if self.hypervisor.state(n) is not GuestState.ABSENT)
+
+    def _port_spec(self, request: GuestRequest) -> PortSpec:
+        return PortSpec(name=tap_name(request.name), tag=request.vlan, vlan_mode="access",
+                        external_ids={OWNER_KEY: OWNER, VM_KEY: request.name,
+                                      "attached-mac": request.mac})
+
+    # ---- migration --------------------------------------------------------------------------
+
+    def _incoming_uri(self, name: str) -> str:
+        if not self.config.migration_ip:
+            raise ConflictError("host", f"host {self.config.host} has no migration network")
+        return f"tcp:{self.config.migration_ip}:{_free_port(self.config.migration_ip)}"
+
+    def migrate(self, name: str, request: MigrateRequest) -> None:
+        self._require(name)
+        self.hypervisor.migrate(name, request.uri, MigrationTuning(
+            max_downtime_ms=request.max_downtime_ms, bandwidth_mbps=request.bandwidth_mbps,
+            postcopy=request.postcopy, auto_converge=request.auto_converge))
+
+    def migration_progress(self, name: str) -> MigrationProgress:
+        self._require(name)
+        return self.hypervisor.migration_progress(name)
+
+    def cancel_migration(self, name: str) -> None:
+        self._require(name)
+        self.hypervisor.cancel_migration(name)
+
+    def announce(self, name: str) -> None:
+        self._require(name)
+        self.hypervisor.announce(name)
+
+    def _require(self, name: str) -> None:
+        if self.hypervisor.state(name) is GuestState.ABSENT:
+            raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+
+    # ---- uplink -----------------------------------------------------------------------------
+
+    def uplink_vlans(self) -> list[int]:
+        port = self.softswitch.ports(HOST_BRIDGE).get(HOST_UPLINK_PORT)
+        return sorted(carried_vlans(port.trunks)) if port else []
+
+    def set_uplink_vlans(self, vlans: list[int]) -> list[int]:
+        self.softswitch.set_trunks(HOST_BRIDGE, HOST_UPLINK_PORT, trunk_column(frozenset(vlans)))
+        return self.uplink_vlans()
+
+    # ---- report -----------------------------------------------------------------------------
+
+    def report(self) -> HostReport:
+        storage = self.config.shared_storage
+        return HostReport(
+            host=self.config.host, qemu_version=self.hypervisor.version(),
+            machine_types=self.hypervisor.machine_types(), memory_mib=self.config.memory_mib,
+            memory_used_mib=self.memory_used_mib(), guests=self.guests(),
+            shared_storage=str(storage) if storage else None,
+            shared_storage_ok=bool(storage and storage.is_dir() and os.access(storage, os.W_OK)),
+            migration_ip=self.config.migration_ip)
+
+    # ---- persistence of guest requests (so a restarted agent knows its guests) ---------------
+
+    def _request_file(self, name: str) -> Path:
+        return self.config.run_dir / f"{name}.request.json"
+
+    def _save_request(self, request: GuestRequest) -> None:
+        self._request_file(request.name).write_text(request.model_dump_json())
+
+    def _load_requests(self) -> None:
+        for path in self.config.run_dir.glob("*.request.json"):
+            try:
+                request = GuestRequest.model_validate_json(path.read_text())
+            except ValueError:
+                continue
+            self._guests[request.name] = request
+
+
+def _free_port(address: str) -> int:
+    """A TCP port free on ``address`` for QEMU's incoming migration listener."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port

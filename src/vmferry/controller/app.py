@@ -1,0 +1,129 @@
+"""The controller's HTTP API. Each route checks the caller's role, then asks the service."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import Response
+
+from vmferry.agent.models import HostReport
+from vmferry.controller import auth, events
+from vmferry.controller.auth import Principal, Role
+from vmferry.controller.models import EventOut, HostOut, TokenCreate, TrunkOut, VmCreate, VmOut
+from vmferry.controller.service import Controller
+from vmferry.errors import ForbiddenError
+from vmferry.model.topology import Topology
+from vmferry.web import bearer_token, install_error_handlers
+
+
+def create_app(controller: Controller) -> FastAPI:
+    app = FastAPI(title="vmferry controller", version="1",
+                  description="Live-migrate VMs and carry their network with them.")
+    install_error_handlers(app)
+    store = controller.store
+
+    def principal(request: Request) -> Principal:
+        return auth.authenticate(store, bearer_token(request))
+
+    Caller = Annotated[Principal, Depends(principal)]
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    # ---- inventory and hosts ----------------------------------------------------------------
+
+    @app.put("/v1/inventory")
+    def set_inventory(body: Topology, caller: Caller) -> dict[str, Any]:
+        auth.require(caller, auth.ADMIN, "load the inventory")
+        controller.set_inventory(body, caller)
+        return {"status": "ok", "hosts": [h.name for h in body.hosts]}
+
+    @app.get("/v1/inventory")
+    def get_inventory(caller: Caller) -> dict[str, Any]:
+        auth.require(caller, auth.READ, "read the inventory")
+        return controller.topology().model_dump(mode="json")
+
+    @app.get("/v1/hosts", response_model=list[HostOut])
+    def hosts(caller: Caller) -> list[HostOut]:
+        auth.require(caller, auth.READ, "list hosts")
+        return controller.hosts()
+
+    @app.post("/v1/agents/{host}/heartbeat", status_code=204)
+    def heartbeat(host: str, body: HostReport, caller: Caller) -> Response:
+        if caller.role is not Role.AGENT or caller.host != host or body.host != host:
+            raise ForbiddenError(f"{caller.name} may only report for its own host",
+                                 actor=caller.name)
+        controller.heartbeat(host, body)
+        return Response(status_code=204)
+
+    # ---- VMs --------------------------------------------------------------------------------
+
+    @app.get("/v1/vms", response_model=list[VmOut])
+    def vms(caller: Caller) -> list[VmOut]:
+        auth.require(caller, auth.READ, "list VMs")
+        return controller.vms()
+
+    @app.post("/v1/vms", response_model=VmOut, status_code=201)
+    def create_vm(body: VmCreate, caller: Caller) -> VmOut:
+        auth.require(caller, auth.SERVERS, "create VMs")
+        return controller.create_vm(body, caller)
+
+    @app.get("/v1/vms/{name}", response_model=VmOut)
+    def vm(name: str, caller: Caller, runtime: bool = Query(False)) -> VmOut:
+        auth.require(caller, auth.READ, "read VMs")
+        return controller.vm(name, runtime=runtime)
+
+    @app.delete("/v1/vms/{name}", status_code=204)
+    def delete_vm(name: str, caller: Caller) -> Response:
+        try:
+            auth.require(caller, auth.SERVERS, "delete VMs")
+        except ForbiddenError as exc:
+            events.record(store, caller.name, "vm.delete", name, "forbidden", error=exc.message)
+            raise
+        controller.delete_vm(name, caller)
+        return Response(status_code=204)
+
+    # ---- fabric -----------------------------------------------------------------------------
+
+    @app.get("/v1/fabric", response_model=list[TrunkOut])
+    def fabric(caller: Caller) -> list[TrunkOut]:
+        auth.require(caller, auth.READ, "read the fabric")
+        return controller.fabric_state()
+
+    @app.post("/v1/fabric/reconcile")
+    def reconcile(caller: Caller) -> dict[str, list[int]]:
+        auth.require(caller, auth.NETWORK, "reconcile the fabric")
+        return controller.reconcile_fabric()
+
+    # ---- tokens and events ------------------------------------------------------------------
+
+    @app.post("/v1/tokens", status_code=201)
+    def create_token(body: TokenCreate, caller: Caller) -> dict[str, str]:
+        auth.require(caller, auth.ADMIN, "create tokens")
+        token = auth.create_token(store, body.name, body.role)
+        events.record(store, caller.name, "token.create", body.name, "ok", role=body.role)
+        return {"name": body.name, "role": body.role, "token": token}
+
+    @app.get("/v1/tokens")
+    def tokens(caller: Caller) -> list[dict[str, object]]:
+        auth.require(caller, auth.ADMIN, "list tokens")
+        return auth.list_tokens(store)
+
+    @app.delete("/v1/tokens/{name}", status_code=204)
+    def revoke(name: str, caller: Caller) -> Response:
+        auth.require(caller, auth.ADMIN, "revoke tokens")
+        auth.revoke_token(store, name)
+        events.record(store, caller.name, "token.revoke", name, "ok")
+        return Response(status_code=204)
+
+    @app.get("/v1/events", response_model=list[EventOut])
+    def list_events(caller: Caller, limit: int = Query(100, ge=1, le=10_000),
+                    after: int = Query(0, ge=0)) -> list[EventOut]:
+        auth.require(caller, auth.READ, "read events")
+        return [EventOut(id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action,
+                         target=e.target, outcome=e.outcome, detail=e.detail)
+                for e in events.recent(store, limit, after)]
+
+    return app

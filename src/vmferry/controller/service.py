@@ -1,0 +1,386 @@
+"""The controller's work, free of HTTP: inventory, hosts, VMs and the fabric that serves them."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from vmferry.agent.models import GuestRequest, HostReport
+from vmferry.controller import events
+from vmferry.controller.auth import Principal, hash_token
+from vmferry.controller.models import HostOut, TrunkOut, VmCreate, VmOut
+from vmferry.drivers.fabric.base import Fabric
+from vmferry.drivers.fabric.ovs_fabric import OvsFabric
+from vmferry.errors import (
+    AgentError,
+    CapacityError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    VmferryError,
+)
+from vmferry.http import client_for, raise_for_agent
+from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
+from vmferry.model.network import mac_for
+from vmferry.model.topology import Topology
+from vmferry.store.db import Store
+from vmferry.store.schema import HostRow, InventoryRow, MacPoolRow, VmRow
+from vmferry.web import read_token_file
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_FRESH = timedelta(seconds=10)
+# VM states in which the VM occupies its host (and so needs its VLAN there).
+PLACED_STATES = {"creating", "running", "migrating"}
+
+
+class Controller:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._fabric_lock = threading.Lock()
+        self._vm_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._fabric: Fabric | None = None
+        # Extra endpoints that exist for a while (a migration's destination port).
+        self._transient_endpoints: dict[str, Endpoint] = {}
+
+    # ---- inventory --------------------------------------------------------------------------
+
+    def topology(self) -> Topology:
+        with self.store.session() as session:
+            row = session.get(InventoryRow, 1)
+            if row is None:
+                raise NotFoundError("inventory", "no inventory loaded yet (PUT /v1/inventory)")
+            return Topology.model_validate(row.topology)
+
+    def set_inventory(self, topology: Topology, actor: Principal) -> None:
+        """Load or replace the site's topology. Hosts that still hold VMs cannot go."""
+        with self.store.session() as session:
+            vm_hosts = {vm.host for vm in session.scalars(select(VmRow))}
+            new_hosts = {h.name for h in topology.hosts}
+            gone = sorted(vm_hosts - new_hosts)
+            if gone:
+                raise ConflictError("hosts", f"hosts {gone} still run VMs")
+            tokens: dict[str, str | None] = {}
+            for i, host in enumerate(topology.hosts):
+                if not host.agent_url:
+                    raise InputError(f"topology.hosts[{i}].agent_url", "required")
+                tokens[host.name] = hash_token(read_token_file(host.agent_token_file)) \
+                    if host.agent_token_file else None
+            row = session.get(InventoryRow, 1)
+            data = topology.model_dump(mode="json")
+            if row is None:
+                session.add(InventoryRow(id=1, topology=data))
+            else:
+                row.topology = data
+                row.updated_at = datetime.now(UTC)
+            for host_row in session.scalars(select(HostRow)):
+                if host_row.name not in new_hosts:
+                    session.delete(host_row)
+            for host in topology.hosts:
+                host_row = session.get(HostRow, host.name)
+                if host_row is None:
+                    session.add(HostRow(name=host.name, agent_url=host.agent_url or "",
+                                        agent_token_hash=tokens[host.name], report={}))
+                else:
+                    host_row.agent_url = host.agent_url or ""
+                    host_row.agent_token_hash = tokens[host.name]
+        with self._fabric_lock:
+            if self._fabric is not None:
+                self._fabric.close()
+            self._fabric = None
+        events.record(self.store, actor.name, "inventory.set", topology.name, "ok",
+                      hosts=sorted(new_hosts))
+
+    def fabric_driver(self) -> Fabric:
+        if self._fabric is None:
+            self._fabric = OvsFabric(self.topology())
+        return self._fabric
+
+    # ---- hosts and agents -------------------------------------------------------------------
+
+    def heartbeat(self, host: str, report: HostReport) -> None:
+        with self.store.session() as session:
+            row = session.get(HostRow, host)
+            if row is None:
+                raise NotFoundError("host", f"unknown host {host!r}")
+            row.last_heartbeat = datetime.now(UTC)
+            row.report = report.model_dump(mode="json")
+
+    def hosts(self) -> list[HostOut]:
+        topology = self.topology()
+        now = datetime.now(UTC)
+        with self.store.session() as session:
+            vms = list(session.scalars(select(VmRow)))
+            result = []
+            for host in topology.hosts:
+                row = session.get(HostRow, host.name)
+                report = row.report if row else {}
+                beat = _aware(row.last_heartbeat) if row else None
+                result.append(HostOut(
+                    name=host.name, rack=host.rack, agent_url=row.agent_url if row else "",
+                    agent_alive=bool(beat and now - beat < HEARTBEAT_FRESH),
+                    last_heartbeat=beat.isoformat() if beat else None,
+                    memory_mib=host.memory_mib, memory_used_mib=report.get("memory_used_mib"),
+                    qemu_version=report.get("qemu_version"),
+                    vms=sorted(v.name for v in vms if v.host == host.name),
+                    maintenance=bool(row and row.maintenance)))
+            return result
+
+    def host_report(self, host: str) -> dict[str, Any]:
+        with self.store.session() as session:
+            row = session.get(HostRow, host)
+            if row is None:
+                raise NotFoundError("host", f"unknown host {host!r}")
+            return dict(row.report or {})
+
+    def agent(self, host: str, timeout: float = 60) -> httpx.Client:
+        spec = self.topology().host(host)
+        if not spec.agent_url:
+            raise AgentError(f"host {host} has no agent address", host=host)
+        token = read_token_file(spec.agent_token_file) if spec.agent_token_file else None
+        return client_for(spec.agent_url, token=token, timeout=timeout)
+
+    def call_agent(self, host: str, method: str, path: str, *, json: Any = None,
+                   timeout: float = 60) -> Any:
+        """One request to a host's agent; its errors come back as AgentError."""
+        try:
+            with self.agent(host, timeout=timeout) as api:
+                response = api.request(method, path, json=json)
+        except httpx.HTTPError as exc:
+            raise AgentError(f"agent on {host} unreachable: {exc}", host=host) from exc
+        raise_for_agent(host, response)
+        return response.json() if response.content else None
+
+    # ---- VMs --------------------------------------------------------------------------------
+
+    def vm_lock(self, name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._vm_locks.setdefault(name, threading.Lock())
+
+    def create_vm(self, body: VmCreate, actor: Principal,
+                  profile_vlan: int | None = None) -> VmOut:
+        """Validate, allocate a MAC, carry the VLAN to the host, start the guest.
+
+        On any failure nothing is left: no row, no port, no VLAN on a trunk."""
+        topology = self.topology()
+        if body.host not in {h.name for h in topology.hosts}:
+            raise NotFoundError("host", f"unknown host {body.host!r}")
+        vlan = profile_vlan if profile_vlan is not None else body.vlan
+        if vlan is None:
+            raise InputError("vlan", "give a VLAN or a profile")
+        self._check_vlan_and_ip(topology, vlan, body.ip)
+        lock = self.vm_lock(body.name)
+        if not lock.acquire(blocking=False):
+            raise ConflictError("name", f"VM {body.name!r} is being changed right now")
+        try:
+            with self.store.session() as session:
+                if session.get(VmRow, body.name) is not None:
+                    raise ConflictError("name", f"a VM named {body.name!r} exists")
+                self._check_memory(session, body.host, body.memory_mib)
+                mac = self._allocate_mac(session)
+                session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,
+                                  vlan=vlan, ip=body.ip, mac=mac, profile=body.profile,
+                                  workload_mibps=body.workload_mibps,
+                                  max_downtime_ms=body.max_downtime_ms, state="creating"))
+            try:
+                self.reconcile_fabric()
+                request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
+                                       ip=body.ip, gateway=body.gateway, vlan=vlan,
+                                       workload_mibps=body.workload_mibps)
+                self.call_agent(body.host, "PUT", f"/v1/guests/{body.name}",
+                                json=request.model_dump(mode="json"), timeout=120)
+            except VmferryError as exc:
+                self._forget_vm(body.name)
+                events.record(self.store, actor.name, "vm.create", body.name, "failed",
+                              error=exc.message, host=body.host)
+                raise
+            with self.store.session() as session:
+                row = session.get(VmRow, body.name)
+                assert row is not None
+                row.state = "running"
+            events.record(self.store, actor.name, "vm.create", body.name, "ok", host=body.host,
+                          vlan=vlan, mac=mac)
+            return self.vm(body.name)
+        finally:
+            lock.release()
+
+    def _forget_vm(self, name: str) -> None:
+        """Undo a half-made VM: its guest, row, and the VLAN it pulled onto trunks."""
+        with self.store.session() as session:
+            row = session.get(VmRow, name)
+            host = row.host if row else None
+            if row is not None:
+                session.delete(row)
+        if host:
+            try:
+                self.call_agent(host, "DELETE", f"/v1/guests/{name}")
+            except VmferryError as exc:
+                log.warning("cleanup of %s on %s failed: %s", name, host, exc)
+        try:
+            self.reconcile_fabric()
+        except VmferryError as exc:
+            log.warning("fabric reconcile after failed create failed: %s", exc)
+
+    def delete_vm(self, name: str, actor: Principal) -> None:
+        lock = self.vm_lock(name)
+        if not lock.acquire(blocking=False):
+            raise ConflictError("name", f"VM {name!r} is being changed right now")
+        try:
+            with self.store.session() as session:
+                row = session.get(VmRow, name)
+                if row is None:
+                    raise NotFoundError("name", f"no VM named {name!r}")
+                if row.state == "migrating":
+                    raise ConflictError("name", f"VM {name!r} is migrating")
+                host = row.host
+                row.state = "deleting"
+            self.call_agent(host, "DELETE", f"/v1/guests/{name}")
+            with self.store.session() as session:
+                row = session.get(VmRow, name)
+                if row is not None:
+                    session.delete(row)
+            self.reconcile_fabric()
+            events.record(self.store, actor.name, "vm.delete", name, "ok", host=host)
+        finally:
+            lock.release()
+
+    def vm(self, name: str, *, runtime: bool = False) -> VmOut:
+        with self.store.session() as session:
+            row = session.get(VmRow, name)
+            if row is None:
+                raise NotFoundError("name", f"no VM named {name!r}")
+            out = _vm_out(row)
+        if runtime:
+            try:
+                out.runtime = self.call_agent(out.host, "GET", f"/v1/guests/{name}", timeout=10)
+            except VmferryError as exc:
+                out.runtime = {"error": exc.message}
+        return out
+
+    def vms(self) -> list[VmOut]:
+        with self.store.session() as session:
+            return [_vm_out(r) for r in session.scalars(select(VmRow).order_by(VmRow.name))]
+
+    def _check_vlan_and_ip(self, topology: Topology, vlan: int, ip: str) -> None:
+        declared = {v.id for v in topology.vlans}
+        if declared and vlan not in declared:
+            raise InputError("vlan", f"VLAN {vlan} is not declared in the inventory "
+                             f"(declared: {sorted(declared)})")
+        subnet = topology.vlan_subnet(vlan)
+        if subnet and ipaddress.ip_interface(ip).ip not in ipaddress.ip_network(subnet):
+            raise InputError("ip", f"{ip} is outside VLAN {vlan}'s subnet {subnet}")
+        with self.store.session() as session:
+            address = str(ipaddress.ip_interface(ip).ip)
+            for other in session.scalars(select(VmRow).where(VmRow.vlan == vlan)):
+                if str(ipaddress.ip_interface(other.ip).ip) == address:
+                    raise ConflictError("ip", f"{address} is already used by VM {other.name}")
+        for client in topology.clients:
+            if client.vlan == vlan and str(ipaddress.ip_interface(client.ip).ip) == \
+                    str(ipaddress.ip_interface(ip).ip):
+                raise ConflictError("ip", f"{ip} is used by {client.name}")
+
+    def _check_memory(self, session: Any, host: str, memory_mib: int) -> None:
+        spec = self.topology().host(host)
+        used = sum(v.memory_mib for v in session.scalars(select(VmRow).where(VmRow.host == host)))
+        free = spec.memory_mib - used
+        if memory_mib > free:
+            raise CapacityError(f"memory_mib: host {host} has {free} MiB free, "
+                                f"{memory_mib} MiB requested", field="memory_mib", host=host,
+                                reason="beyond the host's free memory")
+
+    def _allocate_mac(self, session: Any) -> str:
+        pool = session.get(MacPoolRow, 1, with_for_update=True)
+        if pool is None:
+            pool = MacPoolRow(id=1, next_index=1)
+            session.add(pool)
+        used = {v.mac for v in session.scalars(select(VmRow))}
+        while True:
+            mac = mac_for(pool.next_index, prefix="52:54:00")
+            pool.next_index += 1
+            if mac not in used:
+                return mac
+
+    # ---- fabric -----------------------------------------------------------------------------
+
+    def endpoints(self) -> list[Endpoint]:
+        topology = self.topology()
+        with self.store.session() as session:
+            result = [Endpoint(node=v.host, vlan=v.vlan, owner=v.name)
+                      for v in session.scalars(select(VmRow)) if v.state in PLACED_STATES]
+        result.extend(client_endpoints(topology))
+        result.extend(self._transient_endpoints.values())
+        return result
+
+    def add_transient_endpoint(self, key: str, endpoint: Endpoint) -> None:
+        self._transient_endpoints[key] = endpoint
+
+    def drop_transient_endpoint(self, key: str) -> None:
+        self._transient_endpoints.pop(key, None)
+
+    def reconcile_fabric(self) -> dict[str, list[int]]:
+        """Make every trunk carry exactly the VLANs with endpoints on both of its sides."""
+        topology = self.topology()
+        with self._fabric_lock:
+            desired = desired_trunk_vlans(topology, self.endpoints())
+            host_names = {h.name for h in topology.hosts}
+            fabric = self.fabric_driver()
+            for trunk in topology.trunks():
+                vlans = desired[trunk.key]
+                for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
+                    if node in host_names:
+                        current = self.call_agent(node, "GET", "/v1/uplink")["vlans"]
+                        if set(current) != vlans:
+                            self.call_agent(node, "PUT", "/v1/uplink",
+                                            json={"vlans": sorted(vlans)})
+                    elif fabric.trunk_vlans(node, port) != vlans:
+                        fabric.set_trunk_vlans(node, port, vlans)
+            return {k: sorted(v) for k, v in desired.items()}
+
+    def fabric_state(self) -> list[TrunkOut]:
+        topology = self.topology()
+        desired = desired_trunk_vlans(topology, self.endpoints())
+        host_names = {h.name for h in topology.hosts}
+        result = []
+        for trunk in topology.trunks():
+            actual: list[list[int] | None] = []
+            error = None
+            for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
+                try:
+                    if node in host_names:
+                        actual.append(sorted(self.call_agent(node, "GET", "/v1/uplink",
+                                                             timeout=10)["vlans"]))
+                    else:
+                        actual.append(sorted(self.fabric_driver().trunk_vlans(node, port)))
+                except VmferryError as exc:
+                    actual.append(None)
+                    error = exc.message
+            want = sorted(desired[trunk.key])
+            result.append(TrunkOut(a=trunk.a, a_port=trunk.a_port, b=trunk.b,
+                                   b_port=trunk.b_port, desired=want, actual_a=actual[0],
+                                   actual_b=actual[1],
+                                   in_sync=actual[0] == want and actual[1] == want, error=error))
+        return result
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _vm_out(row: VmRow) -> VmOut:
+    return VmOut(name=row.name, host=row.host, memory_mib=row.memory_mib, vlan=row.vlan,
+                 ip=row.ip, mac=row.mac, profile=row.profile, workload_mibps=row.workload_mibps,
+                 max_downtime_ms=row.max_downtime_ms, state=row.state,
+                 created_at=(_aware(row.created_at) or datetime.now(UTC)).isoformat())
+
+
+__all__ = ["Controller", "Path"]

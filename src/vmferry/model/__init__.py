@@ -1,0 +1,1 @@
+"""The domain model: plain data and rules, no I/O."""

@@ -1,0 +1,1 @@
+"""The controller's store: SQLAlchemy over SQLite (default) or PostgreSQL."""

@@ -1,0 +1,99 @@
+"""Tables of the controller's store."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class InventoryRow(Base):
+    """The site's topology (one row): racks, switches, trunks, hosts, clients."""
+
+    __tablename__ = "inventory"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    topology: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent_url: Mapped[str] = mapped_column(String(512))
+    agent_token_hash: Mapped[str | None] = mapped_column(String(128))
+    last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    maintenance: Mapped[bool] = mapped_column(default=False)
+
+
+class VmRow(Base):
+    __tablename__ = "vms"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(64), ForeignKey("hosts.name"))
+    memory_mib: Mapped[int]
+    vlan: Mapped[int]
+    ip: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    profile: Mapped[str | None] = mapped_column(String(64))
+    workload_mibps: Mapped[int] = mapped_column(default=0)
+    max_downtime_ms: Mapped[int | None]
+    state: Mapped[str] = mapped_column(String(32), default="creating")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MacPoolRow(Base):
+    """The next MAC index to hand out: MACs are never reused while a VM holds them."""
+
+    __tablename__ = "mac_pool"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    next_index: Mapped[int] = mapped_column(default=1)
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+    __table_args__ = (UniqueConstraint("name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(32))
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    """The audit log: who did what, when, and how it ended."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(128))
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class MigrationRow(Base):
+    __tablename__ = "migrations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vm: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))        # running, completed, rolled-back, failed
+    phase: Mapped[str] = mapped_column(String(32))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    phases: Mapped[list[Any]] = mapped_column(default=list)   # [{phase, started, ended, ok}]
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
