@@ -7,7 +7,7 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "install-system-deps: must run as roo
 need_root
 
 PKGS=(openvswitch-switch openvswitch-common python3-openvswitch iproute2 busybox-static cpio
-      iputils-ping nftables socat curl ethtool python3-venv postgresql ovn-central ovn-host procps kmod)
+      iputils-ping nftables socat curl ethtool iperf3 python3-venv postgresql ovn-central ovn-host procps kmod)
 QEMU_MIN_MAJOR=10
 
 qemu_major() {

@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VMFERRY := $(VENV)/bin/vmferry
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test unit functional install system-deps venv lint bench clean-lab
+
+install: system-deps venv image
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+image: venv
+	VMFERRY_STATE_DIR=$${VMFERRY_STATE_DIR:-/var/lib/vmferry} $(PY) -c "from vmferry.image.builder import ensure_image; print(ensure_image())"
+
+demo: install
+	$(PY) scripts/demo.py
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+test: install
+	bash scripts/test.sh
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy src/vmferry
+
+bench: install
+	$(VMFERRY) bench migration
+
+clean-lab: venv
+	$(VMFERRY) lab down || true

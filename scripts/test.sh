@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole suite: unit tests (no root), then functional tests on real QEMU, OVS and namespaces.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+status=0
+echo "== unit tests"
+$PY -m pytest -q -p no:cacheprovider tests/unit || status=$?
+echo "== functional tests"
+$PY -m pytest -q -p no:cacheprovider tests/functional || status=$?
+exit $status

@@ -1,0 +1,114 @@
+"""Helpers for tests that drive a whole lab through the real `vmferry` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VMFERRY = [sys.executable, "-m", "vmferry"]
+IMAGE_DIR = "/var/lib/vmferry/images"   # shared by every test run: building it takes a while
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LabRun:
+    """A lab brought up in its own state directory, driven through the CLI."""
+
+    def __init__(self, state_dir: Path, topology: dict[str, Any]) -> None:
+        self.state_dir = state_dir
+        self.topology = topology
+        self.name = topology["name"]
+        self.port = free_port()
+        self.topology_file = state_dir / "topology.yaml"
+        self.env = {**os.environ, "VMFERRY_STATE_DIR": str(state_dir),
+                    "VMFERRY_IMAGE_DIR": os.environ.get("VMFERRY_IMAGE_DIR", IMAGE_DIR)}
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 300,
+            ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([*VMFERRY, *args], env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"vmferry {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def up(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.topology_file.write_text(yaml.safe_dump(self.topology))
+        self.cli("lab", "up", "--topology", str(self.topology_file),
+                 "--controller-port", str(self.port), timeout=600)
+
+    def down(self) -> None:
+        self.cli("lab", "down", "--lab", self.name, check=False, timeout=120)
+
+    def namespace(self, node: str) -> str:
+        return f"vf-{self.name}-{node}"
+
+    def exec(self, node: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.namespace(node), *argv],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def pings(self, node: str, address: str, count: int = 3) -> bool:
+        return self.exec(node, "ping", "-c", str(count), "-W", "1", "-i", "0.2",
+                         address).returncode == 0
+
+    def wait_ping(self, node: str, address: str, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pings(node, address, count=1):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def http(self, node: str, url: str, timeout: float = 5) -> str | None:
+        result = self.exec(node, "curl", "-s", "-m", str(timeout), url, timeout=timeout + 5)
+        return result.stdout if result.returncode == 0 else None
+
+
+@contextmanager
+def running_lab(state_dir: Path, topology: dict[str, Any]) -> Iterator[LabRun]:
+    lab = LabRun(state_dir, topology)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def leftovers(lab_name: str, state_dir: Path) -> list[str]:
+    """Anything of the lab still on the machine: namespaces, processes, files."""
+    found: list[str] = []
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [f"namespace {line.split()[0]}" for line in namespaces.splitlines()
+              if line.startswith(f"vf-{lab_name}-")]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(state_dir) in cmdline and "pytest" not in cmdline:
+            found.append(f"process {proc.name}: {cmdline[:120]}")
+    lab_dir = state_dir / "labs" / lab_name
+    if lab_dir.exists():
+        found.append(f"directory {lab_dir}")
+    return found
