@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI, Request
 
 from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest, UplinkVlans
 from vmferry.agent.service import HostAgent
-from vmferry.errors import AuthError, VmferryError
+from vmferry.errors import AuthError, InputError, VmferryError
 from vmferry.http import client_for
 from vmferry.web import bearer_token, install_error_handlers, tokens_equal
 
@@ -41,9 +41,19 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
     @app.put("/v1/guests/{name}", response_model=GuestInfo)
     def create_guest(name: str, body: GuestRequest) -> GuestInfo:
         if body.name != name:
-            from vmferry.errors import InputError
             raise InputError("name", "does not match the URL")
         return agent.create_guest(body)
+
+    @app.put("/v1/ports/{name}", response_model=GuestInfo)
+    def preset_port(name: str, body: GuestRequest) -> GuestInfo:
+        if body.name != name:
+            raise InputError("name", "does not match the URL")
+        return agent.preset_port(body)
+
+    @app.post("/v1/guests/{name}/migration/postcopy", status_code=202)
+    def postcopy(name: str) -> dict[str, str]:
+        agent.start_postcopy(name)
+        return {"status": "postcopy"}
 
     @app.get("/v1/guests/{name}", response_model=GuestInfo)
     def guest(name: str) -> GuestInfo:
@@ -67,6 +77,11 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
     def cancel(name: str) -> dict[str, str]:
         agent.cancel_migration(name)
         return {"status": "cancelling"}
+
+    @app.post("/v1/guests/{name}/resume", status_code=202)
+    def resume(name: str) -> dict[str, str]:
+        agent.resume(name)
+        return {"status": "running"}
 
     @app.post("/v1/guests/{name}/announce", status_code=202)
     def announce(name: str) -> dict[str, str]:

@@ -70,7 +70,9 @@ class HostAgent:
                 if known is not None and known.mac != request.mac:
                     raise ConflictError("name", f"a different guest {request.name!r} runs here")
                 return self.guest(request.name)
-            free = self.config.memory_mib - self.memory_used_mib()
+            placed = self._guests.get(request.name)
+            free = self.config.memory_mib - self.memory_used_mib() + \
+                (placed.memory_mib if placed else 0)
             if request.memory_mib > free:
                 raise CapacityError(
                     f"host {self.config.host} has {free} MiB free, guest needs "
@@ -91,6 +93,22 @@ class HostAgent:
             except VmferryError:
                 self._remove_guest(request.name)
                 raise
+            return self.guest(request.name)
+
+    def preset_port(self, request: GuestRequest) -> GuestInfo:
+        """Make the guest's tap and switch port exist before the guest does (a migration's
+        destination), so frames for it have somewhere to go from the first moment."""
+        with self._lock:
+            tap = tap_name(request.name)
+            try:
+                privileged.create_tap(None, tap)
+                self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
+            except VmferryError:
+                if self.hypervisor.state(request.name) is GuestState.ABSENT:
+                    self._remove_guest(request.name)
+                raise
+            self._guests.setdefault(request.name, request)
+            self._save_request(request)
             return self.guest(request.name)
 
     def delete_guest(self, name: str) -> None:
@@ -122,8 +140,8 @@ class HostAgent:
         return [self.guest(n) for n in sorted(names)]
 
     def memory_used_mib(self) -> int:
-        return sum(r.memory_mib for n, r in self._guests.items()
-                   if self.hypervisor.state(n) is not GuestState.ABSENT)
+        """Memory of every guest placed here, including a preset destination's."""
+        return sum(r.memory_mib for r in self._guests.values())
 
     def _port_spec(self, request: GuestRequest) -> PortSpec:
         return PortSpec(name=tap_name(request.name), tag=request.vlan, vlan_mode="access",
@@ -147,9 +165,17 @@ class HostAgent:
         self._require(name)
         return self.hypervisor.migration_progress(name)
 
+    def start_postcopy(self, name: str) -> None:
+        self._require(name)
+        self.hypervisor.start_postcopy(name)
+
     def cancel_migration(self, name: str) -> None:
         self._require(name)
         self.hypervisor.cancel_migration(name)
+
+    def resume(self, name: str) -> None:
+        self._require(name)
+        self.hypervisor.resume(name)
 
     def announce(self, name: str) -> None:
         self._require(name)

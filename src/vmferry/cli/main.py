@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from vmferry.cli import admin, daemons, lab, vm
+from vmferry.cli import admin, daemons, lab, migrate, vm
 from vmferry.cli.common import target
 
 app = typer.Typer(help="vmferry: live-migrate VMs and carry their network with them.",
@@ -29,6 +29,8 @@ app.add_typer(admin.token_app, name="token")
 app.add_typer(admin.image_app, name="image")
 app.add_typer(daemons.controller_app, name="controller")
 app.add_typer(daemons.agent_app, name="agent")
+app.add_typer(migrate.migration_app, name="migration")
+app.command("migrate")(migrate.migrate)
 app.command("events")(admin.events)
 
 

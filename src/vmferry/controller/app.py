@@ -10,18 +10,29 @@ from fastapi.responses import Response
 from vmferry.agent.models import HostReport
 from vmferry.controller import auth, events
 from vmferry.controller.auth import Principal, Role
-from vmferry.controller.models import EventOut, HostOut, TokenCreate, TrunkOut, VmCreate, VmOut
+from vmferry.controller.migration import Migrations
+from vmferry.controller.models import (
+    EventOut,
+    HostOut,
+    MigrationCreate,
+    TokenCreate,
+    TrunkOut,
+    VmCreate,
+    VmOut,
+)
 from vmferry.controller.service import Controller
 from vmferry.errors import ForbiddenError
 from vmferry.model.topology import Topology
 from vmferry.web import bearer_token, install_error_handlers
 
 
-def create_app(controller: Controller) -> FastAPI:
+def create_app(controller: Controller, migrations: Migrations | None = None) -> FastAPI:
     app = FastAPI(title="vmferry controller", version="1",
                   description="Live-migrate VMs and carry their network with them.")
     install_error_handlers(app)
     store = controller.store
+    migrations = migrations or Migrations(controller)
+    app.state.migrations = migrations
 
     def principal(request: Request) -> Principal:
         return auth.authenticate(store, bearer_token(request))
@@ -84,6 +95,33 @@ def create_app(controller: Controller) -> FastAPI:
             raise
         controller.delete_vm(name, caller)
         return Response(status_code=204)
+
+    # ---- migrations -------------------------------------------------------------------------
+
+    @app.post("/v1/migrations", status_code=202)
+    def migrate(body: MigrationCreate, caller: Caller) -> dict[str, Any]:
+        auth.require(caller, auth.SERVERS, "migrate VMs")
+        options = body.model_dump(exclude={"vm", "to"}, exclude_none=True)
+        return migrations.start(body.vm, body.to, options, caller)
+
+    @app.get("/v1/migrations")
+    def list_migrations(caller: Caller, limit: int = Query(100, ge=1, le=10_000),
+                        ) -> list[dict[str, Any]]:
+        auth.require(caller, auth.READ, "list migrations")
+        return migrations.list(limit)
+
+    @app.get("/v1/migrations/{migration_id}")
+    def get_migration(migration_id: int, caller: Caller,
+                      wait: float = Query(0, ge=0, le=600)) -> dict[str, Any]:
+        auth.require(caller, auth.READ, "read migrations")
+        if wait:
+            return migrations.wait(migration_id, wait)
+        return migrations.get(migration_id)
+
+    @app.post("/v1/migrations/{migration_id}/cancel", status_code=202)
+    def cancel_migration(migration_id: int, caller: Caller) -> dict[str, Any]:
+        auth.require(caller, auth.SERVERS, "cancel migrations")
+        return migrations.cancel(migration_id, caller)
 
     # ---- fabric -----------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,3 +80,12 @@ class EventOut(BaseModel):
     target: str
     outcome: str
     detail: dict[str, Any]
+
+
+class MigrationCreate(_Body):
+    vm: str = Field(min_length=1, max_length=64)
+    to: str = Field(min_length=1, max_length=64)
+    max_downtime_ms: int | None = Field(None, ge=1, le=600_000)
+    bandwidth_mbps: int | None = Field(None, ge=1, le=1_000_000)
+    postcopy: Literal["auto", "never"] = "never"
+    timeout_s: float = Field(300, gt=0, le=86_400)

@@ -1,0 +1,132 @@
+"""``vmferry migrate`` and ``vmferry migration``: move a VM live, watch it, report it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from vmferry.cli.common import api_call, console, err_console, print_json
+
+migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
+
+POLL_S = 0.25
+
+
+def migrate(
+    vm: str = typer.Argument(..., help="VM to move"),
+    to: str = typer.Option(..., "--to", help="Destination host"),
+    max_downtime: int | None = typer.Option(None, "--max-downtime",
+                                            help="ms (default: the VM's policy, else 300)"),
+    bandwidth: int | None = typer.Option(None, "--bandwidth", help="Mbit/s for the copy"),
+    postcopy: str = typer.Option("never", "--postcopy", help="auto or never"),
+    timeout: float = typer.Option(300, "--timeout", help="Give up after this many seconds"),
+    as_json: bool = typer.Option(False, "--json", help="Print the final record as JSON"),
+    detach: bool = typer.Option(False, "--detach", help="Start it and return"),
+) -> None:
+    """Live-migrate a VM, its port and its VLAN to another host."""
+    body: dict[str, Any] = {"vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout}
+    if max_downtime is not None:
+        body["max_downtime_ms"] = max_downtime
+    if bandwidth is not None:
+        body["bandwidth_mbps"] = bandwidth
+    record = api_call("POST", "/v1/migrations", json_body=body)
+    if detach:
+        print_json(record) if as_json else console.print(f"migration {record['id']} started")
+        return
+    deadline = time.monotonic() + timeout + 120
+    if console.is_terminal and not as_json:
+        with Live(_progress_table(record), console=console, refresh_per_second=8) as live:
+            while record["state"] in ("running", "rolling-back") and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+                record = api_call("GET", f"/v1/migrations/{record['id']}")
+                live.update(_progress_table(record))
+    else:
+        while record["state"] in ("running", "rolling-back") and time.monotonic() < deadline:
+            record = api_call("GET", f"/v1/migrations/{record['id']}", params={"wait": 5})
+    if as_json:
+        print_json(record)
+    else:
+        print_report(record)
+    if record["state"] != "completed":
+        raise typer.Exit(1)
+
+
+def _progress_table(record: dict[str, Any]) -> Table:
+    progress = record["result"].get("progress") or {}
+    table = Table(title=f"migration {record['id']}: {record['vm']} "
+                  f"{record['source']} → {record['destination']}", show_header=False)
+    table.add_row("phase", record["phase"])
+    table.add_row("state", record["state"])
+    if progress:
+        table.add_row("QEMU", str(progress.get("status")))
+        table.add_row("transferred", _mib(progress.get("transferred_bytes")))
+        table.add_row("remaining", _mib(progress.get("remaining_bytes")))
+        table.add_row("dirty rate", f"{progress.get('dirty_pages_rate', 0)} pages/s")
+        table.add_row("throughput", f"{progress.get('mbps', 0):.0f} Mbit/s")
+        expected = progress.get("expected_downtime_ms")
+        table.add_row("expected downtime", f"{expected} ms" if expected is not None else "-")
+        table.add_row("CPU throttle", f"{progress.get('cpu_throttle_percent', 0)} %")
+        eta = _eta(progress)
+        table.add_row("ETA", eta)
+    return table
+
+
+def _eta(progress: dict[str, Any]) -> str:
+    mbps = progress.get("mbps") or 0
+    remaining = progress.get("remaining_bytes") or 0
+    if mbps <= 0:
+        return "-"
+    return f"{remaining * 8 / (mbps * 1e6):.1f} s"
+
+
+def _mib(value: Any) -> str:
+    return f"{(value or 0) / 1048576:.1f} MiB"
+
+
+def print_report(record: dict[str, Any]) -> None:
+    colour = "green" if record["state"] == "completed" else "red"
+    console.print(f"migration {record['id']} of {record['vm']} {record['source']} → "
+                  f"{record['destination']}: [{colour}]{record['state']}[/{colour}]")
+    if record.get("error"):
+        err_console.print(f"reason: {record['error']}", highlight=False)
+    qemu = record["result"].get("qemu") or {}
+    total = sum(p.get("duration_ms") or 0 for p in record["phases"])
+    table = Table("phase", "ms", "ok")
+    for p in record["phases"]:
+        table.add_row(p["phase"], f"{p.get('duration_ms', 0):.0f}",
+                      "yes" if p.get("ok") else ("-" if p.get("ok") is None else "NO"))
+    console.print(table)
+    console.print(f"total {total:.0f} ms; VM downtime (QEMU) {qemu.get('downtime_ms', '-')} ms; "
+                  f"moved {_mib(qemu.get('transferred_bytes'))}", highlight=False)
+
+
+@migration_app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json")) -> None:
+    rows = api_call("GET", "/v1/migrations")
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("id", "vm", "from", "to", "state", "phase", "started")
+    for m in rows:
+        table.add_row(str(m["id"]), m["vm"], m["source"], m["destination"], m["state"],
+                      m["phase"], (m["started_at"] or "")[:19])
+    console.print(table)
+
+
+@migration_app.command("show")
+def show(migration_id: int, as_json: bool = typer.Option(False, "--json")) -> None:
+    record = api_call("GET", f"/v1/migrations/{migration_id}")
+    if as_json:
+        print_json(record)
+    else:
+        print_report(record)
+
+
+@migration_app.command("cancel")
+def cancel(migration_id: int) -> None:
+    record = api_call("POST", f"/v1/migrations/{migration_id}/cancel")
+    console.print(f"migration {record['id']}: cancel requested (phase {record['phase']})")

@@ -1,0 +1,67 @@
+"""The migration state machine: its phases in order, and which transitions are legal.
+
+    precheck -> extend_vlan -> preset_port -> start_destination -> precopy -> switchover
+      -> announce -> clean_source -> prune_vlan -> verify
+
+Up to and including ``precopy`` the VM still belongs to the source: any failure rolls back and
+leaves everything as it was. ``switchover`` is the point of no return: from there on a failure
+is completed forward (every phase is idempotent), never rolled back.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from vmferry.errors import ConflictError
+
+
+class Phase(str, enum.Enum):
+    PRECHECK = "precheck"
+    EXTEND_VLAN = "extend_vlan"
+    PRESET_PORT = "preset_port"
+    START_DESTINATION = "start_destination"
+    PRECOPY = "precopy"
+    SWITCHOVER = "switchover"
+    ANNOUNCE = "announce"
+    CLEAN_SOURCE = "clean_source"
+    PRUNE_VLAN = "prune_vlan"
+    VERIFY = "verify"
+
+
+PHASES: list[Phase] = list(Phase)
+POINT_OF_NO_RETURN = Phase.SWITCHOVER
+
+
+class MigrationState(str, enum.Enum):
+    RUNNING = "running"
+    ROLLING_BACK = "rolling-back"
+    COMPLETED = "completed"
+    ROLLED_BACK = "rolled-back"
+    FAILED = "failed"          # could neither complete nor roll back cleanly: needs an operator
+
+
+FINAL_STATES = {MigrationState.COMPLETED, MigrationState.ROLLED_BACK, MigrationState.FAILED}
+
+_LEGAL: dict[MigrationState, set[MigrationState]] = {
+    MigrationState.RUNNING: {MigrationState.ROLLING_BACK, MigrationState.COMPLETED,
+                             MigrationState.FAILED},
+    MigrationState.ROLLING_BACK: {MigrationState.ROLLED_BACK, MigrationState.FAILED},
+    MigrationState.COMPLETED: set(),
+    MigrationState.ROLLED_BACK: set(),
+    MigrationState.FAILED: set(),
+}
+
+
+def check_transition(current: MigrationState, new: MigrationState) -> None:
+    """Raises ConflictError for a transition the state machine does not allow."""
+    if new not in _LEGAL[current]:
+        raise ConflictError("state", f"a migration cannot go from {current.value} to {new.value}")
+
+
+def next_phase(phase: Phase) -> Phase | None:
+    index = PHASES.index(phase)
+    return PHASES[index + 1] if index + 1 < len(PHASES) else None
+
+
+def past_point_of_no_return(phase: Phase) -> bool:
+    return PHASES.index(phase) >= PHASES.index(POINT_OF_NO_RETURN)
