@@ -22,6 +22,7 @@ class GuestRequest(_Body):
     vlan: VlanId
     workload_mibps: int = Field(0, ge=0, le=10_000)
     incoming: bool = False          # start paused, waiting for a migration stream
+    postcopy: bool = False          # the incoming stream may switch to postcopy
     profile: dict[str, Any] | None = None
 
 

@@ -87,7 +87,8 @@ class HostAgent:
                                  gateway=request.gateway, workload_mibps=request.workload_mibps)
                 self._guests[request.name] = request
                 self._save_request(request)
-                self.hypervisor.start(spec, incoming_uri=incoming_uri)
+                tuning = MigrationTuning(postcopy=request.postcopy) if incoming_uri else None
+                self.hypervisor.start(spec, incoming_uri=incoming_uri, tuning=tuning)
                 if incoming_uri:
                     self._incoming[request.name] = incoming_uri
             except VmferryError:

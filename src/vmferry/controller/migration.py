@@ -513,7 +513,8 @@ class _Run:
         vm = self._vm_row()
         return GuestRequest(name=self.vm, memory_mib=vm["memory_mib"], mac=vm["mac"],
                             ip=vm["ip"], vlan=vm["vlan"], workload_mibps=vm["workload_mibps"],
-                            incoming=incoming).model_dump(mode="json")
+                            incoming=incoming, postcopy=self.options.get("postcopy") == "auto",
+                            ).model_dump(mode="json")
 
     def _agent(self, host: str, method: str, path: str, *, json: Any = None,
                timeout: float = 30) -> Any:
