@@ -75,9 +75,12 @@ class Hypervisor(ABC):
         """Machine types this hypervisor can run and accept migrations for."""
 
     @abstractmethod
-    def start(self, spec: GuestSpec, *, incoming_uri: str | None = None) -> int:
+    def start(self, spec: GuestSpec, *, incoming_uri: str | None = None,
+              tuning: MigrationTuning | None = None) -> int:
         """Start a guest (idempotent for a running one); with ``incoming_uri`` (e.g.
-        ``tcp:203.0.113.2:49152``) it waits paused for a migration stream. Returns the pid."""
+        ``tcp:203.0.113.2:49152``) it waits paused for a migration stream. Returns the pid.
+        ``tuning`` is for a destination: capabilities both sides need (postcopy) are set
+        before it starts listening, so pass the tuning the source will migrate with."""
 
     @abstractmethod
     def stop(self, name: str) -> None:
@@ -106,6 +109,11 @@ class Hypervisor(ABC):
         """Wait (bounded) for the outgoing migration to end: completed, failed or cancelled.
         Switches to postcopy after ``postcopy_after_s`` seconds when it was allowed.
         Raises ``WaitTimeout`` (after cancelling) when it does not end in time."""
+
+    @abstractmethod
+    def start_postcopy(self, name: str) -> None:
+        """Switch a running outgoing migration to postcopy: the destination runs from now on
+        and pulls the remaining pages. Needs ``MigrationTuning.postcopy`` on both sides."""
 
     @abstractmethod
     def cancel_migration(self, name: str) -> None:

@@ -1,0 +1,141 @@
+#!/bin/sh
+# vmferry lab guest /init (busybox sh, PID 1 of a disk-less initramfs).
+#
+# Identity comes from the kernel command line:
+#   vmferry.name=NAME  vmferry.ip=CIDR  [vmferry.gw=ADDR]  [vmferry.workload=MIBPS]
+# Services: HTTP on 80 and 8080 (page "vmferry guest NAME port P"), TCP echo on 7.
+# Prints "VMFERRY-READY name=NAME ip=CIDR" on the console once networking is up, or
+# "VMFERRY-ERROR ..." when something it needs fails.
+#
+# For tests on the build host: VMFERRY_CMDLINE overrides /proc/cmdline and
+# "init.sh --print-config" only parses it and prints the result.
+
+export PATH=/bin
+
+parse_cmdline() {
+    NAME=guest IP= GW= WORKLOAD=0
+    for word in $1; do
+        case "$word" in
+            vmferry.name=*) NAME=${word#vmferry.name=} ;;
+            vmferry.ip=*) IP=${word#vmferry.ip=} ;;
+            vmferry.gw=*) GW=${word#vmferry.gw=} ;;
+            vmferry.workload=*) WORKLOAD=${word#vmferry.workload=} ;;
+        esac
+    done
+    case "$WORKLOAD" in
+        ''|*[!0-9]*) echo "VMFERRY-ERROR bad vmferry.workload=$WORKLOAD, using 0"; WORKLOAD=0 ;;
+    esac
+}
+
+if [ "$1" = "--print-config" ]; then
+    parse_cmdline "${VMFERRY_CMDLINE:-}"
+    echo "name=$NAME ip=$IP gw=$GW workload=$WORKLOAD"
+    exit 0
+fi
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=0755 tmpfs /run
+
+parse_cmdline "${VMFERRY_CMDLINE:-$(cat /proc/cmdline)}"
+
+while read -r module; do
+    insmod "/lib/modules/$module.ko" || echo "VMFERRY-ERROR insmod $module failed"
+done < /lib/modules/load-order
+
+hostname "$NAME"
+ip link set lo up
+
+# The NIC appears asynchronously after virtio_net loads; give it up to 5 s.
+tries=0
+while [ ! -e /sys/class/net/eth0 ] && [ $tries -lt 100 ]; do
+    sleep 0.05
+    tries=$((tries + 1))
+done
+
+if [ -z "$IP" ]; then
+    echo "VMFERRY-ERROR no vmferry.ip= on the kernel command line"
+elif [ ! -e /sys/class/net/eth0 ]; then
+    echo "VMFERRY-ERROR no eth0 after loading the virtio modules"
+else
+    ip link set eth0 up
+    ip addr add "$IP" dev eth0
+    if [ -n "$GW" ]; then
+        ip route add default via "$GW" dev eth0 || echo "VMFERRY-ERROR bad gateway $GW"
+    fi
+fi
+
+for port in 80 8080; do
+    mkdir -p "/www/$port"
+    echo "vmferry guest $NAME port $port" > "/www/$port/index.html"
+    httpd -p "$port" -h "/www/$port"
+done
+
+# nc -ll forks a cat per connection, so a client can hold one echo session open for as
+# long as it likes (across a live migration); the loop restarts the listener if it dies.
+(
+    while true; do
+        nc -ll -p 7 -e cat
+        sleep 1
+    done
+) </dev/null >/dev/null 2>&1 &
+
+if [ -n "$IP" ] && [ -e /sys/class/net/eth0 ]; then
+    # Tell the L2 where this MAC lives now rather than at the first ARP request.
+    arping -q -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &
+    echo "VMFERRY-READY name=$NAME ip=$IP"
+fi
+
+centiseconds() {
+    read -r up _ < /proc/uptime
+    # "12.05" -> 1205; the "1${frac} - 100" keeps a leading 0 from being read as octal.
+    echo $(( ${up%.*} * 100 + 1${up#*.} - 100 ))
+}
+
+# Dirty WORKLOAD MiB of guest memory per second with random (so non-zero) data: QEMU sends
+# zero pages almost for free, so only non-zero data makes a migration work harder.
+dirty_memory() {
+    mib=$1
+    mem_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+    region=$((mem_kib / 1024 / 3))
+    [ "$region" -gt 96 ] && region=96
+    [ "$region" -lt 16 ] && region=16
+    block=8
+    dd if=/dev/urandom of=/run/vmferry-block bs=1M count=$block 2>/dev/null
+    off=0
+    while [ $off -lt $region ]; do
+        n=$((region - off))
+        [ $n -gt $block ] && n=$block
+        dd if=/run/vmferry-block of=/run/vmferry-region bs=1M count=$n seek=$off \
+            conv=notrunc 2>/dev/null
+        off=$((off + n))
+    done
+    echo "VMFERRY-WORKLOAD mibps=$mib region_mib=$region"
+    off=0
+    while true; do
+        start=$(centiseconds)
+        left=$mib
+        while [ $left -gt 0 ]; do
+            n=$left
+            [ $n -gt $block ] && n=$block
+            [ $((off + n)) -gt $region ] && n=$((region - off))
+            dd if=/run/vmferry-block of=/run/vmferry-region bs=1M count=$n seek=$off \
+                conv=notrunc 2>/dev/null
+            off=$(((off + n) % region))
+            left=$((left - n))
+        done
+        spent=$(($(centiseconds) - start))
+        if [ $spent -lt 100 ]; then
+            sleep "0.$(printf %02d $((100 - spent)))"
+        fi
+    done
+}
+
+if [ "$WORKLOAD" -gt 0 ]; then
+    dirty_memory "$WORKLOAD"
+fi
+# PID 1 must never exit; its wait also reaps orphans (the per-connection echo processes).
+while true; do
+    sleep 3600
+done
