@@ -26,6 +26,13 @@ from vmferry.model.topology import Topology
 from vmferry.web import bearer_token, install_error_handlers
 
 
+def _principal(request: Request) -> Principal:
+    return auth.authenticate(request.app.state.controller.store, bearer_token(request))
+
+
+Caller = Annotated[Principal, Depends(_principal)]
+
+
 def create_app(controller: Controller, migrations: Migrations | None = None) -> FastAPI:
     app = FastAPI(title="vmferry controller", version="1",
                   description="Live-migrate VMs and carry their network with them.")
@@ -33,11 +40,8 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     store = controller.store
     migrations = migrations or Migrations(controller)
     app.state.migrations = migrations
+    app.state.controller = controller
 
-    def principal(request: Request) -> Principal:
-        return auth.authenticate(store, bearer_token(request))
-
-    Caller = Annotated[Principal, Depends(principal)]
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
