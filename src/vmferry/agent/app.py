@@ -88,6 +88,14 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
         agent.announce(name)
         return {"status": "announced"}
 
+    @app.get("/v1/audit")
+    def audit() -> dict[str, list[str]]:
+        return agent.inventory_of_leftovers()
+
+    @app.delete("/v1/taps/{name}", status_code=204)
+    def delete_tap(name: str) -> None:
+        agent.delete_stray_tap(name)
+
     @app.get("/v1/uplink")
     def uplink() -> dict[str, list[int]]:
         return {"vlans": agent.uplink_vlans()}

@@ -32,8 +32,11 @@ VM_KEY = "vmferry-vm"
 MIGRATION_PORT_BASE = 49152
 
 
+TAP_PREFIX = "vm-"
+
+
 def tap_name(vm: str) -> str:
-    return short_ifname("vm-", vm)
+    return short_ifname(TAP_PREFIX, vm)
 
 
 @dataclass
@@ -195,6 +198,30 @@ class HostAgent:
     def set_uplink_vlans(self, vlans: list[int]) -> list[int]:
         self.softswitch.set_trunks(HOST_BRIDGE, HOST_UPLINK_PORT, trunk_column(frozenset(vlans)))
         return self.uplink_vlans()
+
+    # ---- audit ------------------------------------------------------------------------------
+
+    def inventory_of_leftovers(self) -> dict[str, list[str]]:
+        """Everything vmferry put on this host, by the VM it belongs to, as found on it now:
+        QEMU processes, switch ports it tagged, taps it named, saved guest requests."""
+        ports = self.softswitch.ports(HOST_BRIDGE)
+        return {
+            "guests": sorted(self.hypervisor.guests()),
+            "ports": sorted(p.external_ids.get(VM_KEY, name) for name, p in ports.items()
+                            if p.external_ids.get(OWNER_KEY) == OWNER),
+            "taps": sorted(link for link in privileged.list_links(None)
+                           if link.startswith(TAP_PREFIX)),
+            "requests": sorted(self._guests),
+        }
+
+    def delete_stray_tap(self, name: str) -> None:
+        """Remove a vmferry tap that no guest of this host uses (idempotent)."""
+        if not name.startswith(TAP_PREFIX):
+            raise ConflictError("name", f"{name} is not a vmferry tap")
+        if name in {tap_name(g) for g in self._guests}:
+            raise ConflictError("name", f"{name} belongs to a guest of this host")
+        self.softswitch.delete_port(HOST_BRIDGE, name)
+        privileged.delete_link(None, name)
 
     # ---- report -----------------------------------------------------------------------------
 

@@ -78,3 +78,20 @@ def image_build(force: bool = typer.Option(True, help="Rebuild even when cached"
     with errors_to_exit(), console.status("building the guest image"):
         image = build_image(force=force)
     console.print(f"guest image: kernel {image.kernel}, initrd {image.initrd}")
+
+
+def audit(fix: bool = typer.Option(False, "--fix", help="Remove what is found"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """List anything vmferry installed that no VM needs any more; exit 1 when found."""
+    findings = api_call("POST" if fix else "GET", "/v1/audit/fix" if fix else "/v1/audit")
+    if as_json:
+        print_json(findings)
+    elif not findings:
+        console.print("audit: nothing left behind")
+    else:
+        table = Table("kind", "where", "what", "detail")
+        for f in findings:
+            table.add_row(f["kind"], f["where"], f["what"], f["detail"])
+        console.print(table)
+    if findings:
+        raise typer.Exit(1)

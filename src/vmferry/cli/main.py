@@ -32,6 +32,7 @@ app.add_typer(daemons.agent_app, name="agent")
 app.add_typer(migrate.migration_app, name="migration")
 app.command("migrate")(migrate.migrate)
 app.command("events")(admin.events)
+app.command("audit")(admin.audit)
 
 
 def main() -> None:

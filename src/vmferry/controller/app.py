@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 
 from vmferry.agent.models import HostReport
-from vmferry.controller import auth, events
+from vmferry.controller import audit, auth, events
 from vmferry.controller.auth import Principal, Role
 from vmferry.controller.migration import Migrations
 from vmferry.controller.models import (
@@ -126,6 +126,21 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     def cancel_migration(migration_id: int, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.SERVERS, "cancel migrations")
         return migrations.cancel(migration_id, caller)
+
+    # ---- audit ------------------------------------------------------------------------------
+
+    @app.get("/v1/audit")
+    def run_audit(caller: Caller) -> list[dict[str, Any]]:
+        auth.require(caller, auth.READ, "audit")
+        return audit.as_dicts(audit.audit(controller))
+
+    @app.post("/v1/audit/fix")
+    def fix_audit(caller: Caller) -> list[dict[str, Any]]:
+        auth.require(caller, auth.ADMIN, "remove leftovers")
+        remaining = audit.fix(controller, audit.audit(controller))
+        events.record(store, caller.name, "audit.fix", "site", "ok" if not remaining else
+                      "incomplete", remaining=len(remaining))
+        return audit.as_dicts(remaining)
 
     # ---- fabric -----------------------------------------------------------------------------
 

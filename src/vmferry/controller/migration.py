@@ -82,6 +82,14 @@ class Migrations:
                 raise ConflictError("vm", f"VM {vm!r} is already migrating")
             if row.state != "running":
                 raise ConflictError("vm", f"VM {vm!r} is {row.state}, not running")
+            if row.host == destination:
+                raise InputError("to", f"VM {vm} already runs on {destination}")
+            used = sum(v.memory_mib for v in session.scalars(
+                select(VmRow).where(VmRow.host == destination)))
+            free = topology.host(destination).memory_mib - used
+            if row.memory_mib > free:
+                raise CapacityError(f"to: host {destination} has {free} MiB free, {vm} needs "
+                                    f"{row.memory_mib} MiB", field="to")
             for host in (row.host, destination):
                 busy = sum(1 for m in running if host in (m.source, m.destination))
                 limit = topology.host(host).max_migrations

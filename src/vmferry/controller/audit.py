@@ -1,0 +1,91 @@
+"""`vmferry audit`: what vmferry installed that no VM needs any more, on every host and switch.
+
+What should exist is derived from the store (VMs and running migrations); what exists is read
+back from the agents and switches; the findings are the difference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from vmferry.agent.service import tap_name
+from vmferry.controller.service import Controller
+from vmferry.errors import VmferryError
+from vmferry.model.migration import MigrationState
+from vmferry.store.schema import MigrationRow, VmRow
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str        # qemu, port, tap, guest-record, trunk-vlan, unreachable
+    where: str       # host or switch (and port)
+    what: str        # VM name or VLAN list
+    detail: str
+
+
+def expected_guests(controller: Controller) -> dict[str, set[str]]:
+    """host -> VMs that may legitimately have something there right now."""
+    expected: dict[str, set[str]] = {h.name: set() for h in controller.topology().hosts}
+    with controller.store.session() as session:
+        for vm in session.scalars(select(VmRow)):
+            expected.setdefault(vm.host, set()).add(vm.name)
+        for m in session.scalars(select(MigrationRow).where(MigrationRow.state.in_(
+                [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]))):
+            expected.setdefault(m.source, set()).add(m.vm)
+            expected.setdefault(m.destination, set()).add(m.vm)
+    return expected
+
+
+def audit(controller: Controller) -> list[Finding]:
+    findings: list[Finding] = []
+    for host, wanted in expected_guests(controller).items():
+        try:
+            found = controller.call_agent(host, "GET", "/v1/audit", timeout=15)
+        except VmferryError as exc:
+            findings.append(Finding("unreachable", host, "-", exc.message))
+            continue
+        for kind, key in (("qemu", "guests"), ("port", "ports"), ("guest-record", "requests")):
+            for vm in found.get(key, []):
+                if vm not in wanted:
+                    findings.append(Finding(kind, host, vm, f"{kind} of {vm} that no VM needs"))
+        wanted_taps = {tap_name(vm) for vm in wanted}
+        for tap in found.get("taps", []):
+            if tap not in wanted_taps:
+                findings.append(Finding("tap", host, tap, "tap that no VM needs"))
+    for trunk in controller.fabric_state():
+        for node, port, actual in ((trunk.a, trunk.a_port, trunk.actual_a),
+                                   (trunk.b, trunk.b_port, trunk.actual_b)):
+            if actual is None:
+                findings.append(Finding("unreachable", f"{node}:{port}", "-",
+                                        trunk.error or "cannot read"))
+                continue
+            extra = sorted(set(actual) - set(trunk.desired))
+            if extra:
+                findings.append(Finding("trunk-vlan", f"{node}:{port}", ",".join(map(str, extra)),
+                                        "VLANs carried with no endpoint beyond"))
+            missing = sorted(set(trunk.desired) - set(actual))
+            if missing:
+                findings.append(Finding("trunk-missing", f"{node}:{port}",
+                                        ",".join(map(str, missing)), "VLANs needed but not carried"))
+    return findings
+
+
+def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
+    """Remove what the findings name; returns what is still found afterwards."""
+    for host_vm in sorted({(f.where, f.what) for f in findings
+                           if f.kind in ("qemu", "port", "guest-record")}):
+        controller.call_agent(host_vm[0], "DELETE", f"/v1/guests/{host_vm[1]}")
+    for f in findings:
+        if f.kind == "tap":
+            # A tap with no guest record: deleting the guest by the tap's VM name is not
+            # possible, so the agent removes the bare device.
+            controller.call_agent(f.where, "DELETE", f"/v1/taps/{f.what}")
+    if any(f.kind.startswith("trunk") for f in findings):
+        controller.reconcile_fabric()
+    return audit(controller)
+
+
+def as_dicts(findings: list[Finding]) -> list[dict[str, Any]]:
+    return [asdict(f) for f in findings]
