@@ -41,8 +41,8 @@ RECORDED = [
     ("dl_src=52:54:00:AA:BB:CC,dl_vlan=100", "",
      "cookie=0x99, priority=105,dl_vlan=100,dl_src=52:54:00:aa:bb:cc actions=drop"),
     ("in_port=1,dl_dst=01:00:00:00:00:00/01:00:00:00:00:00", "meter:3,output:LOCAL",
-     "cookie=0x99, priority=106,in_port=1,dl_dst=01:00:00:00:00:00/01:00:00:00:00:00 "
-     "actions=meter:3,LOCAL"),
+     ("cookie=0x99, priority=106,in_port=1,dl_dst=01:00:00:00:00:00/01:00:00:00:00:00 "
+     "actions=meter:3,LOCAL")),
     ("ipv6,nw_proto=58", "drop", "cookie=0x99, priority=107,icmp6 actions=drop"),
     ("icmp,icmp_type=8", "drop", "cookie=0x99, priority=108,icmp,icmp_type=8 actions=drop"),
     ("ip,nw_proto=47", "drop", "cookie=0x99, priority=109,ip,nw_proto=47 actions=drop"),
@@ -71,8 +71,8 @@ RECORDED = [
     ("metadata=0x5", "drop", "cookie=0x99, priority=124,metadata=0x5 actions=drop"),
     ("dl_vlan=0x64", "pop_vlan,NORMAL",
      "cookie=0x99, priority=126,dl_vlan=100 actions=pop_vlan,NORMAL"),
-    ("ip,nw_src=192.0.2.5/24", "drop", "cookie=0x99, priority=128,ip,nw_src=192.0.2.0/24 "
-     "actions=drop"),
+    ("ip,nw_src=192.0.2.5/24", "drop", ("cookie=0x99, priority=128,ip,nw_src=192.0.2.0/24 "
+     "actions=drop")),
     ("dl_dst=01:00:5E:00:00:00/FF:FF:FF:80:00:00", "drop",
      "cookie=0x99, priority=133,dl_dst=01:00:5e:00:00:00/ff:ff:ff:80:00:00 actions=drop"),
     ("icmp,tp_src=3,tp_dst=1", "drop",
@@ -186,8 +186,8 @@ def test_plan_everything_away() -> None:
 
 def test_plan_rejects_conflicting_flows_and_dedups_equal_ones() -> None:
     same = [Flow(0, 1, "ip", "drop"), Flow(0, 1, "dl_type=0x0800", "drop")]
-    assert plan_flow_changes(1, [], same) == ["add cookie=0x1,table=0,priority=1,dl_type=0x0800,"
-                                              "actions=drop"]
+    assert plan_flow_changes(1, [], same) == [("add cookie=0x1,table=0,priority=1,dl_type=0x0800,"
+                                              "actions=drop")]
     with pytest.raises(InputError):
         plan_flow_changes(1, [], [Flow(0, 1, "ip", "drop"), Flow(0, 1, "ip", "NORMAL")])
 

@@ -652,6 +652,18 @@ class _CheckedTransaction(impl_idl.OvsVsctlTransaction):  # type: ignore[misc]
         idl_transaction.Transaction.post_commit(self, txn)
         self.do_post_commit(txn)
 
+    def post_commit_failed_interfaces(self, txn: Any) -> list[str]:
+        # ovsdbapp compares the ofport column with -1, but the Python IDL hands back [-1],
+        # so its check never fires.
+        failed = []
+        rows = self.api.idl.tables["Interface"].rows
+        for provisional in txn.expected_ifaces:
+            uuid = txn.get_insert_uuid(provisional)
+            iface = rows.get(uuid) if uuid else None
+            if iface is not None and _one(iface.ofport) in (None, -1):
+                failed.append(f"{iface.name} ({_one(iface.error) or 'no ofport'})")
+        return failed
+
 
 class _OvsdbApi(impl_idl.OvsdbIdl):  # type: ignore[misc]
     """ovsdbapp's Open_vSwitch API with one connection per instance.
@@ -1082,21 +1094,15 @@ class OvsSoftswitch(Softswitch):
         return parse_fdb_show(self._appctl(["fdb/show", bridge], f"show fdb of {bridge}").stdout)
 
     def flush_fdb(self, bridge: str, mac: str | None = None) -> None:
-        """Forget learned MACs: one MAC (on every VLAN it was learned on) or all of them.
+        """Forget learned MACs so the next frame relearns them.
 
-        OVS 3.1 has ``fdb/del BRIDGE VLAN MAC`` but no per-MAC flush, so the VLANs come from
-        ``fdb/show``. Raises ``SoftswitchError``, ``InputError`` for a malformed MAC.
+        OVS 3.1 cannot forget one learned MAC (``fdb/del`` only removes static entries), so
+        with ``mac`` the whole bridge is flushed if that MAC is learned there, and nothing
+        happens if it is not. Raises ``SoftswitchError``, ``InputError`` for a malformed MAC.
         """
-        if mac is None:
-            self._appctl(["fdb/flush", bridge], f"flush fdb of {bridge}")
-            return
-        if not _MAC_RE.match(mac):
-            raise InputError("mac", f"{mac!r} is not a MAC address")
-        for _, vlan, learned in self.fdb(bridge):
-            if learned == mac.lower():
-                try:
-                    self._appctl(["fdb/del", bridge, str(vlan), learned],
-                                 f"forget {learned} on {bridge}")
-                except SoftswitchError:
-                    # Aged out between show and del: already forgotten.
-                    LOG.debug("fdb entry %s vlan %s on %s already gone", learned, vlan, bridge)
+        if mac is not None:
+            if not _MAC_RE.match(mac):
+                raise InputError("mac", f"{mac!r} is not a MAC address")
+            if all(learned != mac.lower() for _, _, learned in self.fdb(bridge)):
+                return
+        self._appctl(["fdb/flush", bridge], f"flush fdb of {bridge}")
