@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from vmferry.errors import InputError
 from vmferry.model.profile import PortProfile, load_profiles, parse_profile, parse_profiles
@@ -122,6 +123,6 @@ def test_duplicate_names_and_bad_yaml_refused() -> None:
 
 def test_profile_is_immutable() -> None:
     profile = parse_profile(base())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         profile.vlan = 5  # type: ignore[misc]
     assert isinstance(profile, PortProfile)

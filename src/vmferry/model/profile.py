@@ -61,7 +61,7 @@ class AclRule(_Strict):
         if value is None:
             return None
         if isinstance(value, bool):
-            raise ValueError("a port is a number 1-65535 or a range lo-hi")
+            raise ValueError("a port is a number 1-65535 or a range lo-hi")  # noqa: TRY004
         low, high = _port_bounds(value)
         for bound in (low, high):
             if not 1 <= bound <= 65535:
@@ -148,8 +148,8 @@ class PortProfile(_Strict):
     trunks: list[VlanId] | None = Field(None, min_length=1, max_length=4094)
     mtu: int | None = Field(None, ge=68, le=9216)
     acl: Acl = Field(default_factory=Acl)
-    qos: Qos = Field(default_factory=Qos)
-    storm_control: StormControl = Field(default_factory=StormControl)
+    qos: Qos = Field(default_factory=lambda: Qos())
+    storm_control: StormControl = Field(default_factory=lambda: StormControl())
     security: Security = Field(default_factory=Security)
 
     @field_validator("trunks")
