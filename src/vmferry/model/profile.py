@@ -15,7 +15,7 @@ Every validation problem becomes an ``InputError`` naming the field path, e.g.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,15 +121,15 @@ class RateLimit(_Strict):
 class Qos(_Strict):
     to_vm: RateLimit | None = None
     from_vm: RateLimit | None = None
-    dscp: int | None = Field(None, ge=0, le=63, description="DSCP written on the VM's IPv4")
+    dscp: Annotated[int | None, Field(ge=0, le=63, description="DSCP on the VM's IPv4")] = None
 
 
 class StormControl(_Strict):
     """Packets per second the VM may send of each kind (None: unlimited)."""
 
-    broadcast_pps: int | None = Field(None, gt=0, le=10_000_000)
-    multicast_pps: int | None = Field(None, gt=0, le=10_000_000)
-    unknown_unicast_pps: int | None = Field(None, gt=0, le=10_000_000)
+    broadcast_pps: Annotated[int | None, Field(gt=0, le=10_000_000)] = None
+    multicast_pps: Annotated[int | None, Field(gt=0, le=10_000_000)] = None
+    unknown_unicast_pps: Annotated[int | None, Field(gt=0, le=10_000_000)] = None
 
 
 class Security(_Strict):
