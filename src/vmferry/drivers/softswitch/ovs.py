@@ -36,6 +36,7 @@ of actions. Such a flow still installs correctly; it is only rewritten on every 
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import logging
 import re
@@ -761,6 +762,7 @@ class OvsSoftswitch(Softswitch):
             self._api = _OvsdbApi(idl_connection.Connection(idl, timeout=timeout))
         except Exception as exc:  # ovsdbapp raises bare Exception/RuntimeError subclasses
             self._handler.shutdown()
+            atexit.unregister(self._handler.shutdown)
             raise SoftswitchError(f"cannot connect to OVSDB at {self.remote}",
                                   cause=str(exc) or type(exc).__name__) from exc
 
@@ -774,6 +776,9 @@ class OvsSoftswitch(Softswitch):
             self._closed = True
         self._api.ovsdb_connection.stop(timeout=self.timeout)
         self._handler.shutdown()
+        self._handler.notify_thread.join(timeout=self.timeout)
+        # ovsdbapp registers every handler with atexit; drop ours so it can be collected.
+        atexit.unregister(self._handler.shutdown)
 
     def __enter__(self) -> Self:
         return self

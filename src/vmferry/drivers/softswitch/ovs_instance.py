@@ -178,7 +178,11 @@ class OvsInstance:
         tmp.unlink(missing_ok=True)
         self._tool(["ovsdb-tool", "create", str(tmp), str(VSWITCH_SCHEMA)])
         # ovs-vswitchd and ovsdbapp both need the one root row that `ovs-vsctl init` would add.
-        root = [{"op": "insert", "table": "Open_vSwitch", "row": {}}]
+        # Userspace TSO makes the netdev datapath read veths and taps with their offload
+        # metadata: without it a checksum left to the NIC (veth, or a guest's virtio-net) is
+        # forwarded unfinished and TCP/UDP is dropped by the receiver. Read at daemon start.
+        other_config = ["map", [["userspace-tso-enable", "true"]]]
+        root = [{"op": "insert", "table": "Open_vSwitch", "row": {"other_config": other_config}}]
         self._tool(["ovsdb-tool", "transact", str(tmp), json.dumps(["Open_vSwitch", *root])])
         tmp.rename(self.db_path)
 
