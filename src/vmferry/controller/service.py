@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from vmferry.agent.models import GuestRequest, HostReport
 from vmferry.controller import events
@@ -297,14 +297,18 @@ class Controller:
                                 reason="beyond the host's free memory")
 
     def _allocate_mac(self, session: Any) -> str:
-        pool = session.get(MacPoolRow, 1, with_for_update=True)
-        if pool is None:
-            pool = MacPoolRow(id=1, next_index=1)
-            session.add(pool)
+        # One UPDATE bumps the pool before anything reads it: that takes SQLite's write lock
+        # (or PostgreSQL's row lock) first, so two VMs created at once never share an index.
+        # The pool row is seeded by the store's schema migration 0002.
+        bump = (update(MacPoolRow).where(MacPoolRow.id == 1)
+                .values(next_index=MacPoolRow.next_index + 1).returning(MacPoolRow.next_index))
         used = {v.mac for v in session.scalars(select(VmRow))}
         while True:
-            mac = mac_for(pool.next_index, prefix="52:54:00")
-            pool.next_index += 1
+            index = session.execute(bump).scalar_one_or_none()
+            if index is None:
+                raise ConflictError("mac", "the MAC pool is missing; run the store's schema "
+                                    "migrations (vmferry controller does at start)")
+            mac = mac_for(index - 1, prefix="52:54:00")
             if mac not in used:
                 return mac
 

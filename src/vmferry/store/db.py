@@ -10,7 +10,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmferry.errors import InputError
-from vmferry.store.schema import Base
+from vmferry.store.upgrade import upgrade_to_head
 
 
 class Store:
@@ -28,7 +28,10 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Bring the database to the current schema (Alembic ``upgrade head``).
+
+        Raises SetupError when the database refuses."""
+        upgrade_to_head(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
