@@ -1,0 +1,1 @@
+"""Benchmarks that run on a lab of their own: ``vmferry bench ...``."""

@@ -1,0 +1,107 @@
+"""``vmferry bench``: benchmarks that bring up a lab of their own, measure, and bring it down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from vmferry import paths
+from vmferry.cli.common import console, errors_to_exit
+
+bench_app = typer.Typer(help="Benchmarks on a lab of their own.", no_args_is_help=True)
+
+
+@bench_app.command("migration")
+def migration(
+    runs: int = typer.Option(5, "--runs", min=1, max=100,
+                             help="Migrations per variant (back and forth across the spine)"),
+    memory: int = typer.Option(256, "--memory", min=64, help="Guest memory, MiB"),
+    workload_mibps: int = typer.Option(0, "--workload-mibps", min=0,
+                                       help="Memory the guest dirties, MiB/s (0: idle)"),
+    interval_ms: float = typer.Option(2.0, "--interval-ms", min=1.0, max=2.0,
+                                      help="Ping probe interval, ms"),
+    max_downtime: int = typer.Option(300, "--max-downtime", min=1,
+                                     help="QEMU downtime limit, ms (same for every variant)"),
+    variants: str = typer.Option("floor,vmferry,naive", "--variants",
+                                 help="Comma-separated variants to run"),
+    output: Path = typer.Option(Path("bench-results/migration.json"), "--output", "-o",
+                                help="Where to write the JSON report"),
+    lab_name: str = typer.Option("bench", "--lab-name", help="Name of the benchmark's lab"),
+    state_dir: Path | None = typer.Option(None, "--state-dir",
+                                          help="State root for the lab (default: vmferry's)"),
+    controller_port: int = typer.Option(0, "--controller-port",
+                                        help="The lab controller's TCP port (0: a free one)"),
+    topology: Path | None = typer.Option(None, "--topology", help="Topology YAML"),
+) -> None:
+    """Migrate a guest back and forth under a 1-2 ms ping probe: the hand-wired floor,
+    vmferry migrate, and a naive wire-after-switchover order; print a table, write JSON."""
+    from vmferry.bench.migration import BenchConfig, RunResult, run_benchmark, write_report
+    if state_dir is not None:
+        # Keep sharing the image cache: building a guest image takes a while.
+        os.environ.setdefault("VMFERRY_IMAGE_DIR", str(paths.image_dir()))
+        os.environ["VMFERRY_STATE_DIR"] = str(state_dir.absolute())
+    try:
+        config = BenchConfig(runs=runs, memory_mib=memory, workload_mibps=workload_mibps,
+                             interval_ms=interval_ms, max_downtime_ms=max_downtime,
+                             variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                             lab_name=lab_name, controller_port=controller_port,
+                             topology=topology)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+    def on_run(result: RunResult) -> None:
+        if result.ok:
+            console.print(f"  {result.variant} #{result.run} {result.source}->"
+                          f"{result.destination}: lost {result.lost}, blackout "
+                          f"{result.blackout_ms:.0f} ms, QEMU downtime "
+                          f"{result.qemu_downtime_ms} ms, total {result.total_ms:.0f} ms",
+                          highlight=False)
+        else:
+            console.print(f"  [red]{result.variant} #{result.run} failed:[/red] {result.error}",
+                          highlight=False)
+
+    with errors_to_exit(), console.status("bench") as status:
+        document = run_benchmark(config, say=lambda m: status.update(f"bench: {m}"),
+                                 on_run=on_run)
+    write_report(document, output)
+    console.print(results_table(document))
+    console.print(comparisons_table(document))
+    console.print(f"JSON written to {output}")
+    if any(v["error"] for v in document["variants"].values()):
+        raise typer.Exit(1)
+
+
+def _stat(summary: dict[str, Any], digits: int = 0) -> str:
+    if summary["median"] is None:
+        return "-"
+    return (f"{summary['median']:.{digits}f} "
+            f"({summary['min']:.{digits}f}-{summary['max']:.{digits}f})")
+
+
+def results_table(document: dict[str, Any]) -> Table:
+    table = Table(title=f"live migration, {document['config']['memory_mib']} MiB guest, "
+                  f"{document['probe']} (median (min-max))")
+    for column in ("variant", "runs ok", "packets lost", "blackout ms", "QEMU downtime ms",
+                   "total ms"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, variant in document["variants"].items():
+        summary = variant["summary"]
+        table.add_row(name, f"{variant['runs_ok']}/{len(variant['runs'])}",
+                      _stat(summary["lost"]), _stat(summary["blackout_ms"]),
+                      _stat(summary["qemu_downtime_ms"]), _stat(summary["total_ms"]))
+    return table
+
+
+def comparisons_table(document: dict[str, Any]) -> Table:
+    table = Table(title="vmferry against the targets")
+    for column in ("figure", "value", "target", "met"):
+        table.add_column(column)
+    for figure in document["comparisons"].values():
+        value = "-" if figure["value"] is None else f"{figure['value']}"
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[figure["met"]]
+        table.add_row(figure["what"], value, f"<= {figure['target_max']}", met)
+    return table
