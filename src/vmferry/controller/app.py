@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from vmferry.agent.models import HostReport
 from vmferry.controller import audit, auth, events
 from vmferry.controller.auth import Principal, Role
+from vmferry.controller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vmferry.controller.metrics import Metrics
 from vmferry.controller.migration import Migrations
 from vmferry.controller.models import (
     EventOut,
@@ -21,6 +23,8 @@ from vmferry.controller.models import (
     VmOut,
 )
 from vmferry.controller.service import Controller
+from vmferry.controller.stream import MEDIA_TYPE as SSE_MEDIA_TYPE
+from vmferry.controller.stream import EventHub
 from vmferry.errors import ForbiddenError
 from vmferry.model.topology import Topology
 from vmferry.web import bearer_token, install_error_handlers
@@ -41,6 +45,9 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     migrations = migrations or Migrations(controller)
     app.state.migrations = migrations
     app.state.controller = controller
+    metrics = app.state.metrics = Metrics(store)
+    hub = app.state.event_hub = EventHub(store)
+    migrations.listeners.extend([metrics.on_migration, hub.publish_migration])
 
 
     @app.get("/v1/health")
@@ -71,6 +78,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
             raise ForbiddenError(f"{caller.name} may only report for its own host",
                                  actor=caller.name)
         controller.heartbeat(host, body)
+        metrics.on_heartbeat(host)
         return Response(status_code=204)
 
     # ---- VMs --------------------------------------------------------------------------------
@@ -132,7 +140,9 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     @app.get("/v1/audit")
     def run_audit(caller: Caller) -> list[dict[str, Any]]:
         auth.require(caller, auth.READ, "audit")
-        return audit.as_dicts(audit.audit(controller))
+        findings = audit.audit(controller)
+        metrics.on_audit(f.kind for f in findings)
+        return audit.as_dicts(findings)
 
     @app.post("/v1/audit/fix")
     def fix_audit(caller: Caller) -> list[dict[str, Any]]:
@@ -182,5 +192,31 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
         return [EventOut(id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action,
                          target=e.target, outcome=e.outcome, detail=e.detail)
                 for e in events.recent(store, limit, after)]
+
+    # ---- watching: metrics and the live event stream ---------------------------------------
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}})
+    def prometheus_metrics(caller: Caller) -> Response:
+        auth.require(caller, auth.READ, "read metrics")
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/events/stream", response_class=StreamingResponse,
+             responses={200: {"content": {SSE_MEDIA_TYPE: {}}}})
+    def stream_events(request: Request, caller: Caller,
+                      after: int | None = Query(None, ge=0, description=
+                                                "audit events after this id (default: new ones; "
+                                                "a Last-Event-ID header wins)"),
+                      limit: int | None = Query(None, ge=1, le=100_000, description=
+                                                "close the stream after this many events"),
+                      ) -> StreamingResponse:
+        auth.require(caller, auth.READ, "read events")
+        last = request.headers.get("last-event-id", "")
+        start = int(last) if last.isdigit() else after if after is not None \
+            else hub.latest_event_id()
+        return StreamingResponse(
+            hub.stream(request.is_disconnected, after=start, limit=limit),
+            media_type=SSE_MEDIA_TYPE,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
