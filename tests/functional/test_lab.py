@@ -157,8 +157,8 @@ def test_other_topology_three_racks(tmp_path: Path) -> None:
         assert run.wait_ping("probe310", "192.0.2.5")
         assert not run.pings("probe320", "192.0.2.5", count=2)
         trunks = {(t["a"], t["b"]): t["desired"] for t in run.json("fabric", "show")}
-        assert trunks[("leafA", "core")] == [310] and trunks[("leafC", "core")] == [310]
-        assert trunks[("leafB", "core")] == []
+        assert trunks[("core", "leafA")] == [310] and trunks[("core", "leafC")] == [310]
+        assert trunks[("core", "leafB")] == []
         run.cli("vm", "delete", "far")
     finally:
         run.down()
