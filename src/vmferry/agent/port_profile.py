@@ -37,7 +37,7 @@ from typing import Any
 from vmferry.drivers.softswitch.base import Flow, Meter, PortSpec, PortState, Softswitch
 from vmferry.drivers.softswitch.ovs import flow_key, normalize_actions, normalize_flow
 from vmferry.errors import SoftswitchError, WaitTimeout
-from vmferry.model.profile import AclDirection, AclRule, PortProfile
+from vmferry.model.profile import AclDirection, AclRule, PortProfile, parse_profile
 
 TABLE_ENTRY = 0
 TABLE_STORM = 40
@@ -415,3 +415,20 @@ def _int_or_none(text: str | None) -> int | None:
         return int(text) if text is not None else None
     except ValueError:
         return None
+
+
+# ---- for the host agent ------------------------------------------------------------------------
+
+def profile_from(data: dict[str, Any] | None) -> PortProfile | None:
+    """The profile a guest request carries (None: no profile). Raises ``InputError``."""
+    return None if data is None else parse_profile(data, "profile")
+
+
+def apply_profile(softswitch: Softswitch, bridge: str, port: str, vm_mac: str,
+                  vm_ips: Iterable[str], data: dict[str, Any] | None) -> dict[str, Any]:
+    """Realize the profile in ``data`` on the port, or remove any profile when ``data`` is
+    None. Returns what was done. Raises ``InputError``, ``SoftswitchError``, ``WaitTimeout``."""
+    profile = profile_from(data)
+    if profile is None:
+        return {"port": port, "removed": remove(softswitch, bridge, port)}
+    return realize(softswitch, bridge, port, vm_mac, vm_ips, profile).to_dict()
