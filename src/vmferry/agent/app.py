@@ -50,6 +50,14 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
             raise InputError("name", "does not match the URL")
         return agent.preset_port(body)
 
+    @app.put("/v1/ports/{name}/profile")
+    def set_port_profile(name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return agent.set_port_profile(name, body.get("profile"))
+
+    @app.get("/v1/ports/{name}")
+    def port_status(name: str) -> dict[str, Any]:
+        return agent.port_status(name)
+
     @app.post("/v1/guests/{name}/migration/postcopy", status_code=202)
     def postcopy(name: str) -> dict[str, str]:
         agent.start_postcopy(name)

@@ -9,8 +9,10 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmferry import privileged
+from vmferry.agent import port_profile
 from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest
 from vmferry.drivers.hypervisor.base import (
     GuestSpec,
@@ -84,6 +86,7 @@ class HostAgent:
             try:
                 privileged.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
+                self._realize_profile(request)
                 incoming_uri = self._incoming_uri(request.name) if request.incoming else None
                 spec = GuestSpec(name=request.name, memory_mib=request.memory_mib,
                                  mac=request.mac, tap=tap, ip_cidr=request.ip,
@@ -107,6 +110,7 @@ class HostAgent:
             try:
                 privileged.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
+                self._realize_profile(request)
             except VmferryError:
                 if self.hypervisor.state(request.name) is GuestState.ABSENT:
                     self._remove_guest(request.name)
@@ -122,6 +126,7 @@ class HostAgent:
 
     def _remove_guest(self, name: str) -> None:
         self.hypervisor.stop(name)
+        port_profile.remove(self.softswitch, HOST_BRIDGE, tap_name(name))
         self.softswitch.delete_port(HOST_BRIDGE, tap_name(name))
         privileged.delete_link(None, tap_name(name))
         self._guests.pop(name, None)
@@ -151,6 +156,37 @@ class HostAgent:
         return PortSpec(name=tap_name(request.name), tag=request.vlan, vlan_mode="access",
                         external_ids={OWNER_KEY: OWNER, VM_KEY: request.name,
                                       "attached-mac": request.mac})
+
+    # ---- port profiles (vmferry.agent.port_profile does the work) ---------------------------
+
+    def _realize_profile(self, request: GuestRequest) -> None:
+        if request.profile is not None:
+            port_profile.apply_profile(self.softswitch, HOST_BRIDGE, tap_name(request.name),
+                                       request.mac, [request.ip], request.profile)
+
+    def set_port_profile(self, name: str, profile: dict[str, Any] | None) -> dict[str, Any]:
+        """Realize ``profile`` on the guest's port live (None: remove it); remembered."""
+        with self._lock:
+            request = self._guests.get(name)
+            if request is None:
+                raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+            vlan = port_profile.profile_from(profile)
+            updated = request.model_copy(update={"profile": profile, "vlan": (
+                vlan.fabric_vlans[0] if vlan is not None else request.vlan)})
+            result = port_profile.apply_profile(self.softswitch, HOST_BRIDGE, tap_name(name),
+                                                request.mac, [request.ip], profile)
+            self._guests[name] = updated
+            self._save_request(updated)
+            return result
+
+    def port_status(self, name: str) -> dict[str, Any]:
+        """The guest port's desired and actual state, and whether they match."""
+        request = self._guests.get(name)
+        if request is None:
+            raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+        return port_profile.port_status(self.softswitch, HOST_BRIDGE, tap_name(name),
+                                        request.mac, [request.ip],
+                                        port_profile.profile_from(request.profile))
 
     # ---- migration --------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from vmferry.agent.models import HostReport
-from vmferry.controller import audit, auth, events
+from vmferry.controller import audit, auth, events, profiles
 from vmferry.controller.auth import Principal, Role
 from vmferry.controller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vmferry.controller.metrics import Metrics
@@ -45,6 +45,8 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     migrations = migrations or Migrations(controller)
     app.state.migrations = migrations
     app.state.controller = controller
+    port_profiles = profiles.Profiles(controller)
+    app.include_router(profiles.router(port_profiles))
     metrics = app.state.metrics = Metrics(store)
     hub = app.state.event_hub = EventHub(store)
     migrations.listeners.extend([metrics.on_migration, hub.publish_migration])
@@ -91,7 +93,13 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     @app.post("/v1/vms", response_model=VmOut, status_code=201)
     def create_vm(body: VmCreate, caller: Caller) -> VmOut:
         auth.require(caller, auth.SERVERS, "create VMs")
-        return controller.create_vm(body, caller)
+        profile = port_profiles.for_new_vm(body)
+        out = controller.create_vm(
+            body, caller, profile_vlan=profile.fabric_vlans[0] if profile else None,
+            profile_spec=profile.model_dump(mode="json") if profile else None)
+        if profile:
+            port_profiles.record_created(out.name, out.host, profile)
+        return out
 
     @app.get("/v1/vms/{name}", response_model=VmOut)
     def vm(name: str, caller: Caller, runtime: bool = Query(False)) -> VmOut:
@@ -106,6 +114,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
             events.record(store, caller.name, "vm.delete", name, "forbidden", error=exc.message)
             raise
         controller.delete_vm(name, caller)
+        port_profiles.forget_port(name)
         return Response(status_code=204)
 
     # ---- migrations -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from vmferry.agent.models import GuestRequest, MigrateRequest
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
+from vmferry.controller.profiles import profile_spec
 from vmferry.controller.service import Controller
 from vmferry.errors import (
     AgentError,
@@ -515,13 +516,14 @@ class _Run:
             if vm is None:
                 raise NotFoundError("vm", f"VM {self.vm} disappeared")
             return {"vlan": vm.vlan, "mac": vm.mac, "memory_mib": vm.memory_mib, "ip": vm.ip,
-                    "workload_mibps": vm.workload_mibps}
+                    "workload_mibps": vm.workload_mibps, "profile": vm.profile}
 
     def _guest_request(self, *, incoming: bool) -> dict[str, Any]:
         vm = self._vm_row()
         return GuestRequest(name=self.vm, memory_mib=vm["memory_mib"], mac=vm["mac"],
                             ip=vm["ip"], vlan=vm["vlan"], workload_mibps=vm["workload_mibps"],
                             incoming=incoming, postcopy=self.options.get("postcopy") == "auto",
+                            profile=profile_spec(self.store, vm["profile"]),
                             ).model_dump(mode="json")
 
     def _agent(self, host: str, method: str, path: str, *, json: Any = None,

@@ -166,7 +166,8 @@ class Controller:
             return self._vm_locks.setdefault(name, threading.Lock())
 
     def create_vm(self, body: VmCreate, actor: Principal,
-                  profile_vlan: int | None = None) -> VmOut:
+                  profile_vlan: int | None = None,
+                  profile_spec: dict[str, Any] | None = None) -> VmOut:
         """Validate, allocate a MAC, carry the VLAN to the host, start the guest.
 
         On any failure nothing is left: no row, no port, no VLAN on a trunk."""
@@ -194,7 +195,7 @@ class Controller:
                 self.reconcile_fabric()
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
                                        ip=body.ip, gateway=body.gateway, vlan=vlan,
-                                       workload_mibps=body.workload_mibps)
+                                       workload_mibps=body.workload_mibps, profile=profile_spec)
                 self.call_agent(body.host, "PUT", f"/v1/guests/{body.name}",
                                 json=request.model_dump(mode="json"), timeout=120)
             except VmferryError as exc:
