@@ -30,15 +30,14 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head
+def head_revisions() -> set[str]:
+    """The newest revision of each branch (one, once parallel work is merged)."""
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
-def current_revision(engine: Engine) -> str | None:
+def current_revisions(engine: Engine) -> set[str]:
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return set(MigrationContext.configure(connection).get_current_heads())
 
 
 def upgrade_to_head(engine: Engine) -> None:
@@ -50,7 +49,7 @@ def upgrade_to_head(engine: Engine) -> None:
             if "alembic_version" not in tables and "inventory" in tables:
                 # Made by create_all before vmferry had migrations: it holds the baseline.
                 command.stamp(config, BASELINE)
-            command.upgrade(config, "head")
+            command.upgrade(config, "heads")
     except SQLAlchemyError as exc:
         raise SetupError(f"cannot bring the store at {engine.url!r} to the current schema: "
                          f"{exc}", cause=str(exc)) from exc
