@@ -29,6 +29,7 @@ def test_parse_ping_counts_a_hole_and_its_length() -> None:
     assert result.longest_loss_run == 20
     assert result.blackout_ms == pytest.approx(42.0, abs=0.5)   # 21 intervals between replies
     assert result.recovered
+    assert result.effective_interval_ms == pytest.approx(2.0)
 
 
 def test_parse_ping_does_not_count_probes_in_flight_at_the_end() -> None:

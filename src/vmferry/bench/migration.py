@@ -283,16 +283,22 @@ class BenchLab:
 
     # -- wiring by hand
 
-    def wire_vlan(self, vlan: int, hosts: Iterable[str]) -> None:
+    def wire_vlan(self, vlan: int, hosts: Iterable[str], before: Iterable[str] = ()) -> None:
         """Make every trunk carry ``vlan`` exactly when the lab's clients and ``hosts`` put
-        endpoints of it on both sides -- written port by port, leaving other VLANs alone."""
+        endpoints of it on both sides, as an operator would by hand: only the trunk ends whose
+        answer differs from when the endpoints were the clients and ``before`` are touched, and
+        only ``vlan`` is added or removed there. Raises ``AgentError`` or ``FabricError``."""
         topo = self._inventory()
-        endpoints = [*client_endpoints(topo), *(Endpoint(node=h, vlan=vlan, owner="bench")
-                                                for h in hosts)]
-        desired = desired_trunk_vlans(topo, endpoints)
+        clients = client_endpoints(topo)
+        after = desired_trunk_vlans(topo, [*clients, *(Endpoint(node=h, vlan=vlan, owner="bench")
+                                                        for h in hosts)])
+        was = desired_trunk_vlans(topo, [*clients, *(Endpoint(node=h, vlan=vlan, owner="bench")
+                                                      for h in before)])
         host_names = {h.name for h in topo.hosts}
         for trunk in topo.trunks():
-            want = vlan in desired[trunk.key]
+            want = vlan in after[trunk.key]
+            if want == (vlan in was[trunk.key]):
+                continue
             for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
                 if node in host_names:
                     current = set(self.agent(node, "GET", "/v1/uplink")["vlans"])
@@ -354,7 +360,9 @@ class _HandDriven(Variant):
         try:
             self.lab.agent(host, "DELETE", f"/v1/guests/{self.vm}")
         finally:
-            self.lab.wire_vlan(self.config.vlan, [])
+            # Every trunk end that could carry the VLAN for the guest is checked.
+            self.lab.wire_vlan(self.config.vlan, [], before=[h.name
+                                                             for h in self.lab.topology.hosts])
 
     def start_destination(self, destination: str) -> str:
         info = self.lab.agent(destination, "PUT", f"/v1/guests/{self.vm}",
@@ -401,7 +409,7 @@ class Floor(_HandDriven):
     def migrate(self, source: str, destination: str) -> Timing:
         marks: dict[str, float] = {}
         started = time.monotonic()
-        self.lab.wire_vlan(self.config.vlan, [source, destination])
+        self.lab.wire_vlan(self.config.vlan, [source, destination], before=[source])
         self.lab.agent(destination, "PUT", f"/v1/ports/{self.vm}",
                        body=self.request(incoming=True))
         marks["wire"] = time.monotonic()
@@ -411,7 +419,7 @@ class Floor(_HandDriven):
         marks["qemu_migration"] = time.monotonic()
         self.lab.agent(source, "DELETE", f"/v1/guests/{self.vm}")
         marks["clean_source"] = time.monotonic()
-        self.lab.wire_vlan(self.config.vlan, [destination])
+        self.lab.wire_vlan(self.config.vlan, [destination], before=[source, destination])
         marks["prune_vlan"] = time.monotonic()
         return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
                       phases=_phase_durations(started, marks))
@@ -435,7 +443,7 @@ class Naive(_HandDriven):
         marks["start_destination"] = time.monotonic()
         qemu = self.run_qemu_migration(source, destination, uri)
         marks["qemu_migration"] = time.monotonic()
-        self.lab.wire_vlan(self.config.vlan, [source, destination])
+        self.lab.wire_vlan(self.config.vlan, [source, destination], before=[source])
         self.lab.agent(destination, "PUT", f"/v1/ports/{self.vm}",
                        body=self.request(incoming=False))
         marks["wire"] = time.monotonic()
@@ -443,7 +451,7 @@ class Naive(_HandDriven):
         marks["announce"] = time.monotonic()
         self.lab.agent(source, "DELETE", f"/v1/guests/{self.vm}")
         marks["clean_source"] = time.monotonic()
-        self.lab.wire_vlan(self.config.vlan, [destination])
+        self.lab.wire_vlan(self.config.vlan, [destination], before=[source, destination])
         marks["prune_vlan"] = time.monotonic()
         return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
                       phases=_phase_durations(started, marks))

@@ -12,9 +12,10 @@ import math
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 from vmferry.errors import WaitTimeout
 
@@ -32,9 +33,11 @@ class ProbeResult:
     ``lost`` counts probes sent and never answered (the last ``IN_FLIGHT_S`` excluded);
     ``blackout_ms`` is the longest silence between two consecutive replies (or from the last
     reply to the end of the window, if the replies never came back); ``longest_loss_run`` is the
-    longest run of consecutive unanswered probes."""
+    longest run of consecutive unanswered probes. ``effective_interval_ms`` is how often ping
+    really sent: on a loaded machine it falls behind the interval it was asked for."""
 
     interval_ms: float
+    effective_interval_ms: float | None
     sent: int
     received: int
     lost: int
@@ -72,7 +75,11 @@ def parse_ping(output: str, interval_ms: float, ended_at: float | None = None) -
     blackout_ms = max(gaps, default=0.0) * 1000
     if not times and ended_at is not None:
         blackout_ms = counted * interval_ms
-    return ProbeResult(interval_ms=interval_ms, sent=sent, received=len(replies),
+    effective = None
+    if len(replies) >= 2 and max(replies) > min(replies):
+        effective = round((replies[max(replies)] - replies[min(replies)]) * 1000
+                          / (max(replies) - min(replies)), 2)
+    return ProbeResult(interval_ms=interval_ms, effective_interval_ms=effective, sent=sent, received=len(replies),
                        lost=len(missing), longest_loss_run=_longest_run(missing),
                        blackout_ms=round(blackout_ms, 1), recovered=recovered)
 
@@ -102,13 +109,16 @@ class PingProbe:
         self.interval_ms = interval_ms
         self.max_seconds = max_seconds
         self._proc: subprocess.Popen[str] | None = None
+        # Not a pipe: ping would block writing once 64 KiB of unread lines fill it.
+        self._output: IO[str] | None = None
 
     def start(self) -> None:
         count = int(self.max_seconds * 1000 / self.interval_ms)
         argv = ["ip", "netns", "exec", self.namespace, "ping", "-D", "-n",
                 "-i", f"{self.interval_ms / 1000:.3f}", "-c", str(count),
                 "-w", str(math.ceil(self.max_seconds)), "-W", "1", self.address]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self._output = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives until stop())
+        self._proc = subprocess.Popen(argv, stdout=self._output, stderr=subprocess.STDOUT,
                                       text=True)
 
     def stop(self) -> ProbeResult:
@@ -121,19 +131,30 @@ class PingProbe:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
         try:
-            output, _ = proc.communicate(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired as exc:
             proc.kill()
-            proc.communicate(timeout=5)
+            proc.wait(timeout=5)
+            self._close_output()
             raise WaitTimeout(f"ping in {self.namespace} to stop", 10) from exc
+        assert self._output is not None
+        self._output.seek(0)
+        output = self._output.read()
+        self._close_output()
         return parse_ping(output, self.interval_ms, ended_at=ended_at)
+
+    def _close_output(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
 
     def kill(self) -> None:
         """Stop the probe without reading it (on failure paths)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()
-            proc.communicate(timeout=5)
+            proc.wait(timeout=5)
+        self._close_output()
 
 
 def wait_reachable(namespace: str, address: str, timeout: float = 60.0) -> float:
