@@ -395,10 +395,19 @@ class _HandDriven(Variant):
         raise WaitTimeout(f"the QEMU migration of {self.vm} to complete",
                           self.config.migration_timeout_s)
 
-    def _ensure_running(self, destination: str) -> None:
-        state = self.lab.agent(destination, "GET", f"/v1/guests/{self.vm}").get("state")
-        if state == "paused":
-            self.lab.agent(destination, "POST", f"/v1/guests/{self.vm}/resume")
+    def _ensure_running(self, destination: str, timeout: float = 20.0) -> None:
+        """The source reports ``completed`` a little before the destination has loaded the
+        last state and runs: wait for it (resuming it if it stays paused). Raises
+        ``WaitTimeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.lab.agent(destination, "GET", f"/v1/guests/{self.vm}").get("state")
+            if state == "running":
+                return
+            if state == "paused":
+                self.lab.agent(destination, "POST", f"/v1/guests/{self.vm}/resume")
+            time.sleep(HAND_POLL_S)
+        raise WaitTimeout(f"{self.vm} to run on {destination}", timeout)
 
 
 class Floor(_HandDriven):
