@@ -604,6 +604,9 @@ def report(config: BenchConfig, results: dict[str, list[RunResult]], errors: dic
         "variants": {
             name: {"description": VARIANTS[name].description,
                    "summary": summarize_runs(runs),
+                   # How often ping really sent (a loaded machine makes it fall behind).
+                   "probe_interval_ms": summarize(r.probe.get("effective_interval_ms")
+                                                  for r in runs if r.ok),
                    "runs_ok": sum(1 for r in runs if r.ok),
                    "error": errors.get(name),
                    "runs": [asdict(r) for r in runs]}

@@ -86,13 +86,14 @@ def results_table(document: dict[str, Any]) -> Table:
     table = Table(title=f"live migration, {document['config']['memory_mib']} MiB guest, "
                   f"{document['probe']} (median (min-max))")
     for column in ("variant", "runs ok", "packets lost", "blackout ms", "QEMU downtime ms",
-                   "total ms"):
+                   "total ms", "probe every ms"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name, variant in document["variants"].items():
         summary = variant["summary"]
         table.add_row(name, f"{variant['runs_ok']}/{len(variant['runs'])}",
                       _stat(summary["lost"]), _stat(summary["blackout_ms"]),
-                      _stat(summary["qemu_downtime_ms"]), _stat(summary["total_ms"]))
+                      _stat(summary["qemu_downtime_ms"]), _stat(summary["total_ms"]),
+                      _stat(variant["probe_interval_ms"], digits=1))
     return table
 
 
