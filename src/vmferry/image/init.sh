@@ -81,6 +81,24 @@ done
     done
 ) </dev/null >/dev/null 2>&1 &
 
+# Is anything listening on TCP port $1 (4 hex digits), IPv4 or IPv6?
+listening() {
+    grep -Eq "^ *[0-9]+: [0-9A-F]+:$1 [0-9A-F]+:0000 0A " /proc/net/tcp /proc/net/tcp6 \
+        2>/dev/null
+}
+
+# READY promises the services answer: the echo listener starts in the background (and a
+# busy guest may take a while to get there), so wait for all three ports, up to 10 s.
+tries=0
+until listening 0007 && listening 0050 && listening 1F90; do
+    if [ $tries -ge 200 ]; then
+        echo "VMFERRY-ERROR services not listening on 7, 80 and 8080"
+        break
+    fi
+    sleep 0.05
+    tries=$((tries + 1))
+done
+
 if [ -n "$IP" ] && [ -e /sys/class/net/eth0 ]; then
     # Tell the L2 where this MAC lives now rather than at the first ARP request.
     arping -q -U -c 1 -I eth0 "${IP%/*}" >/dev/null 2>&1 &

@@ -151,7 +151,7 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, files: Mapping[str, Path], *,
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", kernel_append(spec),
-        "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
+        "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no,vnet_hdr=off",
         # romfile=: no iPXE, the kernel is loaded directly; it also keeps iPXE's banner off
         # the console.
         "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac.lower()},romfile=",
@@ -409,24 +409,30 @@ class QemuHypervisor(Hypervisor):
     def wait_ready(self, name: str, *, timeout: float = 30.0) -> None:
         """Wait until the guest prints READY on its console (networking and services up).
         Raises WaitTimeout, or HypervisorError when QEMU exits or the guest reports an error."""
+        self.wait_console(name, f"{READY_MARKER} name={name}", timeout=timeout)
+
+    def wait_console(self, name: str, text: str, *, timeout: float = 30.0) -> str:
+        """Wait until ``text`` appears on the guest's console (e.g. "VMFERRY-WORKLOAD": the
+        memory workload runs); returns the console so far. Raises WaitTimeout, or
+        HypervisorError when QEMU exits or the guest reports VMFERRY-ERROR or a panic."""
         serial = self.serial_log(name)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                text = serial.read_text(errors="replace")
+                console = serial.read_text(errors="replace")
             except FileNotFoundError:
-                text = ""
-            if f"{READY_MARKER} name={name}" in text:
-                return
-            if "VMFERRY-ERROR" in text or "Kernel panic" in text:
-                raise HypervisorError(f"guest {name} failed to boot", host=self.host, vm=name,
-                                      cause=text.strip()[-500:])
+                console = ""
+            if text in console:
+                return console
+            if "VMFERRY-ERROR" in console or "Kernel panic" in console:
+                raise HypervisorError(f"guest {name} reported an error", host=self.host,
+                                      vm=name, cause=console.strip()[-500:])
             if self.pid(name) is None:
-                raise HypervisorError(f"QEMU of guest {name} exited while booting",
-                                      host=self.host, vm=name, cause=text.strip()[-500:])
+                raise HypervisorError(f"QEMU of guest {name} exited", host=self.host, vm=name,
+                                      cause=console.strip()[-500:] or "no console output")
             if time.monotonic() >= deadline:
-                raise WaitTimeout(f"guest {name} to print {READY_MARKER}", timeout,
-                                  host=self.host, vm=name)
+                raise WaitTimeout(f"guest {name} to print {text!r}", timeout, host=self.host,
+                                  vm=name)
             # The console is a plain file: nothing to wait on but the clock.
             time.sleep(0.05)
 
@@ -501,26 +507,29 @@ class QemuHypervisor(Hypervisor):
 
     def _probe_machines(self) -> list[str]:
         with tempfile.TemporaryDirectory(prefix="vmferry-probe-") as tmp:
-            sock = str(Path(tmp) / "qmp")
+            sock, pidfile = Path(tmp) / "qmp", Path(tmp) / "pid"
+            # -daemonize returns once QMP listens, like a guest's start: no connect race.
             argv = [self.qemu_binary, "-machine", "none", "-accel", "tcg", "-nodefaults",
-                    "-display", "none", "-S", "-qmp", f"unix:{sock},server=on,wait=off"]
+                    "-display", "none", "-S", "-qmp", f"unix:{sock},server=on,wait=off",
+                    "-pidfile", str(pidfile), "-daemonize"]
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            except OSError as exc:
+                result = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                        check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
                 raise HypervisorError(f"cannot run {self.qemu_binary}", host=self.host,
                                       cause=str(exc)) from exc
+            pid = privileged.read_pidfile(pidfile)
             try:
-                reply = self._hub.run(self._query_machines(sock, proc), self.qmp_timeout + 5)
+                if result.returncode != 0 or pid is None:
+                    raise HypervisorError("probe QEMU failed to start", host=self.host,
+                                          cause=result.stderr.strip()[-500:])
+                reply = self._hub.run(self._query_machines(str(sock)), self.qmp_timeout)
             except (QMPError, OSError, EOFError, TimeoutError) as exc:
                 raise HypervisorError("cannot query QEMU machine types", host=self.host,
                                       cause=str(exc) or type(exc).__name__) from exc
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait(timeout=10)
-                if proc.stderr is not None:
-                    proc.stderr.close()
+                if pid is not None:
+                    privileged.stop_pid(pid, timeout=5.0)
         names: set[str] = set()
         for machine in reply:
             names.add(str(machine["name"]))
@@ -529,13 +538,7 @@ class QemuHypervisor(Hypervisor):
         names.discard("none")
         return sorted(names)
 
-    async def _query_machines(self, sock: str, proc: subprocess.Popen[bytes]) -> Any:
-        deadline = time.monotonic() + self.qmp_timeout
-        while not Path(sock).exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise HypervisorError("probe QEMU did not open its QMP socket", host=self.host,
-                                      cause=f"exit status {proc.poll()}")
-            await asyncio.sleep(0.02)
+    async def _query_machines(self, sock: str) -> Any:
         client = QMPClient("probe")
         await asyncio.wait_for(client.connect(sock), self.qmp_timeout)
         try:
