@@ -12,9 +12,11 @@ bounded in count and time.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -279,13 +281,27 @@ def test_guest_boots_and_serves(lab: Lab, guest: GuestSpec) -> None:
     assert lab.b.state(guest.name) is GuestState.ABSENT
 
 
+RESTARTED_AGENT = """
+import json, sys
+from pathlib import Path
+from vmferry.drivers.hypervisor.qemu import QemuHypervisor
+from vmferry.image.builder import cached_image
+hv = QemuHypervisor(Path(sys.argv[1]), cached_image(), namespace=sys.argv[2])
+print(json.dumps({n: [hv.state(n).value, hv.spec(n).ip_cidr] for n in hv.guests()}))
+"""
+
+
 @pytest.mark.timeout(120)
 def test_restarted_agent_finds_its_guests(lab: Lab, guest: GuestSpec) -> None:
-    again = QemuHypervisor(lab.a.run_dir, lab.image, namespace=lab.ns_a)
-    assert guest.name in again.guests()
-    assert again.spec(guest.name) == guest
-    assert again.state(guest.name) is GuestState.RUNNING
+    assert lab.a.state(guest.name) is GuestState.RUNNING
+    # QMP serves one client at a time: a restarted agent connects once the old one is gone.
+    lab.a.disconnect()
+    result = subprocess.run([sys.executable, "-c", RESTARTED_AGENT, str(lab.a.run_dir),
+                             lab.ns_a], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {guest.name: ["running", guest.ip_cidr]}
     assert lab.a.start(guest) == lab.a.pid(guest.name)   # idempotent
+    assert lab.a.state(guest.name) is GuestState.RUNNING
 
 
 @pytest.mark.timeout(60)

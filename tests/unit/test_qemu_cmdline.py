@@ -53,7 +53,8 @@ def test_argv_runs_a_daemonized_tcg_guest_on_the_tap() -> None:
     assert option(argv, "-qmp") == "unix:/run/vf/web1.qmp,server=on,wait=off"
     assert option(argv, "-kernel") == "/img/vmlinuz"
     assert option(argv, "-initrd") == "/img/initrd.img"
-    assert option(argv, "-netdev") == "tap,id=n0,ifname=vft-web1,script=no,downscript=no"
+    assert option(argv, "-netdev") == (
+        "tap,id=n0,ifname=vft-web1,script=no,downscript=no,vnet_hdr=off")
     assert option(argv, "-device") == (
         "virtio-net-pci,netdev=n0,mac=52:54:00:ab:cd:01,romfile=")
     assert "-incoming" not in argv

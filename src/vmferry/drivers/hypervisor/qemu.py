@@ -151,6 +151,9 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, files: Mapping[str, Path], *,
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", kernel_append(spec),
+        # vnet_hdr=off: no checksum/segmentation offload metadata on the tap, so frames
+        # leave the guest complete; OVS's userspace (netdev) datapath would forward
+        # partial-checksum frames as they are.
         "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no,vnet_hdr=off",
         # romfile=: no iPXE, the kernel is loaded directly; it also keeps iPXE's banner off
         # the console.
@@ -391,12 +394,19 @@ class QemuHypervisor(Hypervisor):
         """Stop the guest's QEMU (SIGTERM, then SIGKILL) and remove its files (idempotent)."""
         self._kill_and_clean(name)
 
+    def disconnect(self, name: str | None = None) -> None:
+        """Close this process's QMP connection to a guest (None: to all of ``run_dir``'s).
+        A QMP socket serves one client at a time; another process can connect after this.
+        The next call that needs QMP reconnects."""
+        names = [name] if name is not None else self.guests()
+        for guest in names:
+            try:
+                self._hub.run(self._hub.drop(str(self.files(guest)["qmp"])), 10.0)
+            except TimeoutError:
+                pass    # _close bounds itself; nothing is left to wait for
+
     def _kill_and_clean(self, name: str) -> None:
-        qmp_path = str(self.files(name)["qmp"])
-        try:
-            self._hub.run(self._hub.drop(qmp_path), 10.0)
-        except TimeoutError:
-            pass    # the connection is dropped when the process dies below anyway
+        self.disconnect(name)
         pid = self.pid(name)
         if pid is not None:
             privileged.stop_pid(pid, timeout=5.0)
@@ -443,9 +453,13 @@ class QemuHypervisor(Hypervisor):
         timeout = timeout or self.qmp_timeout
         path = str(self.files(name)["qmp"])
 
-        async def call() -> Any:
+        async def execute() -> Any:
             client = await self._hub.client(path, timeout)
-            return await asyncio.wait_for(client.execute(cmd, dict(args or {})), timeout)
+            return await client.execute(cmd, dict(args or {}))
+
+        async def call() -> Any:
+            # One bound for connecting (if needed) and the reply together.
+            return await asyncio.wait_for(execute(), timeout)
 
         return self._bounded(name, f"QMP {cmd}", call(), timeout)
 
@@ -570,13 +584,13 @@ class QemuHypervisor(Hypervisor):
     def migration_progress(self, name: str) -> MigrationProgress:
         return progress_from_query(self._execute(name, "query-migrate"))
 
-    def _wait_until(self, name: str, what: str, timeout: float, events: Sequence[str],
-                    check: Callable[[], _T | None], interval: float | None = None) -> _T:
+    def _wait_until(self, name: str, what: Callable[[], str], timeout: float,
+                    events: Sequence[str], check: Callable[[], _T | None], *,
+                    on_timeout: Callable[[], None] | None = None) -> _T:
         """Call ``check`` until it returns something other than None: after each QMP event
-        in ``events`` and at least every ``interval`` seconds. Raises WaitTimeout naming
-        ``what`` after ``timeout`` seconds."""
+        in ``events`` and at least every ``progress_interval`` seconds. After ``timeout``
+        seconds calls ``on_timeout`` and raises WaitTimeout saying ``what()`` it waited for."""
         path = str(self.files(name)["qmp"])
-        interval = interval or self.progress_interval
         listener = EventListener(names=list(events))
         registered: list[QMPClient] = []
 
@@ -608,8 +622,10 @@ class QemuHypervisor(Hypervisor):
                     return result
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise WaitTimeout(what, timeout, host=self.host, vm=name)
-                wait = min(interval, left)
+                    if on_timeout is not None:
+                        on_timeout()
+                    raise WaitTimeout(what(), timeout, host=self.host, vm=name)
+                wait = min(self.progress_interval, left)
                 self._bounded(name, f"{'/'.join(events)} event", next_event(wait), wait)
         finally:
             try:
@@ -643,13 +659,9 @@ class QemuHypervisor(Hypervisor):
                 postcopy_requested = True
             return None
 
-        try:
-            return self._wait_until(name, f"migration of guest {name} to finish",
-                                    timeout, ["MIGRATION"], check)
-        except WaitTimeout as exc:
-            self.cancel_migration(name)
-            raise WaitTimeout(f"migration of guest {name} to finish (was {last}; cancelled)",
-                              timeout, host=self.host, vm=name) from exc
+        return self._wait_until(
+            name, lambda: f"migration of guest {name} to finish (was {last}; cancelled)",
+            timeout, ["MIGRATION"], check, on_timeout=lambda: self.cancel_migration(name))
 
     def wait_running(self, name: str, *, timeout: float = 30.0) -> None:
         """Wait until the guest runs, e.g. a migration destination after the switchover
@@ -659,8 +671,8 @@ class QemuHypervisor(Hypervisor):
         def check() -> bool | None:
             return True if self.state(name) == GuestState.RUNNING else None
 
-        self._wait_until(name, f"guest {name} to run", timeout, ["RESUME", "MIGRATION"],
-                         check)
+        self._wait_until(name, lambda: f"guest {name} to run", timeout,
+                         ["RESUME", "MIGRATION"], check)
 
     def start_postcopy(self, name: str) -> None:
         """``migrate-start-postcopy``. Raises HypervisorError when postcopy-ram was not enabled
