@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response, StreamingResponse
 
 from vmferry.agent.models import HostReport
@@ -35,6 +36,9 @@ def _principal(request: Request) -> Principal:
 
 
 Caller = Annotated[Principal, Depends(_principal)]
+# Store ids are 64-bit: larger numbers are refused as input, not overflowed in the database.
+MAX_ID = 2**63 - 1
+MigrationId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 def create_app(controller: Controller, migrations: Migrations | None = None) -> FastAPI:
@@ -132,7 +136,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
         return migrations.list(limit)
 
     @app.get("/v1/migrations/{migration_id}")
-    def get_migration(migration_id: int, caller: Caller,
+    def get_migration(migration_id: MigrationId, caller: Caller,
                       wait: float = Query(0, ge=0, le=600)) -> dict[str, Any]:
         auth.require(caller, auth.READ, "read migrations")
         if wait:
@@ -140,7 +144,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
         return migrations.get(migration_id)
 
     @app.post("/v1/migrations/{migration_id}/cancel", status_code=202)
-    def cancel_migration(migration_id: int, caller: Caller) -> dict[str, Any]:
+    def cancel_migration(migration_id: MigrationId, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.SERVERS, "cancel migrations")
         return migrations.cancel(migration_id, caller)
 
@@ -196,7 +200,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
 
     @app.get("/v1/events", response_model=list[EventOut])
     def list_events(caller: Caller, limit: int = Query(100, ge=1, le=10_000),
-                    after: int = Query(0, ge=0)) -> list[EventOut]:
+                    after: int = Query(0, ge=0, le=MAX_ID)) -> list[EventOut]:
         auth.require(caller, auth.READ, "read events")
         return [EventOut(id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action,
                          target=e.target, outcome=e.outcome, detail=e.detail)
@@ -213,7 +217,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     @app.get("/v1/events/stream", response_class=StreamingResponse,
              responses={200: {"content": {SSE_MEDIA_TYPE: {}}}})
     def stream_events(request: Request, caller: Caller,
-                      after: int | None = Query(None, ge=0, description=
+                      after: int | None = Query(None, ge=0, le=MAX_ID, description=
                                                 "audit events after this id (default: new ones; "
                                                 "a Last-Event-ID header wins)"),
                       limit: int | None = Query(None, ge=1, le=100_000, description=

@@ -1,0 +1,102 @@
+"""Property-based run of the controller's API against its own OpenAPI (schemathesis).
+
+The controller runs in-process over ASGI with a loaded inventory whose agents listen on unix
+sockets that do not exist. No generated request may get a 5xx, and every 4xx must say what
+was wrong (``detail.message``). Valid and invalid (negative) requests are both generated.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+from vmferry.controller import auth
+from vmferry.controller.app import create_app
+from vmferry.controller.service import Controller
+from vmferry.model.topology import Topology
+from vmferry.store.db import Store
+
+ADMIN = "fuzz-admin-token"
+EXAMPLES_PER_OPERATION = 45
+# Not fuzzed: the event stream never ends on its own (tests/unit/test_stream.py covers it), and
+# a generated inventory could point the controller at real addresses.
+SKIPPED = [("GET", "/v1/events/stream"), ("PUT", "/v1/inventory")]
+# OPEN (issue 5): a request that needs a host's agent while the agent is down answers
+# 502 AgentError "agent on HOST unreachable". The intended fix is to refuse such requests with
+# 409 "host HOST is not reporting" from the heartbeat's freshness before calling the agent
+# (Controller.call_agent); until then that one answer is tolerated here, and only that one.
+AGENT_DOWN = '"error":"AgentError","message":"agent on host'
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    store = Store(f"sqlite:///{tmp / 'store.db'}")
+    store.create_schema()
+    auth.ensure_bootstrap_token(store, ADMIN)
+    controller = Controller(store)
+    hosts = []
+    for i in (1, 2):
+        token = tmp / f"host{i}.token"
+        token.write_text(f"agent-{i}\n")
+        hosts.append({"name": f"host{i}", "rack": "rack1", "memory_mib": 4096,
+                      "agent_url": f"unix:{tmp / f'missing-agent-{i}.sock'}",
+                      "agent_token_file": str(token)})
+    topology = Topology.model_validate({
+        "name": "fuzz", "kind": "site",
+        "vlans": [{"id": 100, "name": "a", "subnet": "192.0.2.0/24"}],
+        "switches": [{"name": "tor1", "role": "tor", "rack": "rack1",
+                      "ovsdb": f"unix:{tmp / 'missing-ovsdb.sock'}"}],
+        "racks": [{"name": "rack1", "tor": "tor1"}], "hosts": hosts})
+    controller.set_inventory(topology, auth.Principal("fuzz", auth.Role.ADMIN))
+    yield create_app(controller)
+    store.dispose()
+
+
+def test_no_generated_request_gets_a_5xx(app: Any) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    for method, path in SKIPPED:
+        schema = schema.exclude(method=method, path=path)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    strategy = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
+                          for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+    statuses: collections.Counter[int] = collections.Counter()
+    problems: list[str] = []
+
+    @settings(max_examples=EXAMPLES_PER_OPERATION * len(operations), deadline=None,
+              database=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        try:
+            response = case.call(headers={**(case.headers or {}), "Authorization":
+                                          f"Bearer {ADMIN}"})
+        except Exception as exc:  # noqa: BLE001 - the in-process app raised: a 500
+            statuses[500] += 1
+            problems.append(f"{case.method} {case.formatted_path} raised "
+                            f"{type(exc).__name__}: {exc}"[:300])
+            return
+        statuses[response.status_code] += 1
+        where = f"{case.method} {case.formatted_path} -> {response.status_code}"
+        if response.status_code == 502 and AGENT_DOWN in response.text:
+            return
+        if response.status_code >= 500:
+            problems.append(f"{where}: {response.text[:300]}")
+        elif response.status_code >= 400:
+            try:
+                detail = response.json()["detail"]
+                assert detail["message"]
+            except (ValueError, KeyError, TypeError, AssertionError):
+                problems.append(f"{where} without detail.message: {response.text[:300]}")
+
+    run()
+    total = sum(statuses.values())
+    assert total >= 1000, f"only {total} requests generated: {dict(statuses)}"
+    assert not problems, f"{len(problems)} bad answers of {total} ({dict(statuses)}):\n" + \
+        "\n".join(sorted(set(problems))[:30])
