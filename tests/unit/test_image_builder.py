@@ -209,6 +209,17 @@ def test_cache_is_rebuilt_when_stale(tmp_path: Path, fake_build: dict[str, objec
         builder.build_image(tmp_path, force=change == "force")
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_image_dir_serves_a_current_image(tmp_path: Path,
+                                                    fake_build: dict[str, object]) -> None:
+    write_cached_image(tmp_path)
+    tmp_path.chmod(0o555)
+    try:
+        assert builder.ensure_image(tmp_path).kernel == tmp_path / "vmlinuz"
+    finally:
+        tmp_path.chmod(0o755)
+
+
 def test_unknown_kernel_version_keeps_the_cache(tmp_path: Path,
                                                 fake_build: dict[str, object]) -> None:
     # No apt lists on this machine: the cached kernel is still good enough.

@@ -100,6 +100,11 @@ def build_image(dest: Path | None = None, *, force: bool = False) -> GuestImage:
     files are replaced atomically, so a QEMU booting the old image is not disturbed.
     Raises SetupError when a needed package or tool is missing or apt fails."""
     dest = dest or paths.image_dir()
+    if not force and not os.access(dest, os.W_OK):
+        # A user who may not write the shared image dir can still boot a current image.
+        cached = _fresh_cached_image(dest)
+        if cached is not None:
+            return cached
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
