@@ -1001,9 +1001,10 @@ class OvsSoftswitch(Softswitch):
         """The OpenFlow management socket of a bridge, as ovs-ofctl takes it."""
         return f"unix:{self.rundir / bridge}.mgmt"
 
-    def _tool(self, argv: list[str], what: str, stdin: str | None = None,
-              timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        limit = timeout if timeout is not None else self.timeout
+    def _tool(self, argv: list[str], what: str,
+              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run an OVS command-line tool, bounded by the switch timeout."""
+        limit = self.timeout
         try:
             result = subprocess.run(argv, input=stdin, capture_output=True, text=True,
                                     timeout=limit, check=False)
@@ -1017,11 +1018,10 @@ class OvsSoftswitch(Softswitch):
                                   argv=argv)
         return result
 
-    def _ofctl(self, bridge: str, args: list[str], what: str,
-               stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _ofctl(self, bridge: str, args: list[str], what: str) -> subprocess.CompletedProcess[str]:
         subcommand, *rest = args
         return self._tool(["ovs-ofctl", "-O", OPENFLOW, subcommand, self.mgmt_target(bridge),
-                           *rest], what, stdin=stdin)
+                           *rest], what)
 
     def _dump(self, bridge: str, cookie: int | None, stats: bool) -> list[FlowStats]:
         flags = [] if stats else ["--no-stats"]
@@ -1088,6 +1088,17 @@ class OvsSoftswitch(Softswitch):
         ``SoftswitchError``."""
         result = self._ofctl(bridge, ["meter-stats"], f"read meter stats of {bridge}")
         return parse_meter_stats(result.stdout)
+
+    def settle(self) -> None:
+        """Wait until ovs-vswitchd has revalidated the datapath flows it cached.
+
+        Changes (flows, trunks, ports) reach the OpenFlow tables when the call making them
+        returns; packets matching datapath flows cached earlier follow the old rules until
+        the revalidators catch up, usually within milliseconds. This waits for a full
+        revalidation round (``revalidator/wait``, about 0.5 s). Raises ``SoftswitchError``,
+        ``WaitTimeout``.
+        """
+        self._appctl(["revalidator/wait"], "revalidate datapath flows")
 
     # ---- fdb -----------------------------------------------------------------------------------
 

@@ -185,6 +185,7 @@ class OvsInstance:
         root = [{"op": "insert", "table": "Open_vSwitch", "row": {"other_config": other_config}}]
         self._tool(["ovsdb-tool", "transact", str(tmp), json.dumps(["Open_vSwitch", *root])])
         tmp.rename(self.db_path)
+        (tmp.parent / f".{tmp.name}.~lock~").unlink(missing_ok=True)     # left by ovsdb-tool
 
     def _tool(self, argv: list[str]) -> None:
         try:
