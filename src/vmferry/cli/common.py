@@ -77,6 +77,9 @@ def fail(exc: VmferryError) -> NoReturn:
     err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
     for problem in exc.fields.get("problems", [])[1:]:
         err_console.print(f"       {problem['field']}: {problem['reason']}", highlight=False)
+    if exc.fields.get("log"):
+        err_console.print(f"last lines of its log:\n{exc.fields['log']}", highlight=False,
+                          markup=False)
     raise typer.Exit(code)
 
 

@@ -22,6 +22,7 @@ def controller_serve(
     """Serve the controller's HTTP API."""
     from vmferry.controller.app import create_app
     from vmferry.controller.auth import ensure_bootstrap_token
+    from vmferry.controller.leader import LeaderLease
     from vmferry.controller.migration import Migrations
     from vmferry.controller.service import Controller
     from vmferry.store.db import Store
@@ -32,11 +33,17 @@ def controller_serve(
         store.create_schema()
         if bootstrap_token_file:
             ensure_bootstrap_token(store, read_token_file(bootstrap_token_file))
+        lease = LeaderLease(store)
+        lease.acquire()
+        lease.start_renewing()
         controller = Controller(store)
         migrations = Migrations(controller)
         # Finish or undo whatever a previous controller left half-done.
         migrations.resume_unfinished()
-        serve(create_app(controller, migrations), listen)
+        try:
+            serve(create_app(controller, migrations), listen)
+        finally:
+            lease.release()
 
 
 @agent_app.command("serve")

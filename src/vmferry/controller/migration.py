@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from vmferry.agent.models import GuestRequest, MigrateRequest
+from vmferry import failpoints
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
 from vmferry.controller.profiles import profile_spec
@@ -29,7 +30,7 @@ from vmferry.errors import (
     VmferryError,
     WaitTimeout,
 )
-from vmferry.model.fabric import Endpoint, path_between
+from vmferry.model.fabric import path_between
 from vmferry.model.migration import (
     PHASES,
     MigrationState,
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DOWNTIME_MS = 300
 PROGRESS_INTERVAL_S = 0.2
+SWITCHOVER_WAIT_S = 15.0
 ACTIVE_QEMU_STATES = {"setup", "active", "pre-switchover", "device", "postcopy-active",
                       "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling"}
 
@@ -196,7 +198,6 @@ class _Run:
         self.destination: str = record["destination"]
         self.options: dict[str, Any] = record["options"]
         self.cancelled = owner._cancel.setdefault(migration_id, threading.Event())
-        self.endpoint_key = f"migration-{migration_id}"
         self._phase_started = 0.0
 
     # ---- driving ----------------------------------------------------------------------------
@@ -219,7 +220,9 @@ class _Run:
             try:
                 if self.cancelled.is_set() and not past_point_of_no_return(phase):
                     raise Cancelled("cancelled by the operator", vm=self.vm, phase=phase.value)
+                failpoints.reached(f"hold-before:{phase.value}")
                 steps[phase]()
+                failpoints.reached(f"hold-after:{phase.value}")
             except VmferryError as exc:
                 self.end(phase, ok=False, error=exc.message)
                 if past_point_of_no_return(phase):
@@ -275,7 +278,6 @@ class _Run:
             self._agent(self.destination, "DELETE", f"/v1/guests/{self.vm}")
         except VmferryError as exc:
             problems.append(f"destination: {exc.message}")
-        self.controller.drop_transient_endpoint(self.endpoint_key)
         try:
             self.controller.reconcile_fabric()
         except VmferryError as exc:
@@ -340,10 +342,8 @@ class _Run:
             topology, self.source, self.destination)})
 
     def extend_vlan(self) -> None:
-        """Carry the VM's VLAN on every trunk between the source and the destination."""
-        vlan = self._vm_row()["vlan"]
-        self.controller.add_transient_endpoint(
-            self.endpoint_key, Endpoint(node=self.destination, vlan=vlan, owner=self.vm))
+        """Carry the VM's VLAN on every trunk between the source and the destination: the
+        store now says this migration's destination is an endpoint of the VM's VLAN."""
         self.controller.reconcile_fabric()
 
     def preset_port(self) -> None:
@@ -407,13 +407,21 @@ class _Run:
             time.sleep(PROGRESS_INTERVAL_S)
 
     def switchover(self) -> None:
-        """The point of no return: the destination runs the VM; the store says so."""
+        """The point of no return: the destination runs the VM; the store says so.
+
+        QEMU reports "completed" on the source a few milliseconds before the destination
+        leaves ``inmigrate``, so wait (bounded) for the destination to run."""
+        deadline = time.monotonic() + SWITCHOVER_WAIT_S
         state = self._guest_state(self.destination)
+        while state == "inmigrate" and time.monotonic() < deadline:
+            time.sleep(0.02)
+            state = self._guest_state(self.destination)
         if state == "paused":
             self._agent(self.destination, "POST", f"/v1/guests/{self.vm}/resume")
             state = self._guest_state(self.destination)
         if state not in {"running", "postmigrate"}:
-            raise MigrationError(f"destination guest is {state}, not running", vm=self.vm)
+            raise MigrationError(f"destination guest is {state}, not running "
+                                 f"(waited {SWITCHOVER_WAIT_S:g}s)", vm=self.vm)
         with self.store.session() as session:
             vm = session.get(VmRow, self.vm)
             if vm is not None:
@@ -436,7 +444,7 @@ class _Run:
         self._agent(self.source, "DELETE", f"/v1/guests/{self.vm}")
 
     def prune_vlan(self) -> None:
-        self.controller.drop_transient_endpoint(self.endpoint_key)
+        """The source is no endpoint any more (the VM's host changed at switchover)."""
         with self.store.session() as session:
             vm = session.get(VmRow, self.vm)
             if vm is not None:

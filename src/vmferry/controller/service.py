@@ -31,7 +31,8 @@ from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.network import mac_for
 from vmferry.model.topology import Topology
 from vmferry.store.db import Store
-from vmferry.store.schema import HostRow, InventoryRow, MacPoolRow, VmRow
+from vmferry.model.migration import PHASES, MigrationState, Phase
+from vmferry.store.schema import HostRow, InventoryRow, MacPoolRow, MigrationRow, VmRow
 from vmferry.web import read_token_file
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ class Controller:
         self._vm_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._fabric: Fabric | None = None
-        # Extra endpoints that exist for a while (a migration's destination port).
-        self._transient_endpoints: dict[str, Endpoint] = {}
 
     # ---- inventory --------------------------------------------------------------------------
 
@@ -316,19 +315,22 @@ class Controller:
     # ---- fabric -----------------------------------------------------------------------------
 
     def endpoints(self) -> list[Endpoint]:
+        """Where every VLAN has endpoints now, read from the store (so a restarted controller
+        sees the same): VMs on their hosts, a running migration's destination once its VLAN
+        was extended there, and the clients on their access ports."""
         topology = self.topology()
         with self.store.session() as session:
+            vms = {v.name: v for v in session.scalars(select(VmRow))}
             result = [Endpoint(node=v.host, vlan=v.vlan, owner=v.name)
-                      for v in session.scalars(select(VmRow)) if v.state in PLACED_STATES]
+                      for v in vms.values() if v.state in PLACED_STATES]
+            for m in session.scalars(select(MigrationRow).where(
+                    MigrationRow.state == MigrationState.RUNNING.value)):
+                vm = vms.get(m.vm)
+                if vm is not None and PHASES.index(Phase(m.phase)) >= \
+                        PHASES.index(Phase.EXTEND_VLAN):
+                    result.append(Endpoint(node=m.destination, vlan=vm.vlan, owner=m.vm))
         result.extend(client_endpoints(topology))
-        result.extend(self._transient_endpoints.values())
         return result
-
-    def add_transient_endpoint(self, key: str, endpoint: Endpoint) -> None:
-        self._transient_endpoints[key] = endpoint
-
-    def drop_transient_endpoint(self, key: str) -> None:
-        self._transient_endpoints.pop(key, None)
 
     def reconcile_fabric(self) -> dict[str, list[int]]:
         """Make every trunk carry exactly the VLANs with endpoints on both of its sides."""

@@ -148,6 +148,8 @@ class Lab:
                 bridge = HOST_BRIDGE if node in {h.name for h in self.topology.hosts} \
                     else SWITCH_BRIDGE
                 with self._ovs(node).softswitch() as switch:
+                    if port in switch.ports(bridge):
+                        continue    # a running lab's trunks keep the VLANs they carry
                     # A new trunk carries no VLAN until the controller extends one onto it.
                     switch.ensure_port(bridge, PortSpec(
                         name=port, vlan_mode="trunk", trunks=NO_VLANS,

@@ -1,0 +1,121 @@
+"""Issue 5: the controller is SIGKILLed during every phase of a migration; once restarted it
+completes or rolls back, the VM runs on exactly one host, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from labkit import LabRun, leftovers
+
+from vmferry import privileged
+from vmferry.model.migration import PHASES, Phase, past_point_of_no_return
+from vmferry.model.topology import default_topology_path
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+VM = "crashy"
+VM_IP = "192.0.2.40"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
+    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
+    data["name"] = "t5"
+    run = LabRun(tmp_path_factory.mktemp("state"), data)
+    try:
+        run.up()
+        run.cli("vm", "create", VM, "--host", "host1", "--vlan", "100", "--ip", f"{VM_IP}/24",
+                "--memory", "192")
+        yield run
+    finally:
+        run.down()
+        assert leftovers(run.name, run.state_dir) == []
+
+
+def lab_dir(lab: LabRun) -> Path:
+    return lab.state_dir / "labs" / lab.name
+
+
+def controller_pid(lab: LabRun) -> int:
+    return int(json.loads((lab_dir(lab) / "lab.json").read_text())["pids"]["controller"])
+
+
+def kill_controller(lab: LabRun) -> None:
+    pid = controller_pid(lab)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while privileged.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not privileged.pid_alive(pid)
+
+
+def restart_controller(lab: LabRun, failpoint: str | None) -> None:
+    """`lab up` restarts what died; the failpoint travels in its environment."""
+    env = dict(lab.env)
+    env.pop("VMFERRY_FAILPOINTS", None)
+    if failpoint:
+        env["VMFERRY_FAILPOINTS"] = failpoint
+    saved, lab.env = lab.env, env
+    try:
+        lab.cli("lab", "up", "--topology", str(lab.topology_file), "--controller-port",
+                str(lab.port), timeout=300)
+    finally:
+        lab.env = saved
+
+
+def wait_log(path: Path, needle: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} never appeared in {path}")
+
+
+def qemu_hosts(lab: LabRun) -> list[str]:
+    """Hosts on which a QEMU process of the VM is alive."""
+    hosts = []
+    for pidfile in (lab_dir(lab) / "hosts").glob(f"*/guests/{VM}.pid"):
+        pid = privileged.read_pidfile(pidfile)
+        if pid and privileged.pid_alive(pid):
+            hosts.append(pidfile.parent.parent.name)
+    return sorted(hosts)
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=[p.value for p in PHASES])
+def test_controller_killed_during_phase(lab: LabRun, phase: Phase) -> None:
+    vm = lab.json("vm", "show", VM)
+    source = vm["host"]
+    destination = "host3" if source == "host1" else "host1"
+    log_path = lab_dir(lab) / "log" / "controller.log"
+    point = f"hold-after:{phase.value}"
+    kill_controller(lab)
+    restart_controller(lab, point)
+    started = json.loads(lab.cli("migrate", VM, "--to", destination, "--detach",
+                                 "--json").stdout)
+    wait_log(log_path, f"failpoint {point} reached")
+    kill_controller(lab)
+    restart_controller(lab, None)
+    deadline = time.monotonic() + 120
+    record: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        record = lab.json("migration", "show", str(started["id"]))
+        if record["state"] not in ("running", "rolling-back"):
+            break
+        time.sleep(0.3)
+    expected = {"completed"} if past_point_of_no_return(phase) or phase is Phase.PRECOPY \
+        else {"rolled-back"}
+    assert record["state"] in expected, record
+    where = lab.json("vm", "show", VM)["host"]
+    assert where == (destination if record["state"] == "completed" else source)
+    assert qemu_hosts(lab) == [where], "the VM must run on exactly one host"
+    assert lab.wait_ping("client-100", VM_IP, timeout=30)
+    assert lab.cli("audit", check=False).returncode == 0, lab.cli("audit", check=False).stdout
