@@ -13,7 +13,8 @@
     │   ├── FabricError               switches and trunks between hosts
     │   └── PrivilegedError           namespaces, veths, taps, processes
     ├── WaitTimeout                   a bounded wait gave up; says what it waited for
-    ├── AgentError                    a host agent answered with an error or not at all
+    ├── AgentError                    a host agent answered with an error (HTTP 502)
+    │   └── HostUnavailableError      a host agent cannot be reached: the host is down (409)
     ├── MigrationError                a migration failed; carries vm, phase, cause
     └── SetupError                    the machine lacks something vmferry needs
 
@@ -105,6 +106,12 @@ class WaitTimeout(VmferryError):
 
 class AgentError(VmferryError):
     http_status = 502
+
+
+class HostUnavailableError(AgentError):
+    """The host's agent does not answer: the request conflicts with the host's state."""
+
+    http_status = 409
 
 
 class MigrationError(VmferryError):

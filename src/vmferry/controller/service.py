@@ -21,6 +21,7 @@ from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.errors import (
     AgentError,
     CapacityError,
+    HostUnavailableError,
     ConflictError,
     InputError,
     NotFoundError,
@@ -154,7 +155,8 @@ class Controller:
             with self.agent(host, timeout=timeout) as api:
                 response = api.request(method, path, json=json)
         except httpx.HTTPError as exc:
-            raise AgentError(f"agent on {host} unreachable: {exc}", host=host) from exc
+            raise HostUnavailableError(f"host {host}: its agent does not answer ({exc})",
+                                       host=host) from exc
         raise_for_agent(host, response)
         return response.json() if response.content else None
 
