@@ -331,6 +331,11 @@ class Variant(ABC):
     def address(self) -> str:
         return self.ip.split("/")[0]
 
+    @property
+    def probe_namespace(self) -> str:
+        """Where the probe runs: the configured client (a peer may bring its own)."""
+        return self.lab.namespace(self.config.client)
+
     @abstractmethod
     def prepare(self, home: str) -> None: ...
 
@@ -500,7 +505,8 @@ class Vmferry(Variant):
 
 VARIANTS: dict[str, type[Variant]] = {v.name: v for v in (Floor, Vmferry, Naive)}
 # One address per variant so a client's ARP cache never carries a MAC across variants.
-ADDRESSES = {"floor": "192.0.2.51/24", "vmferry": "192.0.2.52/24", "naive": "192.0.2.53/24"}
+ADDRESSES = {"floor": "192.0.2.51/24", "vmferry": "192.0.2.52/24", "naive": "192.0.2.53/24",
+             "ovn": "192.0.2.54/24"}
 
 
 def _phase_durations(started: float, marks: dict[str, float]) -> dict[str, float]:
@@ -517,7 +523,7 @@ def _phase_durations(started: float, marks: dict[str, float]) -> dict[str, float
 def measure(variant: Variant, run: int, source: str, destination: str) -> RunResult:
     """One migration under the probe. Failures become a failed RunResult, not an exception."""
     config = variant.config
-    namespace = variant.lab.namespace(config.client)
+    namespace = variant.probe_namespace
     result = RunResult(variant=variant.name, run=run, source=source, destination=destination,
                        ok=False)
     wait_reachable(namespace, variant.address, timeout=60)
@@ -620,3 +626,9 @@ def write_report(document: dict[str, Any], output: Path) -> None:
     tmp = output.with_suffix(output.suffix + ".tmp")
     tmp.write_text(json.dumps(document, indent=2, default=str) + "\n")
     os.replace(tmp, output)
+
+
+# The peers register themselves last: they build on the classes above.
+from vmferry.bench.ovn_lab import Ovn
+
+VARIANTS[Ovn.name] = Ovn

@@ -17,7 +17,7 @@ bench_app = typer.Typer(help="Benchmarks on a lab of their own.", no_args_is_hel
 
 @bench_app.command("migration")
 def migration(
-    runs: int = typer.Option(5, "--runs", min=1, max=100,
+    runs: int = typer.Option(10, "--runs", min=1, max=100,
                              help="Migrations per variant (back and forth across the spine)"),
     memory: int = typer.Option(256, "--memory", min=64, help="Guest memory, MiB"),
     workload_mibps: int = typer.Option(0, "--workload-mibps", min=0,
@@ -28,6 +28,8 @@ def migration(
                                      help="QEMU downtime limit, ms (same for every variant)"),
     variants: str = typer.Option("floor,vmferry,naive", "--variants",
                                  help="Comma-separated variants to run"),
+    peer: list[str] = typer.Option([], "--peer",
+                                   help="Also measure a peer in the same run (ovn); repeatable"),
     output: Path = typer.Option(Path("bench-results/migration.json"), "--output", "-o",
                                 help="Where to write the JSON report"),
     lab_name: str = typer.Option("bench", "--lab-name", help="Name of the benchmark's lab"),
@@ -47,7 +49,9 @@ def migration(
     try:
         config = BenchConfig(runs=runs, memory_mib=memory, workload_mibps=workload_mibps,
                              interval_ms=interval_ms, max_downtime_ms=max_downtime,
-                             variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                             variants=tuple(dict.fromkeys(
+                                 [v.strip() for v in variants.split(",") if v.strip()]
+                                 + [p.strip() for p in peer if p.strip()])),
                              lab_name=lab_name, controller_port=controller_port,
                              topology=topology)
     except ValueError as exc:
