@@ -71,11 +71,16 @@ def restart_controller(lab: LabRun, failpoint: str | None) -> None:
         lab.env = saved
 
 
-def wait_log(path: Path, needle: str, timeout: float = 120) -> None:
+def wait_failpoint(lab: LabRun, migration_id: int, point: str, timeout: float = 120) -> None:
+    """Wait until the controller stalls at ``point`` (it says so in its log)."""
+    path = lab_dir(lab) / "log" / "controller.log"
+    needle = f"failpoint {point} reached"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if needle in path.read_text(errors="replace"):
             return
+        record = lab.json("migration", "show", str(migration_id))
+        assert record["state"] == "running", f"migration ended before {point}: {record}"
         time.sleep(0.1)
     raise AssertionError(f"{needle!r} never appeared in {path}")
 
@@ -95,13 +100,12 @@ def test_controller_killed_during_phase(lab: LabRun, phase: Phase) -> None:
     vm = lab.json("vm", "show", VM)
     source = vm["host"]
     destination = "host3" if source == "host1" else "host1"
-    log_path = lab_dir(lab) / "log" / "controller.log"
     point = f"hold-after:{phase.value}"
     kill_controller(lab)
     restart_controller(lab, point)
     started = json.loads(lab.cli("migrate", VM, "--to", destination, "--detach",
                                  "--json").stdout)
-    wait_log(log_path, f"failpoint {point} reached")
+    wait_failpoint(lab, started["id"], point)
     kill_controller(lab)
     restart_controller(lab, None)
     deadline = time.monotonic() + 120

@@ -133,6 +133,12 @@ def test_migrate_across_racks_with_network_in_tow(lab: LabRun, workload: int) ->
         assert all(t["in_sync"] for t in after.values())
         assert lab.cli("audit", check=False).returncode == 0
         assert lab.pings("client-100", VM_IP)
+        # And back: a guest that arrived by migration leaves by migration too.
+        back = migrate_json(lab, vm, "host1")
+        assert back["state"] == "completed", back
+        assert lab.pings("client-100", VM_IP)
+        assert host_has(lab, "host3", vm) == []
+        assert lab.cli("audit", check=False).returncode == 0
     finally:
         lab.cli("vm", "delete", vm, check=False)
     assert lab.cli("audit", check=False).returncode == 0

@@ -43,7 +43,7 @@ from vmferry.store.schema import HostRow, MigrationRow, VmRow
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DOWNTIME_MS = 300
-PROGRESS_INTERVAL_S = 0.2
+PROGRESS_INTERVAL_S = 0.05
 SWITCHOVER_WAIT_S = 15.0
 ACTIVE_QEMU_STATES = {"setup", "active", "pre-switchover", "device", "postcopy-active",
                       "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling"}
@@ -366,8 +366,10 @@ class _Run:
         if not uri:
             info = self._agent(self.destination, "GET", f"/v1/guests/{self.vm}")
             uri = info.get("incoming_uri")
-        progress = self._agent(self.source, "GET", f"/v1/guests/{self.vm}/migration")
-        if progress.get("status") not in ACTIVE_QEMU_STATES | {"completed"}:
+        # A guest that itself arrived by migration reports that incoming migration as
+        # "completed": only what this run recorded says whether the outgoing one was issued.
+        if not record["result"].get("migrate_issued"):
+            self._record_result(migrate_issued=True)
             body = MigrateRequest(uri=uri, max_downtime_ms=self.options["max_downtime_ms"],
                                   bandwidth_mbps=self.options.get("bandwidth_mbps"),
                                   postcopy=self.options.get("postcopy") == "auto",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from vmferry.web import read_token_file
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FRESH = timedelta(seconds=10)
+FABRIC_WORKERS = 8
 # VM states in which the VM occupies its host (and so needs its VLAN there).
 PLACED_STATES = {"creating", "running", "migrating"}
 
@@ -50,6 +52,7 @@ class Controller:
         self._vm_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._fabric: Fabric | None = None
+        self._fabric_driver_lock = threading.Lock()
 
     # ---- inventory --------------------------------------------------------------------------
 
@@ -92,7 +95,7 @@ class Controller:
                 else:
                     host_row.agent_url = host.agent_url or ""
                     host_row.agent_token_hash = tokens[host.name]
-        with self._fabric_lock:
+        with self._fabric_lock, self._fabric_driver_lock:
             if self._fabric is not None:
                 self._fabric.close()
             self._fabric = None
@@ -100,9 +103,10 @@ class Controller:
                       hosts=sorted(new_hosts))
 
     def fabric_driver(self) -> Fabric:
-        if self._fabric is None:
-            self._fabric = OvsFabric(self.topology())
-        return self._fabric
+        with self._fabric_driver_lock:
+            if self._fabric is None:
+                self._fabric = OvsFabric(self.topology())
+            return self._fabric
 
     # ---- hosts and agents -------------------------------------------------------------------
 
@@ -335,23 +339,32 @@ class Controller:
         return result
 
     def reconcile_fabric(self) -> dict[str, list[int]]:
-        """Make every trunk carry exactly the VLANs with endpoints on both of its sides."""
+        """Make every trunk carry exactly the VLANs with endpoints on both of its sides.
+
+        Every trunk end is read back and only the ends that differ are written; the ends are
+        independent, so they are handled in parallel."""
         topology = self.topology()
         with self._fabric_lock:
             desired = desired_trunk_vlans(topology, self.endpoints())
-            host_names = {h.name for h in topology.hosts}
-            fabric = self.fabric_driver()
-            for trunk in topology.trunks():
-                vlans = desired[trunk.key]
-                for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
-                    if node in host_names:
-                        current = self.call_agent(node, "GET", "/v1/uplink")["vlans"]
-                        if set(current) != vlans:
-                            self.call_agent(node, "PUT", "/v1/uplink",
-                                            json={"vlans": sorted(vlans)})
-                    elif fabric.trunk_vlans(node, port) != vlans:
-                        fabric.set_trunk_vlans(node, port, vlans)
+            ends = [(node, port, desired[trunk.key]) for trunk in topology.trunks()
+                    for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port))]
+            hosts = {h.name for h in topology.hosts}
+            with ThreadPoolExecutor(max_workers=FABRIC_WORKERS) as pool:
+                for future in [pool.submit(self._sync_trunk_end, node, port, vlans,
+                                           node in hosts) for node, port, vlans in ends]:
+                    future.result()
             return {k: sorted(v) for k, v in desired.items()}
+
+    def _sync_trunk_end(self, node: str, port: str, vlans: frozenset[int],
+                        is_host: bool) -> None:
+        if is_host:
+            current = self.call_agent(node, "GET", "/v1/uplink")["vlans"]
+            if set(current) != vlans:
+                self.call_agent(node, "PUT", "/v1/uplink", json={"vlans": sorted(vlans)})
+            return
+        fabric = self.fabric_driver()
+        if fabric.trunk_vlans(node, port) != vlans:
+            fabric.set_trunk_vlans(node, port, vlans)
 
     def fabric_state(self) -> list[TrunkOut]:
         topology = self.topology()
