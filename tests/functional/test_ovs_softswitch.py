@@ -31,7 +31,7 @@ from vmferry import privileged
 from vmferry.drivers.softswitch.base import OWNER_KEY, Flow, Meter, PortSpec
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch, normalize_flow
 from vmferry.drivers.softswitch.ovs_instance import OvsInstance
-from vmferry.errors import SoftswitchError, WaitTimeout
+from vmferry.errors import InputError, SoftswitchError, WaitTimeout
 
 pytestmark = [
     pytest.mark.root,
@@ -451,6 +451,94 @@ def test_a_rejected_flow_changes_nothing(lab: Lab) -> None:
         assert sw.dump_flows(BRIDGE, COOKIE) == [Flow(0, 60, "ip", "NORMAL")]
     finally:
         sw.replace_flows(BRIDGE, COOKIE, [])
+
+
+def test_replace_flows_many_replaces_every_cookie_in_one_bundle(lab: Lab) -> None:
+    sw = lab.sw1
+    third = OTHER_COOKIE + 1
+    before_all = sw.dump_flows(BRIDGE)
+    untouched = [Flow(0, 50, "arp,arp_tpa=198.51.100.9", "drop")]
+    try:
+        sw.replace_flows(BRIDGE, third, untouched)
+        sw.replace_flows_many(BRIDGE, {COOKIE: [Flow(0, 60, "ip,nw_dst=203.0.113.1", "drop")],
+                                       OTHER_COOKIE: [Flow(0, 61, "udp,tp_dst=53", "drop")]})
+        sw.replace_flows_many(BRIDGE, {COOKIE: [Flow(0, 60, "ip,nw_dst=203.0.113.2", "drop")],
+                                       OTHER_COOKIE: []})
+        assert sw.dump_flows(BRIDGE, COOKIE) == [Flow(0, 60, "ip,nw_dst=203.0.113.2", "drop")]
+        assert sw.dump_flows(BRIDGE, OTHER_COOKIE) == []
+        assert sw.dump_flows(BRIDGE, third) == [normalize_flow(f) for f in untouched]
+        # One bundle for all cookies: a flow OVS refuses for one changes none of them.
+        with pytest.raises(SoftswitchError):
+            sw.replace_flows_many(BRIDGE, {
+                COOKIE: [Flow(0, 62, "arp", "drop")],
+                OTHER_COOKIE: [Flow(0, 70, "ip", "meter:999,NORMAL")]})
+        assert sw.dump_flows(BRIDGE, COOKIE) == [Flow(0, 60, "ip,nw_dst=203.0.113.2", "drop")]
+        assert sw.dump_flows(BRIDGE, OTHER_COOKIE) == []
+    finally:
+        sw.replace_flows_many(BRIDGE, {COOKIE: [], OTHER_COOKIE: [], third: []})
+    assert sw.dump_flows(BRIDGE) == before_all
+
+
+def test_a_flow_naming_a_port_by_name_is_refused(lab: Lab) -> None:
+    with pytest.raises(SoftswitchError):
+        lab.sw1.replace_flows(BRIDGE, COOKIE, [Flow(0, 60, "in_port=p-c1", "drop")])
+    assert lab.sw1.dump_flows(BRIDGE, COOKIE) == []
+
+
+def test_replace_meters_returns_what_the_next_call_needs(lab: Lab) -> None:
+    sw = lab.sw1
+    try:
+        now = sw.replace_meters(BRIDGE, [Meter(11, kbps=1000), Meter(12, pktps=50, burst=5)],
+                                {11, 12})
+        assert now == sw.dump_meters(BRIDGE)
+        now = sw.replace_meters(BRIDGE, [Meter(12, pktps=60, burst=5)], {11, 12}, actual=now)
+        assert now == sw.dump_meters(BRIDGE) == [Meter(12, pktps=60, burst=5)]
+    finally:
+        sw.replace_meters(BRIDGE, [], {11, 12})
+    assert sw.dump_meters(BRIDGE) == []
+
+
+def test_ensure_ports_is_one_transaction_and_waits_only_when_vswitchd_acts(lab: Lab) -> None:
+    sw = lab.sw1
+    sw1_ns = ns_name("sw1")
+
+    def next_cfg() -> int:
+        query = ["Open_vSwitch", {"op": "select", "table": "Open_vSwitch", "where": [],
+                                  "columns": ["next_cfg", "cur_cfg"]}]
+        result = subprocess.run(["ovsdb-client", "transact",
+                                 f"unix:{lab.instances['sw1'].db_socket}", json.dumps(query)],
+                                capture_output=True, text=True, timeout=10, check=True)
+        row = json.loads(result.stdout)[0]["rows"][0]
+        assert row["cur_cfg"] == row["next_cfg"]
+        return int(row["next_cfg"])
+
+    names = ["tap-m1", "tap-m2", "tap-m3"]
+    specs = [PortSpec(n, tag=100, vlan_mode="access", external_ids={OWNER_KEY: "m"})
+             for n in names]
+    for name in names:
+        privileged.create_tap(sw1_ns, name)
+    try:
+        writes, cfg = sw.write_transactions, next_cfg()
+        sw.ensure_ports(BRIDGE, specs)
+        assert sw.write_transactions == writes + 1
+        assert next_cfg() == cfg + 1                 # waited for ovs-vswitchd
+        assert all((sw.ports(BRIDGE)[n].ofport or 0) > 0 for n in names)
+        tagged = [PortSpec(s.name, tag=100, vlan_mode="access",
+                           external_ids={OWNER_KEY: "m", "note": "x"}) for s in specs]
+        sw.ensure_ports(BRIDGE, tagged)
+        assert sw.write_transactions == writes + 2
+        assert next_cfg() == cfg + 1                 # external_ids only: no wait
+        assert all(sw.ports(BRIDGE)[n].external_ids["note"] == "x" for n in names)
+        moved = [PortSpec(s.name, tag=200, vlan_mode="access",
+                          external_ids={OWNER_KEY: "m"}) for s in specs]
+        sw.ensure_ports(BRIDGE, moved)
+        assert next_cfg() == cfg + 2                 # a VLAN: ovs-vswitchd acts on it
+        with pytest.raises(InputError):
+            sw.ensure_ports(BRIDGE, [specs[0], specs[0]])
+    finally:
+        for name in names:
+            sw.delete_port(BRIDGE, name)
+            privileged.delete_link(sw1_ns, name)
 
 
 def test_a_drop_flow_drops_ping(lab: Lab) -> None:

@@ -15,6 +15,7 @@ from vmferry.drivers.softswitch.ovs import (
     flow_add_text,
     flow_delete_text,
     meter_text,
+    meters_after,
     normalize_actions,
     normalize_flow,
     normalize_match,
@@ -265,3 +266,24 @@ def test_parse_fdb_show() -> None:
             "LOCAL     0  a6:71:c4:9e:3b:48    0\n")
     assert parse_fdb_show(text) == [("1", 100, "52:54:00:aa:00:01"),
                                     ("LOCAL", 0, "a6:71:c4:9e:3b:48")]
+
+
+def test_parse_dump_keeps_only_the_cookies_asked_for() -> None:
+    text = (
+        " cookie=0x5, priority=100,ip actions=NORMAL\n"
+        " cookie=0x6, priority=90,arp actions=drop\n"
+        " cookie=7, priority=80,arp actions=drop\n"
+        " priority=0 actions=NORMAL\n"
+    )
+    assert [s.cookie for s in parse_dump_flows(text, {5, 7})] == [5, 7]
+    assert [s.cookie for s in parse_dump_flows(text, {0})] == [0]
+    assert parse_dump_flows(text, set()) == []
+
+
+def test_meters_after_a_plan_is_applied() -> None:
+    actual = parse_dump_meters(DUMP_METERS)          # meters 1, 2, 3
+    desired = [Meter(2, kbps=3000), Meter(4, pktps=100)]
+    after = meters_after(actual, desired, {1, 2, 4})
+    assert after == [Meter(2, kbps=3000), Meter(3, kbps=1000, burst=200), Meter(4, pktps=100)]
+    # Nothing left to do when the result is read back as the actual state.
+    assert plan_meter_changes(after, desired, {1, 2, 4}) == []

@@ -127,3 +127,17 @@ def test_stop_of_a_never_started_instance_is_a_no_op(tmp_path: Path) -> None:
 def test_softswitch_of_a_stopped_instance_raises(tmp_path: Path) -> None:
     with pytest.raises(SoftswitchError):
         OvsInstance("sw1", None, tmp_path / "sw1").softswitch()
+
+
+def test_only_a_change_beyond_external_ids_waits_for_vswitchd() -> None:
+    assert diff_port(ACCESS, None).needs_vswitchd
+    retagged = PortSpec(ACCESS.name, tag=100, vlan_mode="access",
+                        external_ids={**ACCESS.external_ids, "vmferry-profile": "web"})
+    tags_only = diff_port(retagged, stored(ACCESS))
+    assert tags_only and not tags_only.needs_vswitchd
+    moved = PortSpec(ACCESS.name, tag=200, vlan_mode="access",
+                     external_ids=dict(retagged.external_ids))
+    assert diff_port(moved, stored(ACCESS)).needs_vswitchd
+    resized = PortSpec(ACCESS.name, tag=100, vlan_mode="access", mtu=1400,
+                       external_ids=dict(ACCESS.external_ids))
+    assert diff_port(resized, stored(ACCESS)).needs_vswitchd

@@ -23,21 +23,30 @@ Forwarding stays NORMAL (MAC learning, VLANs) for everything allowed. ACL rules 
 IPv6 follows the direction's default action; non-IP frames (ARP, RARP) pass the ACLs.
 Storm control of unknown unicast cannot be told apart from known unicast before NORMAL: it is
 accepted but reported as not enforced.
+
+Many ports are realized together (``realize_many``: a live profile update reaching every port
+of a host) with the work of one: one OVSDB transaction for all port rows, one meter dump, the
+meter changes side by side, one flow dump and one OpenFlow bundle for all ports' flows.
+``realize_each`` does that and, if the switch refuses the batch, falls back to one port at a
+time so each port gets its own outcome.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmferry.drivers.softswitch.base import Flow, Meter, PortSpec, PortState, Softswitch
 from vmferry.drivers.softswitch.ovs import flow_key, normalize_actions, normalize_flow
-from vmferry.errors import SoftswitchError, WaitTimeout
+from vmferry.errors import InputError, SoftswitchError, VmferryError, WaitTimeout
 from vmferry.model.profile import AclDirection, AclRule, PortProfile, parse_profile
+
+LOG = logging.getLogger(__name__)
 
 TABLE_ENTRY = 0
 TABLE_STORM = 40
@@ -90,6 +99,16 @@ class DesiredPort:
     flows: list[Flow]
     meters: list[Meter]
     not_enforced: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PortRequest:
+    """One port to realize a profile on: the port, its VM's MAC and addresses, the profile."""
+
+    port: str
+    vm_mac: str
+    vm_ips: tuple[str, ...]
+    profile: PortProfile
 
 
 @dataclass
@@ -295,19 +314,34 @@ def desired_port(actual: PortState, ofport: int, mac: str, ips: list[str],
 
 # ---- talking to the switch ---------------------------------------------------------------------
 
+def _ports_ready(softswitch: Softswitch, bridge: str, names: Sequence[str],
+                 timeout: float = 10) -> dict[str, PortState]:
+    """Every port of the bridge, once each of ``names`` has an OpenFlow number.
+
+    Raises ``SoftswitchError`` if one is missing, ``WaitTimeout``.
+    """
+    ports = softswitch.ports(bridge)
+    waited = False
+    for port in names:
+        state = ports.get(port)
+        if state is None:
+            raise SoftswitchError(f"port {port} is not on bridge {bridge}",
+                                  cause="no such port")
+        if state.ofport is None or state.ofport < 0:
+            waiter = getattr(softswitch, "wait_for_port", None)
+            if waiter is None:
+                raise WaitTimeout(f"port {port} on {bridge} to get an OpenFlow number", 0)
+            waiter(bridge, port, timeout)
+            waited = True
+    if waited:
+        ports = softswitch.ports(bridge)
+    return ports
+
+
 def _port_state(softswitch: Softswitch, bridge: str, port: str,
                 timeout: float = 10) -> tuple[dict[str, PortState], PortState, int]:
-    ports = softswitch.ports(bridge)
-    state = ports.get(port)
-    if state is None:
-        raise SoftswitchError(f"port {port} is not on bridge {bridge}", cause="no such port")
-    if state.ofport is None or state.ofport < 0:
-        waiter = getattr(softswitch, "wait_for_port", None)
-        if waiter is None:
-            raise WaitTimeout(f"port {port} on {bridge} to get an OpenFlow number", 0)
-        waiter(bridge, port, timeout)
-        ports = softswitch.ports(bridge)
-        state = ports[port]
+    ports = _ports_ready(softswitch, bridge, [port], timeout)
+    state = ports[port]
     assert state.ofport is not None
     return ports, state, state.ofport
 
@@ -321,19 +355,77 @@ def realize(softswitch: Softswitch, bridge: str, port: str, vm_mac: str, vm_ips:
     meters no flow uses any more. Raises ``SoftswitchError`` (the port is missing, OVS refuses
     a change), ``WaitTimeout``.
     """
+    request = PortRequest(port=port, vm_mac=vm_mac, vm_ips=tuple(vm_ips), profile=profile)
+    return realize_many(softswitch, bridge, [request])[0]
+
+
+def realize_many(softswitch: Softswitch, bridge: str,
+                 requests: Sequence[PortRequest]) -> list[RealizationReport]:
+    """``realize`` for many ports at once, in the same order and with the work of one.
+
+    All port rows in one OVSDB transaction, then every meter the new flows need, then all
+    flows in one bundle (atomic: if OVS refuses one flow, no port's flows change), then the
+    meters no flow uses any more. Returns one report per request, in order. Raises
+    ``InputError`` (a port named twice), ``SoftswitchError``, ``WaitTimeout``.
+    """
+    if not requests:
+        return []
     started = time.perf_counter()
-    ips = [str(ipaddress.ip_interface(ip).ip) for ip in vm_ips]
-    ports, state, ofport = _port_state(softswitch, bridge, port)
-    alloc = allocate(port, ports)
-    want = desired_port(state, ofport, vm_mac, ips, profile, alloc)
-    softswitch.ensure_port(bridge, want.spec)
-    softswitch.replace_meters(bridge, want.meters, {m.meter_id for m in want.meters})
-    softswitch.replace_flows(bridge, alloc.cookie, want.flows)
-    softswitch.replace_meters(bridge, want.meters, alloc.meter_ids)
-    return RealizationReport(port=port, profile=profile.name, version=profile.version,
-                             cookie=alloc.cookie, meter_block=alloc.block, flows=len(want.flows),
-                             meters=len(want.meters), seconds=time.perf_counter() - started,
-                             not_enforced=want.not_enforced)
+    names = [request.port for request in requests]
+    if len(set(names)) != len(names):
+        raise InputError("ports", "a port is named twice")
+    ports = _ports_ready(softswitch, bridge, names)
+    # Meter blocks are taken one port after another, so two new ports never pick the same.
+    wants: list[tuple[Allocation, DesiredPort]] = []
+    for request in requests:
+        alloc = allocate(request.port, ports)
+        state = ports[request.port]
+        ips = [str(ipaddress.ip_interface(ip).ip) for ip in request.vm_ips]
+        assert state.ofport is not None
+        want = desired_port(state, state.ofport, request.vm_mac, ips, request.profile, alloc)
+        ports[request.port] = _with_block(state, alloc.block)
+        wants.append((alloc, want))
+    softswitch.ensure_ports(bridge, [want.spec for _, want in wants])
+    meters = [meter for _, want in wants for meter in want.meters]
+    now = softswitch.replace_meters(bridge, meters, {m.meter_id for m in meters})
+    softswitch.replace_flows_many(bridge, {alloc.cookie: want.flows for alloc, want in wants})
+    softswitch.replace_meters(bridge, meters,
+                              {i for alloc, _ in wants for i in alloc.meter_ids}, actual=now)
+    seconds = time.perf_counter() - started
+    return [RealizationReport(port=request.port, profile=request.profile.name,
+                              version=request.profile.version, cookie=alloc.cookie,
+                              meter_block=alloc.block, flows=len(want.flows),
+                              meters=len(want.meters), seconds=seconds,
+                              not_enforced=want.not_enforced)
+            for request, (alloc, want) in zip(requests, wants, strict=True)]
+
+
+def realize_each(softswitch: Softswitch, bridge: str, requests: Sequence[PortRequest]
+                 ) -> list[RealizationReport | VmferryError]:
+    """``realize_many``, and if the switch refuses the batch, each port on its own, so that
+    one port's failure is reported for that port only. One outcome per request, in order."""
+    try:
+        return list(realize_many(softswitch, bridge, requests))
+    except VmferryError as exc:
+        if len(requests) == 1:
+            return [exc]
+        LOG.warning("realizing %d ports on %s together failed (%s); one port at a time",
+                    len(requests), bridge, exc)
+    outcomes: list[RealizationReport | VmferryError] = []
+    for request in requests:
+        try:
+            outcomes.append(realize_many(softswitch, bridge, [request])[0])
+        except VmferryError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _with_block(state: PortState, block: int) -> PortState:
+    """``state`` as if its meter block were already recorded (so no other port takes it)."""
+    return PortState(name=state.name, tag=state.tag, trunks=state.trunks,
+                     vlan_mode=state.vlan_mode, iface_type=state.iface_type,
+                     ofport=state.ofport, mac_in_use=state.mac_in_use,
+                     external_ids={**state.external_ids, KEY_BLOCK: str(block)})
 
 
 def remove(softswitch: Softswitch, bridge: str, port: str) -> bool:

@@ -7,6 +7,7 @@ rows, a cookie on flows) so they can be found and removed exactly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 OWNER_KEY = "vmferry-owner"     # external_ids key on ports/interfaces we create
@@ -73,6 +74,11 @@ class Softswitch(ABC):
     def ensure_port(self, bridge: str, port: PortSpec) -> None:
         """Make the port exist and match ``port`` (only the difference is written)."""
 
+    def ensure_ports(self, bridge: str, ports: Iterable[PortSpec]) -> None:
+        """``ensure_port`` for many ports; a switch that can, writes them in one transaction."""
+        for port in ports:
+            self.ensure_port(bridge, port)
+
     @abstractmethod
     def delete_port(self, bridge: str, port: str) -> None:
         """Remove the port (idempotent)."""
@@ -89,13 +95,20 @@ class Softswitch(ABC):
     def replace_flows(self, bridge: str, cookie: int, flows: list[Flow]) -> None:
         """Make the flows carrying ``cookie`` exactly ``flows`` (atomically, in one bundle)."""
 
+    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]]) -> None:
+        """``replace_flows`` for many cookies; a switch that can, does it in one bundle."""
+        for cookie, cookie_flows in flows.items():
+            self.replace_flows(bridge, cookie, cookie_flows)
+
     @abstractmethod
     def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
         """Flows now installed (only those with ``cookie`` when given)."""
 
     @abstractmethod
-    def replace_meters(self, bridge: str, meters: list[Meter], owned: set[int]) -> None:
-        """Make the meters with ids in ``owned`` exactly ``meters``."""
+    def replace_meters(self, bridge: str, meters: list[Meter], owned: Collection[int],
+                       actual: list[Meter] | None = None) -> list[Meter]:
+        """Make the meters with ids in ``owned`` exactly ``meters``; ``actual``: the meters
+        as just dumped (else they are dumped). Returns the bridge's meters afterwards."""
 
     @abstractmethod
     def dump_meters(self, bridge: str) -> list[Meter]: ...

@@ -2,13 +2,17 @@
 
 OVSDB (bridges, ports, VLANs) goes through ovsdbapp's IDL, never ``ovs-vsctl``. Every write
 first reads the switch, computes the difference to what is wanted and writes only that, in one
-transaction; nothing to change means no transaction at all. ovsdbapp's ``OvsVsctlTransaction``
-waits until ovs-vswitchd has applied each transaction (``cur_cfg``), so a port has its OpenFlow
-number when ``ensure_port`` returns.
+transaction; nothing to change means no transaction at all. A transaction that changes what
+ovs-vswitchd acts on (a new port, a VLAN, an interface type...) waits until ovs-vswitchd has
+applied it (ovsdbapp's ``OvsVsctlTransaction``, through ``next_cfg``/``cur_cfg``), so a port has
+its OpenFlow number when ``ensure_port`` returns; one that only rewrites ``external_ids`` (tags
+ovs-vswitchd ignores) returns as soon as ovsdb-server has committed it.
 
 Flows and meters go through ``ovs-ofctl -O OpenFlow13`` on the bridge's management socket
 ``unix:<rundir>/<bridge>.mgmt``; there is no OpenFlow library worth depending on. Flow changes
-for one cookie are applied in one OpenFlow bundle (atomic).
+for one cookie, or for many (``replace_flows_many``), are applied in one OpenFlow bundle
+(atomic). OpenFlow 1.3 cannot bundle meter changes: each is its own ``ovs-ofctl`` call, so
+independent ones run side by side (at most ``PARALLEL_TOOLS`` at a time).
 
 Flow text normalization (``normalize_match``/``normalize_actions``): OVS prints a flow back in
 its own words, so both what is asked for and what is dumped are brought to one form before they
@@ -30,8 +34,9 @@ are compared. A ``replace_flows`` then ``dump_flows`` round trip compares equal 
 
 Not normalized (write these the way OVS prints them in OpenFlow 1.3): ``mod_vlan_vid``,
 ``mod_tp_*`` and other OpenFlow 1.0 actions OVS rewrites, ``vlan_tci`` matches OVS prints as
-``dl_vlan``, port names (dumps use ``--no-names``: match ``in_port`` by number), and the order
-of actions. Such a flow still installs correctly; it is only rewritten on every replace.
+``dl_vlan`` and the order of actions. Such a flow still installs correctly; it is only rewritten
+on every replace. Ports are named by number only (``in_port=3``, ``output:3``): flows are
+written and dumped with ``--no-names``, so a port name in a flow is refused by ``ovs-ofctl``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ import logging
 import re
 import subprocess
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +73,7 @@ DEFAULT_PRIORITY = 32768
 MAX_COOKIE = 2**64 - 2                     # all ones is reserved by OpenFlow
 VLAN_MODES = frozenset({"trunk", "access", "native-tagged", "native-untagged", "dot1q-tunnel"})
 FAIL_MODES = frozenset({"standalone", "secure"})
+PARALLEL_TOOLS = 8                         # ovs-ofctl calls run side by side at most
 
 
 # ================================================================================================
@@ -377,9 +384,22 @@ def parse_flow_line(line: str) -> FlowStats | None:
                      bytes=int(values.get("n_bytes", "0")))
 
 
-def parse_dump_flows(text: str) -> list[FlowStats]:
-    """Parse ``ovs-ofctl dump-flows`` output (with or without ``--no-stats``)."""
-    parsed = (parse_flow_line(line) for line in text.splitlines())
+_COOKIE_RE = re.compile(r"^\s*cookie=(0x[0-9a-fA-F]+|\d+)")
+
+
+def parse_dump_flows(text: str, cookies: Collection[int] | None = None) -> list[FlowStats]:
+    """Parse ``ovs-ofctl dump-flows`` output (with or without ``--no-stats``).
+
+    With ``cookies``, only flows carrying one of them are parsed and returned; the others are
+    skipped before the (costly) normalization.
+    """
+    lines = text.splitlines()
+    if cookies is not None:
+        wanted = set(cookies)
+        # --no-stats leaves out a zero cookie.
+        lines = [line for line in lines
+                 if ((found := _COOKIE_RE.match(line)) and int(found.group(1), 0) or 0) in wanted]
+    parsed = (parse_flow_line(line) for line in lines)
     return [stats for stats in parsed if stats is not None]
 
 
@@ -514,8 +534,15 @@ def parse_meter_stats(text: str) -> dict[int, MeterStats]:
     return found
 
 
+def meters_after(actual: Iterable[Meter], desired: Iterable[Meter],
+                 owned: Collection[int]) -> list[Meter]:
+    """The meters on a bridge once ``plan_meter_changes(actual, desired, owned)`` is applied."""
+    kept = [meter for meter in actual if meter.meter_id not in owned]
+    return sorted([*kept, *desired], key=lambda m: m.meter_id)
+
+
 def plan_meter_changes(actual: Iterable[Meter], desired: Iterable[Meter],
-                       owned: set[int]) -> list[tuple[str, str]]:
+                       owned: Collection[int]) -> list[tuple[str, str]]:
     """``(ovs-ofctl command, argument)`` pairs making ``owned`` meters exactly ``desired``.
 
     Meters outside ``owned`` are never touched. Raises ``InputError`` for a desired meter
@@ -586,6 +613,12 @@ class PortChanges:
 
     def __bool__(self) -> bool:
         return self.create or bool(self.port) or bool(self.iface)
+
+    @property
+    def needs_vswitchd(self) -> bool:
+        """Whether ovs-vswitchd acts on these changes (so a commit should wait for it):
+        anything but a rewrite of ``external_ids``, which only vmferry reads."""
+        return self.create or bool((set(self.port) | set(self.iface)) - {"external_ids"})
 
 
 def check_port_spec(spec: PortSpec) -> None:
@@ -682,7 +715,11 @@ class _OvsdbApi(impl_idl.OvsdbIdl):  # type: ignore[misc]
         self.__dict__["_vmferry_connection"] = connection
 
     def create_transaction(self, check_error: bool = False, log_errors: bool = True,
-                           **kwargs: Any) -> Any:
+                           wait_for_vswitchd: bool = True, **kwargs: Any) -> Any:
+        if not wait_for_vswitchd:
+            # No next_cfg bump and no wait for cur_cfg: ovsdb-server's commit is the end.
+            return idl_transaction.Transaction(self, self.ovsdb_connection,
+                                               check_error=check_error, log_errors=log_errors)
         return _CheckedTransaction(self, self.ovsdb_connection, check_error=check_error,
                                    log_errors=log_errors)
 
@@ -796,14 +833,16 @@ class OvsSoftswitch(Softswitch):
         with self._api.ovsdb_connection.lock:
             return reader()
 
-    def _commit(self, what: str, commands: list[Any]) -> None:
-        """Run ``commands`` in one transaction. Raises ``SoftswitchError``."""
+    def _commit(self, what: str, commands: list[Any], *, wait_for_vswitchd: bool = True) -> None:
+        """Run ``commands`` in one transaction; with ``wait_for_vswitchd``, return only once
+        ovs-vswitchd has applied it. Raises ``SoftswitchError``."""
         if not commands:
             return
         if self._closed:
             raise SoftswitchError(f"OVSDB connection to {self.remote} is closed")
         try:
-            with self._api.transaction(check_error=True, log_errors=False) as txn:
+            with self._api.transaction(check_error=True, log_errors=False,
+                                       wait_for_vswitchd=wait_for_vswitchd) as txn:
                 for cmd in commands:
                     txn.add(cmd)
         except Exception as exc:  # ovsdbapp raises RuntimeError and its own exceptions
@@ -906,38 +945,64 @@ class OvsSoftswitch(Softswitch):
     def ensure_port(self, bridge: str, port: PortSpec) -> None:
         """Create the port or write only the columns that differ from ``port``; no-op if none.
 
-        Maps (options, external_ids) are made exactly equal, not merged. Raises
-        ``InputError`` for a bad spec, ``ConflictError`` if the port is on another bridge,
-        ``SoftswitchError`` if OVSDB or ovs-vswitchd (cannot open the device) fails.
+        Maps (options, external_ids) are made exactly equal, not merged. Waits for
+        ovs-vswitchd unless only ``external_ids`` change. Raises ``InputError`` for a bad spec,
+        ``ConflictError`` if the port is on another bridge, ``SoftswitchError`` if OVSDB or
+        ovs-vswitchd (cannot open the device) fails.
         """
-        check_port_spec(port)
+        self.ensure_ports(bridge, [port])
 
-        def plan() -> PortChanges:
-            record = self._port_records(bridge).get(port.name)
-            if record is None:
-                owner = self._port_owner(port.name)
-                if owner is not None:
-                    raise ConflictError("port", f"{port.name} is on bridge {owner}, "
-                                        f"not {bridge}")
-            return diff_port(port, record)
+    def ensure_ports(self, bridge: str, ports: Iterable[PortSpec]) -> None:
+        """``ensure_port`` for many ports in one transaction (all or none are written).
 
-        changes = self._read(plan)
-        if not changes:
+        Raises what ``ensure_port`` raises, and ``InputError`` for a port named twice.
+        """
+        specs = list(ports)
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise InputError("ports", "a port is named twice")
+        for spec in specs:
+            check_port_spec(spec)
+
+        def plan() -> list[tuple[PortSpec, PortChanges]]:
+            records = self._port_records(bridge)
+            planned = []
+            for spec in specs:
+                record = records.get(spec.name)
+                if record is None:
+                    owner = self._port_owner(spec.name)
+                    if owner is not None:
+                        raise ConflictError("port", f"{spec.name} is on bridge {owner}, "
+                                            f"not {bridge}")
+                planned.append((spec, diff_port(spec, record)))
+            return planned
+
+        changed = [(spec, changes) for spec, changes in self._read(plan) if changes]
+        if not changed:
             return
         cmds: list[Any] = []
-        if changes.create:
-            cmds.append(self._api.add_port(bridge, port.name, may_exist=False, **changes.iface))
-        elif changes.iface:
-            cmds.append(_SetColumnsCommand(self._api, "Interface", port.name, changes.iface))
-        if changes.port:
-            cmds.append(_SetColumnsCommand(self._api, "Port", port.name, changes.port))
+        for spec, changes in changed:
+            if changes.create:
+                cmds.append(self._api.add_port(bridge, spec.name, may_exist=False,
+                                               **changes.iface))
+            elif changes.iface:
+                cmds.append(_SetColumnsCommand(self._api, "Interface", spec.name,
+                                               changes.iface))
+            if changes.port:
+                cmds.append(_SetColumnsCommand(self._api, "Port", spec.name, changes.port))
+        what = (f"ensure port {changed[0][0].name} on {bridge}" if len(changed) == 1
+                else f"ensure {len(changed)} ports on {bridge}")
         try:
-            self._commit(f"ensure port {port.name} on {bridge}", cmds)
+            self._commit(what, cmds,
+                         wait_for_vswitchd=any(c.needs_vswitchd for _, c in changed))
         except SoftswitchError as exc:
-            record = self.port_record(bridge, port.name)
-            if record is not None and record.error:
-                raise SoftswitchError(f"ovs-vswitchd cannot use port {port.name} on {bridge}",
-                                      cause=record.error) from exc
+            for spec, changes in changed:
+                if not (changes.create or changes.iface):
+                    continue
+                record = self.port_record(bridge, spec.name)
+                if record is not None and record.error:
+                    raise SoftswitchError(f"ovs-vswitchd cannot use port {spec.name} on "
+                                          f"{bridge}", cause=record.error) from exc
             raise
 
     def delete_port(self, bridge: str, port: str) -> None:
@@ -1018,19 +1083,39 @@ class OvsSoftswitch(Softswitch):
                                   argv=argv)
         return result
 
-    def _ofctl(self, bridge: str, args: list[str], what: str) -> subprocess.CompletedProcess[str]:
-        subcommand, *rest = args
-        return self._tool(["ovs-ofctl", "-O", OPENFLOW, subcommand, self.mgmt_target(bridge),
-                           *rest], what)
+    def _tools(self, calls: list[tuple[list[str], str]]) -> None:
+        """Run independent tool calls side by side (at most ``PARALLEL_TOOLS`` at a time).
 
-    def _dump(self, bridge: str, cookie: int | None, stats: bool) -> list[FlowStats]:
+        Every call runs to its end even if one fails; then the first failure is raised.
+        """
+        if len(calls) <= 1:
+            for argv, what in calls:
+                self._tool(argv, what)
+            return
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_TOOLS, len(calls)),
+                                thread_name_prefix="ovs-ofctl") as pool:
+            futures = [pool.submit(self._tool, argv, what) for argv, what in calls]
+        for future in futures:
+            future.result()
+
+    def _ofctl_argv(self, bridge: str, args: list[str]) -> list[str]:
+        subcommand, *rest = args
+        return ["ovs-ofctl", "-O", OPENFLOW, subcommand, self.mgmt_target(bridge), *rest]
+
+    def _ofctl(self, bridge: str, args: list[str], what: str) -> subprocess.CompletedProcess[str]:
+        return self._tool(self._ofctl_argv(bridge, args), what)
+
+    def _dump(self, bridge: str, cookie: int | None, stats: bool,
+              cookies: Collection[int] | None = None) -> list[FlowStats]:
+        """Flows of the bridge: those with ``cookie`` (filtered by the switch), or those with
+        any of ``cookies`` (filtered here), or all."""
         flags = [] if stats else ["--no-stats"]
         argv = ["ovs-ofctl", "-O", OPENFLOW, "--no-names", *flags, "dump-flows",
                 self.mgmt_target(bridge)]
         if cookie is not None:
             argv.append(f"cookie={_cookie_text(cookie)}/-1")
         result = self._tool(argv, f"dump flows of {bridge}")
-        return parse_dump_flows(result.stdout)
+        return parse_dump_flows(result.stdout, cookies)
 
     def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
         """Flows now installed (only those with ``cookie`` when given), normalized, sorted.
@@ -1052,15 +1137,41 @@ class OvsSoftswitch(Softswitch):
         a bad cookie or conflicting flows, ``SoftswitchError`` if OVS rejects a flow or
         rewrites its match (a match missing its prerequisites, e.g. tp_dst without tcp).
         """
-        if not 0 < cookie <= MAX_COOKIE:
-            raise InputError("cookie", f"{cookie} is not 1..2^64-2")
-        actual = [stats.flow for stats in self._dump(bridge, cookie, stats=False)]
-        lines = plan_flow_changes(cookie, actual, flows)
+        self.replace_flows_many(bridge, {cookie: flows})
+
+    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]]) -> None:
+        """``replace_flows`` for many cookies at once: one flow dump, one bundle for all.
+
+        The bundle is atomic: if OVS rejects one flow, no cookie's flows change. Raises what
+        ``replace_flows`` raises.
+        """
+        for cookie in flows:
+            if not 0 < cookie <= MAX_COOKIE:
+                raise InputError("cookie", f"{cookie} is not 1..2^64-2")
+        if not flows:
+            return
+        if len(flows) == 1:
+            only = next(iter(flows))
+            dumped = self._dump(bridge, only, stats=False)
+        else:
+            dumped = self._dump(bridge, None, stats=False, cookies=flows.keys())
+        actual: dict[int, list[Flow]] = {cookie: [] for cookie in flows}
+        for stats in dumped:
+            actual[stats.cookie].append(stats.flow)
+        deletes: list[str] = []
+        adds: list[str] = []
+        for cookie in sorted(flows):
+            for line in plan_flow_changes(cookie, actual[cookie], flows[cookie]):
+                (deletes if line.startswith("delete") else adds).append(line)
+        lines = deletes + adds
         if not lines:
             return
-        result = self._tool(["ovs-ofctl", "-O", OPENFLOW, "--bundle", "add-flows",
-                             self.mgmt_target(bridge), "-"],
-                            f"replace flows with cookie {_cookie_text(cookie)} on {bridge}",
+        what = (f"replace flows with cookie {_cookie_text(next(iter(flows)))} on {bridge}"
+                if len(flows) == 1 else f"replace flows of {len(flows)} cookies on {bridge}")
+        # --no-names: flows name ports by number, and looking names up costs ovs-ofctl a
+        # port-description round trip (about 10 ms) on every call.
+        result = self._tool(["ovs-ofctl", "-O", OPENFLOW, "--no-names", "--bundle", "add-flows",
+                             self.mgmt_target(bridge), "-"], what,
                             stdin="\n".join(lines) + "\n")
         # ovs-ofctl accepts a match missing its prerequisites and silently drops fields from
         # it ("normalization changed ofp_match"); the flow installed is not the one asked for.
@@ -1068,15 +1179,21 @@ class OvsSoftswitch(Softswitch):
             raise SoftswitchError(f"OVS changed the match of a flow on {bridge}",
                                   cause=result.stderr.strip()[-800:])
 
-    def replace_meters(self, bridge: str, meters: list[Meter], owned: set[int]) -> None:
+    def replace_meters(self, bridge: str, meters: list[Meter], owned: Collection[int],
+                       actual: list[Meter] | None = None) -> list[Meter]:
         """Make the meters with ids in ``owned`` exactly ``meters``; others are untouched.
 
-        Deleting a meter also deletes the flows that use it (OpenFlow). Meter changes cannot
-        be bundled in OpenFlow 1.3: each is its own ovs-ofctl call. Raises ``InputError``,
-        ``SoftswitchError``.
+        ``actual`` is the bridge's meters as just dumped (``dump_meters``, or what an earlier
+        call returned); without it they are dumped. Returns the bridge's meters afterwards,
+        to pass as ``actual`` to the next call. Deleting a meter also deletes the flows that
+        use it (OpenFlow). Meter changes cannot be bundled in OpenFlow 1.3: each is its own
+        ovs-ofctl call, run side by side. Raises ``InputError``, ``SoftswitchError``.
         """
-        for command, argument in plan_meter_changes(self.dump_meters(bridge), meters, owned):
-            self._ofctl(bridge, [command, argument], f"{command} {argument} on {bridge}")
+        before = self.dump_meters(bridge) if actual is None else actual
+        changes = plan_meter_changes(before, meters, owned)
+        self._tools([(self._ofctl_argv(bridge, [command, argument]),
+                      f"{command} {argument} on {bridge}") for command, argument in changes])
+        return meters_after(before, meters, owned)
 
     def dump_meters(self, bridge: str) -> list[Meter]:
         """Meters now on the bridge, by id. Raises ``SoftswitchError``."""
