@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import LabRun, leftovers
 
+from labkit import LabRun, leftovers
 from vmferry import privileged
 from vmferry.model.migration import PHASES, Phase, past_point_of_no_return
 from vmferry.model.topology import default_topology_path

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import LabRun, leftovers
 
+from labkit import LabRun, leftovers
 from vmferry.model.topology import default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

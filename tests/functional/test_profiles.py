@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import LabRun, leftovers
 from profilekit import BRIDGE, FakeVm, host_switch, snapshot, udp_stream_kbps, wait_until
 
+from labkit import LabRun, leftovers
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
 from vmferry.model.topology import default_topology_path
 

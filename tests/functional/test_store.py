@@ -171,7 +171,7 @@ def test_concurrent_mac_allocation_hands_out_distinct_macs(store: Store) -> None
                 mac = controller._allocate_mac(session)
                 session.add(_vm(f"vm{i}", mac))
             macs.append(mac)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]

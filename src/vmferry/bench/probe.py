@@ -117,7 +117,7 @@ class PingProbe:
         argv = ["ip", "netns", "exec", self.namespace, "ping", "-D", "-n",
                 "-i", f"{self.interval_ms / 1000:.3f}", "-c", str(count),
                 "-w", str(math.ceil(self.max_seconds)), "-W", "1", self.address]
-        self._output = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives until stop())
+        self._output = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen(argv, stdout=self._output, stderr=subprocess.STDOUT,
                                       text=True)
 

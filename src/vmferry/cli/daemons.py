@@ -84,8 +84,9 @@ def agent_serve(
 
 def _migration_address() -> str | None:
     """This host's address on the migration interface, when it has one."""
-    from vmferry.model.topology import MIGRATION_IFNAME
     from pyroute2 import IPRoute
+
+    from vmferry.model.topology import MIGRATION_IFNAME
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=MIGRATION_IFNAME)
         if not found:

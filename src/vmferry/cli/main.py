@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from vmferry.cli import admin, bench, daemons, lab, migrate, vm
-from vmferry.cli import profile
+from vmferry.cli import admin, bench, daemons, lab, migrate, profile, vm
 from vmferry.cli.common import target
 
 app = typer.Typer(help="vmferry: live-migrate VMs and carry their network with them.",

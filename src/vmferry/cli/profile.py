@@ -19,7 +19,7 @@ port_app = typer.Typer(help="VM ports as their softswitch has them.", no_args_is
 
 
 @app.command("apply")
-def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML file, one or more profiles"),  # noqa: B008
+def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML file, one or more profiles"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Create or update profiles; changes reach every port using them, live."""
     with errors_to_exit():

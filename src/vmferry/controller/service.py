@@ -22,18 +22,18 @@ from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.errors import (
     AgentError,
     CapacityError,
-    HostUnavailableError,
     ConflictError,
+    HostUnavailableError,
     InputError,
     NotFoundError,
     VmferryError,
 )
 from vmferry.http import client_for, raise_for_agent
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
+from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.model.network import mac_for
 from vmferry.model.topology import Topology
 from vmferry.store.db import Store
-from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.store.schema import HostRow, InventoryRow, MacPoolRow, MigrationRow, VmRow
 from vmferry.web import read_token_file
 
@@ -88,13 +88,13 @@ class Controller:
                 if host_row.name not in new_hosts:
                     session.delete(host_row)
             for host in topology.hosts:
-                host_row = session.get(HostRow, host.name)
-                if host_row is None:
+                existing = session.get(HostRow, host.name)
+                if existing is None:
                     session.add(HostRow(name=host.name, agent_url=host.agent_url or "",
                                         agent_token_hash=tokens[host.name], report={}))
                 else:
-                    host_row.agent_url = host.agent_url or ""
-                    host_row.agent_token_hash = tokens[host.name]
+                    existing.agent_url = host.agent_url or ""
+                    existing.agent_token_hash = tokens[host.name]
         with self._fabric_lock, self._fabric_driver_lock:
             if self._fabric is not None:
                 self._fabric.close()

@@ -33,7 +33,6 @@ from vmferry.model.fabric import NO_VLANS
 from vmferry.model.network import short_ifname
 from vmferry.model.topology import (
     HOST_BRIDGE,
-    HOST_UPLINK_PORT,
     MIGRATION_IFNAME,
     SWITCH_BRIDGE,
     Topology,
@@ -416,4 +415,4 @@ def _wait_http(url: str, *, timeout: float, what: str,
     raise WaitTimeout(what, timeout, last_error=last, log=_tail(log) if log else None)
 
 
-__all__ = ["Lab", "LabStatus", "teardown", "status", "node_namespace", "VmferryError"]
+__all__ = ["Lab", "LabStatus", "VmferryError", "node_namespace", "status", "teardown"]

@@ -61,7 +61,7 @@ class AclRule(_Strict):
         if value is None:
             return None
         if isinstance(value, bool):
-            raise ValueError("a port is a number 1-65535 or a range lo-hi")  # noqa: TRY004
+            raise ValueError("a port is a number 1-65535 or a range lo-hi")
         low, high = _port_bounds(value)
         for bound in (low, high):
             if not 1 <= bound <= 65535:
