@@ -41,7 +41,11 @@ def main() -> None:
     vms = json.loads(run("vm", "list", "--json", capture=True).stdout)
     if any(vm["name"] == "web1" for vm in vms):
         run("vm", "delete", "web1")
-    run("vm", "create", "web1", "--host", "host1", "--vlan", "100", "--ip", "192.0.2.10/24",
+    # The network admin's part: profiles defined once (VLAN, ACLs, QoS, port security).
+    run("profile", "apply", "-f", str(Path(__file__).resolve().parents[1] / "examples" /
+                                      "profiles.yaml"))
+    # The server admin's part: a VM that uses one.
+    run("vm", "create", "web1", "--host", "host1", "--profile", "web", "--ip", "192.0.2.10/24",
         "--memory", "256")
     deadline = time.monotonic() + 60
     while not ping("client-100", "192.0.2.10", count=1):
@@ -65,6 +69,7 @@ def main() -> None:
             print(f"client-100 pinged web1 every 10 ms during the migration: {sent} sent, "
                   f"{sent - got} lost")
         run("fabric", "show")
+        run("audit")
     if not ping("client-100", "192.0.2.10"):
         sys.exit("demo: web1 does not answer client-100's ping at the end")
     run("vm", "show", "web1")
