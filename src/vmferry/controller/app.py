@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from vmferry.agent.models import HostReport
 from vmferry.controller import audit, auth, events, profiles
@@ -55,6 +56,12 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     hub = app.state.event_hub = EventHub(store)
     migrations.listeners.extend([metrics.on_migration, hub.publish_migration])
 
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        """The web dashboard: a static page that reads this API with the user's token."""
+        return FileResponse(Path(__file__).with_name("static") / "index.html",
+                            media_type="text/html")
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -133,7 +140,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     def list_migrations(caller: Caller, limit: int = Query(100, ge=1, le=10_000),
                         ) -> list[dict[str, Any]]:
         auth.require(caller, auth.READ, "list migrations")
-        return migrations.list(limit)
+        return migrations.recent(limit)
 
     @app.get("/v1/migrations/{migration_id}")
     def get_migration(migration_id: MigrationId, caller: Caller,

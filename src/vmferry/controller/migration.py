@@ -119,7 +119,7 @@ class Migrations:
                 raise NotFoundError("id", f"no migration {migration_id}")
             return _out(row)
 
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
         with self.store.session() as session:
             rows = session.scalars(select(MigrationRow).order_by(MigrationRow.id.desc())
                                    .limit(limit))
