@@ -8,14 +8,25 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest, UplinkVlans
 from vmferry.agent.service import HostAgent
 from vmferry.errors import AuthError, InputError, VmferryError
 from vmferry.http import client_for
+from vmferry.model.network import MacAddress, VlanId
 from vmferry.web import bearer_token, install_error_handlers, tokens_equal
 
 log = logging.getLogger(__name__)
+
+
+class SwitchoverRules(BaseModel):
+    """The destination's temporary rule during a make-before-break switchover."""
+
+    model_config = ConfigDict(extra="forbid")
+    cookie: int = Field(ge=1, le=2**64 - 2)
+    vlan: VlanId
+    mac: MacAddress
 
 
 def create_app(agent: HostAgent, token: str) -> FastAPI:
@@ -103,6 +114,18 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
     @app.delete("/v1/taps/{name}", status_code=204)
     def delete_tap(name: str) -> None:
         agent.delete_stray_tap(name)
+
+    @app.put("/v1/make-before-break/{name}")
+    def open_switchover(name: str, body: SwitchoverRules) -> dict[str, int]:
+        return {"rules": agent.open_switchover(name, body.cookie, body.vlan, str(body.mac))}
+
+    @app.delete("/v1/make-before-break/{cookie}", status_code=204)
+    def close_switchover(cookie: int) -> None:
+        agent.close_switchover(cookie)
+
+    @app.get("/v1/make-before-break")
+    def switchover_cookies() -> dict[str, list[int]]:
+        return {"cookies": agent.switchover_cookies()}
 
     @app.get("/v1/uplink")
     def uplink() -> dict[str, list[int]]:

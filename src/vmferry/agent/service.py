@@ -22,7 +22,13 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
 )
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec, Softswitch
-from vmferry.errors import CapacityError, ConflictError, NotFoundError, VmferryError
+from vmferry.errors import (
+    CapacityError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    VmferryError,
+)
 from vmferry.model.fabric import carried_vlans, trunk_column
 from vmferry.model.network import short_ifname
 from vmferry.model.topology import HOST_BRIDGE, HOST_UPLINK_PORT
@@ -258,6 +264,39 @@ class HostAgent:
             raise ConflictError("name", f"{name} belongs to a guest of this host")
         self.softswitch.delete_port(HOST_BRIDGE, name)
         privileged.delete_link(None, name)
+
+    # ---- make-before-break switchover (vmferry.controller.switchover) ------------------------
+
+    def open_switchover(self, name: str, cookie: int, vlan: int, mac: str) -> int:
+        """Deliver frames for ``mac`` on ``vlan`` from the uplink straight to the guest's tap
+        (a temporary rule with ``cookie``) while the guest migrates here; returns the number of
+        rules. Raises ``InputError`` (not a switchover cookie), ``NotFoundError`` (no port)."""
+        from vmferry.controller.switchover import host_flows, is_mbb_cookie
+        if not is_mbb_cookie(cookie):
+            raise InputError("cookie", f"{cookie:#x} is not a switchover cookie")
+        ports = self.softswitch.ports(HOST_BRIDGE)
+        tap = ports.get(tap_name(name))
+        uplink = ports.get(HOST_UPLINK_PORT)
+        if tap is None or tap.ofport is None or uplink is None or uplink.ofport is None:
+            raise NotFoundError("vm", f"no port of {name} (or no uplink) on {self.config.host}")
+        flows = host_flows(uplink.ofport, tap.ofport, vlan, mac)
+        self.softswitch.replace_flows(HOST_BRIDGE, cookie, flows)
+        return len(flows)
+
+    def close_switchover(self, cookie: int) -> None:
+        """Remove the temporary rules with ``cookie`` (idempotent)."""
+        from vmferry.controller.switchover import is_mbb_cookie
+        if not is_mbb_cookie(cookie):
+            raise InputError("cookie", f"{cookie:#x} is not a switchover cookie")
+        self.softswitch.replace_flows(HOST_BRIDGE, cookie, [])
+
+    def switchover_cookies(self) -> list[int]:
+        """Cookies of the temporary switchover rules present on this host."""
+        from vmferry.controller.switchover import is_mbb_cookie
+        stats = getattr(self.softswitch, "flow_stats", None)
+        if stats is None:
+            return []
+        return sorted({f.cookie for f in stats(HOST_BRIDGE) if is_mbb_cookie(f.cookie)})
 
     # ---- report -----------------------------------------------------------------------------
 

@@ -26,9 +26,13 @@ def migrate(
     timeout: float = typer.Option(300, "--timeout", help="Give up after this many seconds"),
     as_json: bool = typer.Option(False, "--json", help="Print the final record as JSON"),
     detach: bool = typer.Option(False, "--detach", help="Start it and return"),
+    make_before_break: bool = typer.Option(
+        True, "--make-before-break/--no-make-before-break",
+        help="During switchover deliver the VM's frames to both hosts"),
 ) -> None:
     """Live-migrate a VM, its port and its VLAN to another host."""
-    body: dict[str, Any] = {"vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout}
+    body: dict[str, Any] = {"vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout,
+                            "make_before_break": make_before_break}
     if max_downtime is not None:
         body["max_downtime_ms"] = max_downtime
     if bandwidth is not None:

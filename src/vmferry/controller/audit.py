@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 
 from vmferry.agent.service import tap_name
+from vmferry.controller import switchover
 from vmferry.controller.service import Controller
 from vmferry.errors import VmferryError
 from vmferry.model.migration import MigrationState
@@ -19,7 +20,7 @@ from vmferry.store.schema import MigrationRow, VmRow
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str        # qemu, port, tap, guest-record, trunk-vlan, unreachable
+    kind: str        # qemu, port, tap, guest-record, trunk-vlan, switchover-flow, unreachable
     where: str       # host or switch (and port)
     what: str        # VM name or VLAN list
     detail: str
@@ -69,6 +70,38 @@ def audit(controller: Controller) -> list[Finding]:
             if missing:
                 findings.append(Finding("trunk-missing", f"{node}:{port}",
                                         ",".join(map(str, missing)), "VLANs needed but not carried"))
+    findings.extend(switchover_leftovers(controller))
+    return findings
+
+
+def switchover_leftovers(controller: Controller) -> list[Finding]:
+    """Temporary make-before-break rules of migrations that are no longer running."""
+    with controller.store.session() as session:
+        live = {m.id for m in session.scalars(select(MigrationRow).where(MigrationRow.state.in_(
+            [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value])))}
+    findings: list[Finding] = []
+    topology = controller.topology()
+    fabric = controller.fabric_driver()
+    for switch in topology.switches:
+        try:
+            for _, cookie in switchover.leftovers(fabric, [switch.name], live):
+                findings.append(Finding("switchover-flow", switch.name, f"{cookie:#x}",
+                                        f"make-before-break rules of migration "
+                                        f"{switchover.migration_of(cookie)}"))
+        except VmferryError as exc:
+            findings.append(Finding("unreachable", switch.name, "-", exc.message))
+    for host in topology.hosts:
+        try:
+            cookies = controller.call_agent(host.name, "GET", "/v1/make-before-break",
+                                            timeout=15).get("cookies", [])
+        except VmferryError as exc:
+            findings.append(Finding("unreachable", host.name, "-", exc.message))
+            continue
+        for cookie in cookies:
+            if switchover.migration_of(cookie) not in live:
+                findings.append(Finding("switchover-flow", host.name, f"{cookie:#x}",
+                                        f"make-before-break rules of migration "
+                                        f"{switchover.migration_of(cookie)}"))
     return findings
 
 
@@ -82,6 +115,14 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
             # A tap with no guest record: deleting the guest by the tap's VM name is not
             # possible, so the agent removes the bare device.
             controller.call_agent(f.where, "DELETE", f"/v1/taps/{f.what}")
+    hosts = {h.name for h in controller.topology().hosts}
+    for f in findings:
+        if f.kind == "switchover-flow":
+            if f.where in hosts:
+                controller.call_agent(f.where, "DELETE", f"/v1/make-before-break/{int(f.what, 0)}")
+            else:
+                fabric = controller.fabric_driver()
+                fabric.replace_flows(f.where, int(f.what, 0), [])  # type: ignore[attr-defined]
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from vmferry.agent.models import GuestRequest, MigrateRequest
 from vmferry import failpoints
 from vmferry.controller import events
+from vmferry.controller import switchover
 from vmferry.controller.auth import Principal
 from vmferry.controller.profiles import profile_spec
 from vmferry.controller.service import Controller
@@ -384,6 +385,7 @@ class _Run:
             progress = self._agent(self.source, "GET", f"/v1/guests/{self.vm}/migration")
             self._record_result(progress=progress)
             status = progress.get("status")
+            switchover.during_precopy(self, progress)
             if status == "completed":
                 self._record_result(qemu=progress)
                 return
@@ -440,6 +442,7 @@ class _Run:
         for node in path_between(topology, self.source, self.destination):
             if node in switches:
                 fabric.forget_mac(node, mac)
+        switchover.close(self)      # the destination is confirmed: both-ways delivery ends
 
     def clean_source(self) -> None:
         """Stop the source QEMU and remove its port, flows, meters and tap."""
@@ -487,6 +490,7 @@ class _Run:
         self._notify()
 
     def finish(self, state: MigrationState, error: str | None) -> None:
+        switchover.close(self)      # every ending, also rollback, cancel and recovery
         self._set_state(state, error=error)
         if state is MigrationState.FAILED:
             with self.store.session() as session:

@@ -89,3 +89,5 @@ class MigrationCreate(_Body):
     bandwidth_mbps: int | None = Field(None, ge=1, le=1_000_000)
     postcopy: Literal["auto", "never"] = "never"
     timeout_s: float = Field(300, gt=0, le=86_400)
+    # Deliver the VM's frames to both hosts during switchover (controller/switchover.py).
+    make_before_break: bool = True

@@ -216,6 +216,7 @@ class SwitchoverWindow:
 
 
 _windows: dict[int, SwitchoverWindow] = {}
+_closed: set[int] = set()      # runs (by id of the run object) closed in this process
 _lock = threading.Lock()
 
 
@@ -251,6 +252,9 @@ def close(run: RunLike) -> list[str]:
     """Remove the rules of ``run``'s migration, wherever they are; idempotent, never raises."""
     with _lock:
         window = _windows.pop(run.id, None)
+        if window is None and id(run) in _closed:
+            return []           # closed by this run already, nothing installed since
+        _closed.add(id(run))
     if window is None:
         window = SwitchoverWindow(run)
     problems = window.remove()

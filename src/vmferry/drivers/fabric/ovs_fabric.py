@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from vmferry.drivers.fabric.base import Fabric
+from vmferry.drivers.softswitch.base import Flow, PortState
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
 from vmferry.errors import FabricError, VmferryError
 from vmferry.model.fabric import carried_vlans, trunk_column
@@ -47,6 +48,33 @@ class OvsFabric(Fabric):
 
     def forget_mac(self, switch: str, mac: str) -> None:
         self._switch(switch).flush_fdb(SWITCH_BRIDGE, mac)
+
+    # Temporary forwarding rules (make-before-break switchover, controller/switchover.py).
+
+    def ports(self, switch: str) -> dict[str, PortState]:
+        """The switch's ports as they are now. Raises ``FabricError``."""
+        try:
+            return self._switch(switch).ports(SWITCH_BRIDGE)
+        except VmferryError as exc:
+            raise FabricError(f"cannot read the ports of {switch}", switch=switch,
+                              cause=exc.message) from exc
+
+    def replace_flows(self, switch: str, cookie: int, flows: list[Flow]) -> None:
+        """Make the switch's flows with ``cookie`` exactly ``flows`` (one bundle).
+        Raises ``FabricError``."""
+        try:
+            self._switch(switch).replace_flows(SWITCH_BRIDGE, cookie, flows)
+        except VmferryError as exc:
+            raise FabricError(f"cannot set flows with cookie {cookie:#x} on {switch}",
+                              switch=switch, cause=exc.message) from exc
+
+    def flow_cookies(self, switch: str) -> set[int]:
+        """The cookies of the switch's flows. Raises ``FabricError``."""
+        try:
+            return {stats.cookie for stats in self._switch(switch).flow_stats(SWITCH_BRIDGE)}
+        except VmferryError as exc:
+            raise FabricError(f"cannot read the flows of {switch}", switch=switch,
+                              cause=exc.message) from exc
 
     def close(self) -> None:
         with self._lock:
