@@ -40,5 +40,10 @@ lint: venv
 bench: install
 	$(VMFERRY) bench migration
 
+# vmferry against OVN, side by side, from a fresh state (its own lab, removed before and after).
+bench-ovn: install
+	$(VMFERRY) lab down --lab benchovn >/dev/null 2>&1 || true
+	$(VMFERRY) bench migration --peer ovn --runs 10 --lab-name benchovn -o bench-results/migration-ovn.json
+
 clean-lab: venv
 	$(VMFERRY) lab down || true

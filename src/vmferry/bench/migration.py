@@ -170,6 +170,11 @@ def compare(results: Mapping[str, Sequence[RunResult]]) -> dict[str, dict[str, A
         "total_minus_floor_ms": (_diff(vmferry.get("total_ms"), floor.get("total_ms")),
                                  TARGET_TOTAL_OVER_FLOOR_MS,
                                  "vmferry total time - floor total time, ms (medians)"),
+        # Issue 6: vmferry loses no more packets than the floor, nor than OVN.
+        "lost_minus_floor": (_diff(vmferry.get("lost"), floor.get("lost")), 0.0,
+                             "vmferry packets lost - floor packets lost (medians)"),
+        "lost_minus_ovn": (_diff(vmferry.get("lost"), medians.get("ovn", {}).get("lost")), 0.0,
+                           "vmferry packets lost - OVN packets lost (medians)"),
     }
     return {name: {"value": value, "target_max": target, "what": what,
                    "met": None if value is None else value <= target}

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from vmferry.drivers.softswitch.base import Flow
@@ -178,15 +180,19 @@ class SwitchoverWindow:
         ports = {switch: fabric_switch_ports(fabric, switch) for switch in wanted}
         flows = fabric_flows(topology, vm["vlan"], vm["mac"], run.source, run.destination,
                              ports)
-        # Destination first: frames the fabric sends there must have a way to the tap.
+        tasks: list[Callable[[], Any]] = [
+            partial(fabric.replace_flows, switch, self.cookie, switch_flows)
+            for switch, switch_flows in flows.items()]
         if not vm.get("profile"):
-            run.controller.call_agent(run.destination, "PUT",
-                                      f"/v1/make-before-break/{run.vm}",
-                                      json={"cookie": self.cookie, "vlan": vm["vlan"],
-                                            "mac": vm["mac"]}, timeout=15)
-        for switch, switch_flows in flows.items():
-            fabric.replace_flows(switch, self.cookie, switch_flows)
-        self.installed = True
+            tasks.append(partial(
+                run.controller.call_agent, run.destination, "PUT",
+                f"/v1/make-before-break/{run.vm}",
+                json={"cookie": self.cookie, "vlan": vm["vlan"], "mac": vm["mac"]}, timeout=15))
+        # Side by side: the window must open in the time the precopy leaves.
+        self.installed = True       # a partial install is removed like a whole one
+        problems = _all(tasks)
+        if problems:
+            raise SwitchoverError("; ".join(problems))
         log.info("migration %s: make-before-break rules in place on %s", run.id,
                  ", ".join(flows))
 
@@ -194,23 +200,18 @@ class SwitchoverWindow:
         """Remove the rules (by cookie) from every fabric switch and both hosts; returns the
         problems met (never raises: every ending of a migration calls this)."""
         run = self.run
-        problems: list[str] = []
         try:
             topology = run.controller.topology()
             fabric = run.controller.fabric_driver()
-            for switch in topology.switches:
-                try:
-                    fabric.replace_flows(switch.name, self.cookie, [])
-                except VmferryError as exc:
-                    problems.append(f"{switch.name}: {exc.message}")
         except VmferryError as exc:
-            problems.append(f"fabric: {exc.message}")
-        for host in (run.destination, run.source):
-            try:
-                run.controller.call_agent(host, "DELETE",
-                                          f"/v1/make-before-break/{self.cookie}", timeout=15)
-            except VmferryError as exc:
-                problems.append(f"{host}: {exc.message}")
+            return [f"fabric: {exc.message}"]
+        tasks: list[Callable[[], Any]] = [
+            partial(fabric.replace_flows, switch.name, self.cookie, [])
+            for switch in topology.switches]
+        tasks += [partial(run.controller.call_agent, host, "DELETE",
+                          f"/v1/make-before-break/{self.cookie}", timeout=15)
+                  for host in (run.destination, run.source)]
+        problems = _all(tasks)
         self.installed = False
         return problems
 
@@ -261,6 +262,22 @@ def close(run: RunLike) -> list[str]:
     if problems:
         log.warning("migration %s: make-before-break rules not all removed: %s", run.id,
                     "; ".join(problems))
+    return problems
+
+
+class SwitchoverError(VmferryError):
+    """The make-before-break rules could not all be put in place."""
+
+
+def _all(tasks: list[Callable[[], Any]]) -> list[str]:
+    """Run the tasks side by side; the messages of those that failed."""
+    problems: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, len(tasks))) as pool:
+        for future in [pool.submit(task) for task in tasks]:
+            try:
+                future.result()
+            except VmferryError as exc:
+                problems.append(exc.message)
     return problems
 
 
