@@ -91,3 +91,5 @@ class MigrationCreate(_Body):
     timeout_s: float = Field(300, gt=0, le=86_400)
     # Deliver the VM's frames to both hosts during switchover (controller/switchover.py).
     make_before_break: bool = True
+    # How long before QEMU's expected end the rules go in (default 1 s).
+    make_before_break_lead_s: float | None = Field(None, gt=0, le=3600)

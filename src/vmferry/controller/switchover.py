@@ -54,6 +54,7 @@ LEAD_S = 1.0                  # install when QEMU expects to finish within this 
 WITHDRAW_S = 4.0              # ...and withdraw again if the estimate grows beyond this
 VLAN_PRESENT = 0x1000         # OpenFlow 1.3 vlan_vid "tag present" bit
 OPTION = "make_before_break"
+LEAD_OPTION = "make_before_break_lead_s"
 ACTIVE_STATES = {"setup", "active", "pre-switchover", "device"}
 
 
@@ -157,6 +158,8 @@ class RunLike(Protocol):
 
     def _vm_row(self) -> dict[str, Any]: ...
 
+    def _record_result(self, **values: Any) -> None: ...
+
 
 class SwitchoverWindow:
     """The temporary rules of one migration."""
@@ -165,6 +168,11 @@ class SwitchoverWindow:
         self.run = run
         self.cookie = mbb_cookie(run.id)
         self.installed = False
+        self.installs = 0
+
+    @property
+    def lead_s(self) -> float:
+        return float(self.run.options.get(LEAD_OPTION) or LEAD_S)
 
     def enabled(self) -> bool:
         return bool(self.run.options.get(OPTION, True))
@@ -191,6 +199,10 @@ class SwitchoverWindow:
         # Side by side: the window must open in the time the precopy leaves.
         self.installed = True       # a partial install is removed like a whole one
         problems = _all(tasks)
+        self.installs += 1
+        run._record_result(make_before_break="installed",
+                           make_before_break_installs=self.installs,
+                           make_before_break_cookie=f"{self.cookie:#x}")
         if problems:
             raise SwitchoverError("; ".join(problems))
         log.info("migration %s: make-before-break rules in place on %s", run.id,
@@ -237,10 +249,11 @@ def during_precopy(run: RunLike, progress: Mapping[str, Any]) -> None:
     if not window.enabled() or progress.get("status") not in ACTIVE_STATES:
         return
     try:
-        if not window.installed and due(progress):
+        if not window.installed and due(progress, window.lead_s):
             window.install()
-        elif window.installed and not due(progress, WITHDRAW_S):
+        elif window.installed and not due(progress, max(WITHDRAW_S, 4 * window.lead_s)):
             problems = window.remove()
+            run._record_result(make_before_break="withdrawn")
             if problems:
                 log.warning("migration %s: withdrawing make-before-break rules: %s", run.id,
                             "; ".join(problems))
@@ -259,6 +272,11 @@ def close(run: RunLike) -> list[str]:
     if window is None:
         window = SwitchoverWindow(run)
     problems = window.remove()
+    try:
+        run._record_result(make_before_break="removed" if not problems else "removal-failed",
+                           make_before_break_problems=problems)
+    except Exception:  # recording must not break an ending migration
+        log.exception("migration %s: cannot record the switchover rules' removal", run.id)
     if problems:
         log.warning("migration %s: make-before-break rules not all removed: %s", run.id,
                     "; ".join(problems))

@@ -1,0 +1,47 @@
+"""Issue 6: `vmferry bench migration --peer ovn` runs OVN side by side with the floor, vmferry
+and the naive order on one lab, and reports every variant. A smoke test, not a timed one; the
+lab, the OVN daemons and their namespaces must be gone afterwards, also on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from labkit import IMAGE_DIR, VMFERRY, leftovers
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+LAB = "ovnb"
+
+
+def test_bench_migration_with_ovn_as_peer(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    output = tmp_path / "migration.json"
+    env = {**os.environ, "VMFERRY_IMAGE_DIR": os.environ.get("VMFERRY_IMAGE_DIR", IMAGE_DIR)}
+    try:
+        result = subprocess.run(
+            [*VMFERRY, "bench", "migration", "--peer", "ovn", "--runs", "1", "--lab-name", LAB,
+             "--state-dir", str(state), "--output", str(output)],
+            env=env, check=False, capture_output=True, text=True, timeout=1400)
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        assert "ovn" in result.stdout
+        document = json.loads(output.read_text())
+        assert set(document["variants"]) == {"floor", "vmferry", "naive", "ovn"}
+        for name, variant in document["variants"].items():
+            assert variant["error"] is None, (name, variant["error"])
+            assert variant["runs_ok"] == 1, name
+            run = variant["runs"][0]
+            assert run["source"] != run["destination"]
+            for metric in ("lost", "blackout_ms", "qemu_downtime_ms", "total_ms"):
+                assert isinstance(run[metric], (int, float)), (name, metric)
+        assert document["comparisons"]["lost_minus_ovn"]["value"] is not None
+    finally:
+        assert leftovers(LAB, state) == []
+        # The OVN daemons run from the lab's directory: none may survive it.
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert not [line for line in ps.splitlines()
+                    if line.startswith("ovn") and str(state) in line]
