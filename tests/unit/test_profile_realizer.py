@@ -50,10 +50,10 @@ def test_cookie_is_tagged_and_stable() -> None:
 
 def test_meter_block_is_recorded_or_first_free() -> None:
     preferred = pp.preferred_block("vm-a")
-    taken = {"vm-b": state("vm-b", **{pp.KEY_BLOCK: str(preferred)})}
-    alloc = pp.allocate("vm-a", {**taken, "vm-a": state("vm-a")})
+    taken = {"vm-b": {pp.KEY_BLOCK: str(preferred)}}
+    alloc = pp.allocate("vm-a", {**taken, "vm-a": {}})
     assert alloc.block == (preferred + 1) % pp.METER_BLOCKS
-    kept = pp.allocate("vm-a", {"vm-a": state("vm-a", **{pp.KEY_BLOCK: "42"})})
+    kept = pp.allocate("vm-a", {"vm-a": {pp.KEY_BLOCK: "42"}})
     assert kept.block == 42 and kept.meter_id("to_vm") == 42 * pp.METER_BLOCK_SIZE + 1
     assert len(kept.meter_ids) == len(pp.METER_ROLES)
 
@@ -149,15 +149,16 @@ class MemorySwitch(Softswitch):
 
     def delete_port(self, bridge: str, port: str) -> None: ...
 
-    def ports(self, bridge: str) -> dict[str, PortState]:
-        return dict(self.rows)
+    def ports(self, bridge: str, names: Collection[str] | None = None) -> dict[str, PortState]:
+        return {n: s for n, s in self.rows.items() if names is None or n in names}
 
     def set_trunks(self, bridge: str, port: str, vlans: frozenset[int]) -> None: ...
 
     def replace_flows(self, bridge: str, cookie: int, flows: list[Flow]) -> None:
         self.replace_flows_many(bridge, {cookie: flows})
 
-    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]]) -> None:
+    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]],
+                           actual: Mapping[int, list[Flow]] | None = None) -> None:
         self.calls["bundle"] += 1
         if self.refuse_port is not None and pp.port_cookie(self.refuse_port) in flows:
             raise SoftswitchError("OVS refused a flow", cause="test")
@@ -166,6 +167,10 @@ class MemorySwitch(Softswitch):
                     if a.startswith("meter:")}
             assert used <= set(self.meters), "a flow's meter must exist before the flow"
             self.flows[cookie] = list(cookie_flows)
+
+    def dump_flows_many(self, bridge: str, cookies: Collection[int]) -> dict[int, list[Flow]]:
+        self.calls["dump_flows"] += 1
+        return {cookie: list(self.flows.get(cookie, [])) for cookie in cookies}
 
     def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
         return [f for c, fl in self.flows.items() if cookie in (None, c) for f in fl]
@@ -201,7 +206,7 @@ def test_realize_many_is_one_transaction_one_meter_dump_one_bundle() -> None:
     reports = pp.realize_many(switch, "br", requests(names, profile(**METERED)))
     assert [r.port for r in reports] == names
     assert switch.calls["ensure_ports"] == 1 and switch.calls["bundle"] == 1
-    assert switch.calls["dump_meters"] == 1
+    assert switch.calls["dump_meters"] == 1 and switch.calls["dump_flows"] == 1
     blocks = [r.meter_block for r in reports]
     assert len(set(blocks)) == len(blocks), "every port gets a meter block of its own"
     assert len(switch.meters) == 5 * 3

@@ -37,7 +37,8 @@ import hashlib
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,14 +140,16 @@ def preferred_block(port: str) -> int:
     return int(hashlib.sha256(f"meters:{port}".encode()).hexdigest()[:8], 16) % METER_BLOCKS
 
 
-def allocate(port: str, ports: dict[str, PortState]) -> Allocation:
+def allocate(port: str, tags: Mapping[str, Mapping[str, str]]) -> Allocation:
     """The port's cookie and meter block: the recorded block if it has one, else the first
-    free block from the one its name hashes to. Raises ``SoftswitchError`` when all are taken."""
-    recorded = ports.get(port)
-    if recorded is not None and KEY_BLOCK in recorded.external_ids:
-        return Allocation(port_cookie(port), int(recorded.external_ids[KEY_BLOCK]))
-    taken = {int(state.external_ids[KEY_BLOCK]) for name, state in ports.items()
-             if name != port and KEY_BLOCK in state.external_ids}
+    free block from the one its name hashes to. ``tags``: the ``external_ids`` of the bridge's
+    ports by name (of every port, unless this one has a block recorded). Raises
+    ``SoftswitchError`` when all blocks are taken."""
+    recorded = tags.get(port)
+    if recorded is not None and KEY_BLOCK in recorded:
+        return Allocation(port_cookie(port), int(recorded[KEY_BLOCK]))
+    taken = {int(ids[KEY_BLOCK]) for name, ids in tags.items()
+             if name != port and KEY_BLOCK in ids}
     start = preferred_block(port)
     for step in range(METER_BLOCKS):
         block = (start + step) % METER_BLOCKS
@@ -315,12 +318,13 @@ def desired_port(actual: PortState, ofport: int, mac: str, ips: list[str],
 # ---- talking to the switch ---------------------------------------------------------------------
 
 def _ports_ready(softswitch: Softswitch, bridge: str, names: Sequence[str],
-                 timeout: float = 10) -> dict[str, PortState]:
-    """Every port of the bridge, once each of ``names`` has an OpenFlow number.
+                 timeout: float = 10) -> tuple[dict[str, PortState], dict[str, dict[str, str]]]:
+    """The ports ``names`` once each has an OpenFlow number, and the tags ``allocate`` needs:
+    their ``external_ids``, and every other port's too if one of them has no meter block yet.
 
     Raises ``SoftswitchError`` if one is missing, ``WaitTimeout``.
     """
-    ports = softswitch.ports(bridge)
+    ports = softswitch.ports(bridge, names)
     waited = False
     for port in names:
         state = ports.get(port)
@@ -334,16 +338,19 @@ def _ports_ready(softswitch: Softswitch, bridge: str, names: Sequence[str],
             waiter(bridge, port, timeout)
             waited = True
     if waited:
-        ports = softswitch.ports(bridge)
-    return ports
+        ports = softswitch.ports(bridge, names)
+    tags = {name: dict(ports[name].external_ids) for name in names}
+    if any(KEY_BLOCK not in ids for ids in tags.values()):
+        tags = {**softswitch.port_external_ids(bridge), **tags}
+    return ports, tags
 
 
-def _port_state(softswitch: Softswitch, bridge: str, port: str,
-                timeout: float = 10) -> tuple[dict[str, PortState], PortState, int]:
-    ports = _ports_ready(softswitch, bridge, [port], timeout)
+def _port_state(softswitch: Softswitch, bridge: str, port: str, timeout: float = 10
+                ) -> tuple[dict[str, dict[str, str]], PortState, int]:
+    ports, tags = _ports_ready(softswitch, bridge, [port], timeout)
     state = ports[port]
     assert state.ofport is not None
-    return ports, state, state.ofport
+    return tags, state, state.ofport
 
 
 def realize(softswitch: Softswitch, bridge: str, port: str, vm_mac: str, vm_ips: Iterable[str],
@@ -363,10 +370,11 @@ def realize_many(softswitch: Softswitch, bridge: str,
                  requests: Sequence[PortRequest]) -> list[RealizationReport]:
     """``realize`` for many ports at once, in the same order and with the work of one.
 
-    All port rows in one OVSDB transaction, then every meter the new flows need, then all
-    flows in one bundle (atomic: if OVS refuses one flow, no port's flows change), then the
-    meters no flow uses any more. Returns one report per request, in order. Raises
-    ``InputError`` (a port named twice), ``SoftswitchError``, ``WaitTimeout``.
+    All port rows in one OVSDB transaction (flows and meters are read meanwhile), then every
+    meter the new flows need, then all flows in one bundle (atomic: if OVS refuses one flow,
+    no port's flows change), then the meters no flow uses any more. Returns one report per
+    request, in order. Raises ``InputError`` (a port named twice), ``SoftswitchError``,
+    ``WaitTimeout``.
     """
     if not requests:
         return []
@@ -374,21 +382,27 @@ def realize_many(softswitch: Softswitch, bridge: str,
     names = [request.port for request in requests]
     if len(set(names)) != len(names):
         raise InputError("ports", "a port is named twice")
-    ports = _ports_ready(softswitch, bridge, names)
+    ports, tags = _ports_ready(softswitch, bridge, names)
     # Meter blocks are taken one port after another, so two new ports never pick the same.
     wants: list[tuple[Allocation, DesiredPort]] = []
     for request in requests:
-        alloc = allocate(request.port, ports)
+        alloc = allocate(request.port, tags)
         state = ports[request.port]
         ips = [str(ipaddress.ip_interface(ip).ip) for ip in request.vm_ips]
         assert state.ofport is not None
         want = desired_port(state, state.ofport, request.vm_mac, ips, request.profile, alloc)
-        ports[request.port] = _with_block(state, alloc.block)
+        tags[request.port][KEY_BLOCK] = str(alloc.block)
         wants.append((alloc, want))
-    softswitch.ensure_ports(bridge, [want.spec for _, want in wants])
+    flows = {alloc.cookie: want.flows for alloc, want in wants}
+    # Reading the flows and meters does not depend on the port rows: read while they commit.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="realize-read") as pool:
+        meters_read = pool.submit(softswitch.dump_meters, bridge)
+        flows_read = pool.submit(softswitch.dump_flows_many, bridge, flows.keys())
+        softswitch.ensure_ports(bridge, [want.spec for _, want in wants])
     meters = [meter for _, want in wants for meter in want.meters]
-    now = softswitch.replace_meters(bridge, meters, {m.meter_id for m in meters})
-    softswitch.replace_flows_many(bridge, {alloc.cookie: want.flows for alloc, want in wants})
+    now = softswitch.replace_meters(bridge, meters, {m.meter_id for m in meters},
+                                    actual=meters_read.result())
+    softswitch.replace_flows_many(bridge, flows, actual=flows_read.result())
     softswitch.replace_meters(bridge, meters,
                               {i for alloc, _ in wants for i in alloc.meter_ids}, actual=now)
     seconds = time.perf_counter() - started
@@ -420,12 +434,6 @@ def realize_each(softswitch: Softswitch, bridge: str, requests: Sequence[PortReq
     return outcomes
 
 
-def _with_block(state: PortState, block: int) -> PortState:
-    """``state`` as if its meter block were already recorded (so no other port takes it)."""
-    return PortState(name=state.name, tag=state.tag, trunks=state.trunks,
-                     vlan_mode=state.vlan_mode, iface_type=state.iface_type,
-                     ofport=state.ofport, mac_in_use=state.mac_in_use,
-                     external_ids={**state.external_ids, KEY_BLOCK: str(block)})
 
 
 def remove(softswitch: Softswitch, bridge: str, port: str) -> bool:
@@ -437,7 +445,7 @@ def remove(softswitch: Softswitch, bridge: str, port: str) -> bool:
     """
     cookie = port_cookie(port)
     softswitch.replace_flows(bridge, cookie, [])
-    state = softswitch.ports(bridge).get(port)
+    state = softswitch.ports(bridge, [port]).get(port)
     if state is None or KEY_BLOCK not in state.external_ids:
         return False
     alloc = Allocation(cookie, int(state.external_ids[KEY_BLOCK]))
@@ -461,11 +469,11 @@ def port_status(softswitch: Softswitch, bridge: str, port: str, vm_mac: str,
     ``SoftswitchError``.
     """
     ips = [str(ipaddress.ip_interface(ip).ip) for ip in vm_ips]
-    ports, state, ofport = _port_state(softswitch, bridge, port)
+    tags, state, ofport = _port_state(softswitch, bridge, port)
     cookie = port_cookie(port)
     actual_flows = [normalize_flow(f) for f in softswitch.dump_flows(bridge, cookie)]
     recorded_block = state.external_ids.get(KEY_BLOCK)
-    alloc = allocate(port, ports)
+    alloc = allocate(port, tags)
     actual_meters = [m for m in softswitch.dump_meters(bridge)
                      if recorded_block is not None and m.meter_id in alloc.meter_ids]
     actual = {"vlan": state.tag, "trunks": sorted(state.trunks), "vlan_mode": state.vlan_mode,

@@ -84,8 +84,13 @@ class Softswitch(ABC):
         """Remove the port (idempotent)."""
 
     @abstractmethod
-    def ports(self, bridge: str) -> dict[str, PortState]:
-        """Every port of the bridge as it is now."""
+    def ports(self, bridge: str, names: Collection[str] | None = None) -> dict[str, PortState]:
+        """Every port of the bridge as it is now (only those in ``names`` when given)."""
+
+    def port_external_ids(self, bridge: str) -> dict[str, dict[str, str]]:
+        """Every port's ``external_ids`` by name; a switch may read these cheaper than
+        ``ports``."""
+        return {name: dict(state.external_ids) for name, state in self.ports(bridge).items()}
 
     @abstractmethod
     def set_trunks(self, bridge: str, port: str, vlans: frozenset[int]) -> None:
@@ -95,10 +100,17 @@ class Softswitch(ABC):
     def replace_flows(self, bridge: str, cookie: int, flows: list[Flow]) -> None:
         """Make the flows carrying ``cookie`` exactly ``flows`` (atomically, in one bundle)."""
 
-    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]]) -> None:
-        """``replace_flows`` for many cookies; a switch that can, does it in one bundle."""
+    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]],
+                           actual: Mapping[int, list[Flow]] | None = None) -> None:
+        """``replace_flows`` for many cookies; a switch that can, does it in one bundle.
+        ``actual``: the flows as ``dump_flows_many`` just read them (a switch may skip its
+        own read)."""
         for cookie, cookie_flows in flows.items():
             self.replace_flows(bridge, cookie, cookie_flows)
+
+    def dump_flows_many(self, bridge: str, cookies: Collection[int]) -> dict[int, list[Flow]]:
+        """The flows of each cookie; a switch that can, reads them at once."""
+        return {cookie: self.dump_flows(bridge, cookie) for cookie in cookies}
 
     @abstractmethod
     def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:

@@ -398,7 +398,7 @@ def parse_dump_flows(text: str, cookies: Collection[int] | None = None) -> list[
         wanted = set(cookies)
         # --no-stats leaves out a zero cookie.
         lines = [line for line in lines
-                 if ((found := _COOKIE_RE.match(line)) and int(found.group(1), 0) or 0) in wanted]
+                 if (((found := _COOKIE_RE.match(line)) and int(found.group(1), 0)) or 0) in wanted]
     parsed = (parse_flow_line(line) for line in lines)
     return [stats for stats in parsed if stats is not None]
 
@@ -874,9 +874,17 @@ class OvsSoftswitch(Softswitch):
         return PortRecord(port_row.name, port, iface_cols, ofport=_one(iface.ofport),
                           mac_in_use=_one(iface.mac_in_use), error=_one(iface.error))
 
-    def _port_records(self, bridge: str) -> dict[str, PortRecord]:
+    def _port_records(self, bridge: str,
+                      names: Collection[str] | None = None) -> dict[str, PortRecord]:
+        """Records of the bridge's ports (only those in ``names`` when given: reading a row
+        through the IDL converts every column, which adds up on a bridge of many ports)."""
         row = self._require_bridge(bridge)
-        return {p.name: self._record(p) for p in row.ports if p.name != bridge}
+        records = {}
+        for port in row.ports:
+            name = port.name
+            if name != bridge and (names is None or name in names):
+                records[name] = self._record(port)
+        return records
 
     def _port_owner(self, port: str) -> str | None:
         """The bridge holding a port of that name, if any."""
@@ -929,18 +937,27 @@ class OvsSoftswitch(Softswitch):
 
     # ---- ports ---------------------------------------------------------------------------------
 
-    def ports(self, bridge: str) -> dict[str, PortState]:
-        """Every port of the bridge except its own internal port, as stored now.
+    def ports(self, bridge: str, names: Collection[str] | None = None) -> dict[str, PortState]:
+        """Every port of the bridge except its own internal port (only those named in
+        ``names`` when given), as stored now.
 
         ``ofport`` is None until ovs-vswitchd numbered the port, -1 if it failed to open it.
         Raises ``SoftswitchError`` if the bridge does not exist.
         """
-        records = self._read(lambda: self._port_records(bridge))
+        records = self._read(lambda: self._port_records(bridge, names))
         return {name: record.state() for name, record in sorted(records.items())}
+
+    def port_external_ids(self, bridge: str) -> dict[str, dict[str, str]]:
+        """Every port's ``external_ids`` by name (two columns per port, not all of them).
+        Raises ``SoftswitchError`` if the bridge does not exist."""
+        def read() -> dict[str, dict[str, str]]:
+            ports = self._require_bridge(bridge).ports
+            return {name: dict(p.external_ids) for p in ports if (name := p.name) != bridge}
+        return self._read(read)
 
     def port_record(self, bridge: str, port: str) -> PortRecord | None:
         """All managed columns of one port (None if it is not on the bridge)."""
-        return self._read(lambda: self._port_records(bridge).get(port))
+        return self._read(lambda: self._port_records(bridge, {port}).get(port))
 
     def ensure_port(self, bridge: str, port: PortSpec) -> None:
         """Create the port or write only the columns that differ from ``port``; no-op if none.
@@ -965,7 +982,7 @@ class OvsSoftswitch(Softswitch):
             check_port_spec(spec)
 
         def plan() -> list[tuple[PortSpec, PortChanges]]:
-            records = self._port_records(bridge)
+            records = self._port_records(bridge, set(names))
             planned = []
             for spec in specs:
                 record = records.get(spec.name)
@@ -1007,7 +1024,7 @@ class OvsSoftswitch(Softswitch):
 
     def delete_port(self, bridge: str, port: str) -> None:
         """Remove the port from the bridge (idempotent). Raises ``SoftswitchError``."""
-        present = self._read(lambda: port in self._port_records(bridge)
+        present = self._read(lambda: port in self._port_records(bridge, {port})
                              if self._bridge_row(bridge) is not None else False)
         if present:
             self._commit(f"delete port {port} from {bridge}",
@@ -1024,7 +1041,7 @@ class OvsSoftswitch(Softswitch):
                 raise InputError("trunks", f"{vlan} is not 0..4095")
 
         def current() -> list[int]:
-            record = self._port_records(bridge).get(port)
+            record = self._port_records(bridge, {port}).get(port)
             if record is None:
                 raise SoftswitchError(f"port {port} is not on bridge {bridge}",
                                       cause="no such port")
@@ -1139,29 +1156,38 @@ class OvsSoftswitch(Softswitch):
         """
         self.replace_flows_many(bridge, {cookie: flows})
 
-    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]]) -> None:
+    def dump_flows_many(self, bridge: str, cookies: Collection[int]) -> dict[int, list[Flow]]:
+        """The flows of each cookie (normalized), in one dump. Raises ``SoftswitchError``."""
+        if not cookies:
+            return {}
+        if len(cookies) == 1:
+            dumped = self._dump(bridge, next(iter(cookies)), stats=False)
+        else:
+            dumped = self._dump(bridge, None, stats=False, cookies=cookies)
+        found: dict[int, list[Flow]] = {cookie: [] for cookie in cookies}
+        for stats in dumped:
+            found[stats.cookie].append(stats.flow)
+        return found
+
+    def replace_flows_many(self, bridge: str, flows: Mapping[int, list[Flow]],
+                           actual: Mapping[int, list[Flow]] | None = None) -> None:
         """``replace_flows`` for many cookies at once: one flow dump, one bundle for all.
 
-        The bundle is atomic: if OVS rejects one flow, no cookie's flows change. Raises what
-        ``replace_flows`` raises.
+        ``actual``: the flows of these cookies as just dumped (``dump_flows_many``), else
+        they are dumped. The bundle is atomic: if OVS rejects one flow, no cookie's flows
+        change. Raises what ``replace_flows`` raises.
         """
         for cookie in flows:
             if not 0 < cookie <= MAX_COOKIE:
                 raise InputError("cookie", f"{cookie} is not 1..2^64-2")
         if not flows:
             return
-        if len(flows) == 1:
-            only = next(iter(flows))
-            dumped = self._dump(bridge, only, stats=False)
-        else:
-            dumped = self._dump(bridge, None, stats=False, cookies=flows.keys())
-        actual: dict[int, list[Flow]] = {cookie: [] for cookie in flows}
-        for stats in dumped:
-            actual[stats.cookie].append(stats.flow)
+        if actual is None:
+            actual = self.dump_flows_many(bridge, flows.keys())
         deletes: list[str] = []
         adds: list[str] = []
         for cookie in sorted(flows):
-            for line in plan_flow_changes(cookie, actual[cookie], flows[cookie]):
+            for line in plan_flow_changes(cookie, actual.get(cookie, []), flows[cookie]):
                 (deletes if line.startswith("delete") else adds).append(line)
         lines = deletes + adds
         if not lines:
