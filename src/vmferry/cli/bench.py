@@ -110,3 +110,34 @@ def comparisons_table(document: dict[str, Any]) -> Table:
         met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[figure["met"]]
         table.add_row(figure["what"], value, f"<= {figure['target_max']}", met)
     return table
+
+
+@bench_app.command("profiles")
+def profiles(
+    runs: int = typer.Option(7, "--runs", min=1, max=100, help="Repetitions of each figure"),
+    ports: int = typer.Option(50, "--ports", min=1, max=1000,
+                              help="Ports a profile change converges on"),
+    output: Path = typer.Option(Path("bench-results/profiles.json"), "--output", "-o",
+                                help="Where to write the JSON report"),
+) -> None:
+    """Median time to realize a port profile on one port and to converge a change on N ports,
+    on a private Open vSwitch, against hand-wired ovs-ofctl; print a table, write JSON."""
+    from vmferry.bench.profiles import run, write_report
+    with errors_to_exit(), console.status("bench: port profiles"):
+        document = run(runs, ports)
+    write_report(document, output)
+    table = Table(title=f"port profiles on Open vSwitch, {runs} runs (median (min-max))")
+    for column in ("figure", "vmferry", "hand-wired peer", "ratio", "target", "met"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for key, what in (("realize_one_port", "realize a profile on one port"),
+                      ("converge_change", f"converge a change on {ports} ports")):
+        figure = document[key]
+        table.add_row(what, f"{figure['median_s'] * 1000:.1f} ms "
+                      f"({figure['min_s'] * 1000:.1f}-{figure['max_s'] * 1000:.1f})",
+                      f"{figure['peer_median_s'] * 1000:.1f} ms",
+                      f"{figure['ratio_to_peer']}x",
+                      f"< {figure['target_s'] * 1000:.0f} ms",
+                      "[green]yes[/green]" if figure["met"] else "[red]no[/red]")
+    console.print(table)
+    console.print(f"peer: {document['peer']}", highlight=False)
+    console.print(f"JSON written to {output}")
