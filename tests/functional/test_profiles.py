@@ -38,7 +38,7 @@ def write_profiles(lab: LabRun, name: str, profiles: list[dict[str, Any]]) -> Pa
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
     data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
-    data["name"] = "tp"
+    data["name"] = f"tp{os.getpid() % 1000}"     # others may run this module at once
     run = LabRun(tmp_path_factory.mktemp("state"), copy.deepcopy(data))
     try:
         run.up()

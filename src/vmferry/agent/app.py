@@ -29,6 +29,14 @@ class SwitchoverRules(BaseModel):
     mac: MacAddress
 
 
+class PortProfiles(BaseModel):
+    """One profile for many guests' ports at once (a live profile update)."""
+
+    model_config = ConfigDict(extra="forbid")
+    profile: dict[str, Any]
+    vms: list[str] = Field(min_length=1, max_length=4096)
+
+
 def create_app(agent: HostAgent, token: str) -> FastAPI:
     def authenticated(request: Request) -> None:
         presented = bearer_token(request)
@@ -64,6 +72,10 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
     @app.put("/v1/ports/{name}/profile")
     def set_port_profile(name: str, body: dict[str, Any]) -> dict[str, Any]:
         return agent.set_port_profile(name, body.get("profile"))
+
+    @app.put("/v1/port-profiles")
+    def set_port_profiles(body: PortProfiles) -> dict[str, Any]:
+        return {"ports": agent.set_port_profiles(body.vms, body.profile)}
 
     @app.get("/v1/ports/{name}")
     def port_status(name: str) -> dict[str, Any]:

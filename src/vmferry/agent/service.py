@@ -185,6 +185,41 @@ class HostAgent:
             self._save_request(updated)
             return result
 
+    def set_port_profiles(self, names: list[str], profile: dict[str, Any]) -> list[dict[str, Any]]:
+        """Realize ``profile`` live on many guests' ports together (one OVSDB transaction, one
+        flow bundle); remembered for each guest it reached. One outcome per name, in order:
+        the realization report with ``ok`` true, or ``ok`` false and the ``error``; a port
+        the batch fails on is retried alone so only it fails. Raises ``InputError`` for a bad
+        profile (then nothing is touched)."""
+        parsed = port_profile.profile_from(profile)
+        assert parsed is not None
+        with self._lock:
+            outcomes: dict[str, dict[str, Any]] = {}
+            known = []
+            for name in dict.fromkeys(names):
+                request = self._guests.get(name)
+                if request is None:
+                    outcomes[name] = {"vm": name, "ok": False,
+                                      "error": f"no guest {name!r} on host {self.config.host}"}
+                else:
+                    known.append(request)
+            results = port_profile.realize_each(self.softswitch, HOST_BRIDGE, [
+                port_profile.PortRequest(tap_name(r.name), r.mac, (r.ip,), parsed)
+                for r in known])
+            for request, result in zip(known, results, strict=True):
+                if isinstance(result, VmferryError):
+                    cause = result.fields.get("cause")
+                    outcomes[request.name] = {"vm": request.name, "ok": False, "error": (
+                        f"{result.message}: {cause}" if cause else result.message)}
+                    continue
+                updated = request.model_copy(update={"profile": profile,
+                                                     "vlan": parsed.fabric_vlans[0]})
+                self._guests[request.name] = updated
+                self._save_request(updated)
+                outcomes[request.name] = {"vm": request.name, "ok": True, "error": None,
+                                          **result.to_dict()}
+            return [outcomes[name] for name in names]
+
     def port_status(self, name: str) -> dict[str, Any]:
         """The guest port's desired and actual state, and whether they match."""
         request = self._guests.get(name)
