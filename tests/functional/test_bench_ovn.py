@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -18,9 +17,11 @@ pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 LAB = "ovnb"
 
 
-def test_bench_migration_with_ovn_as_peer(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    output = tmp_path / "migration.json"
+def test_bench_migration_with_ovn_as_peer(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A short directory: the lab's unix sockets must fit in 107 bytes.
+    base = tmp_path_factory.mktemp("ob")
+    state = base / "state"
+    output = base / "migration.json"
     env = {**os.environ, "VMFERRY_IMAGE_DIR": os.environ.get("VMFERRY_IMAGE_DIR", IMAGE_DIR)}
     try:
         result = subprocess.run(
