@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vmferry.agent.models import GuestRequest, MigrateRequest
 from vmferry import failpoints
+from vmferry.agent.models import GuestRequest, MigrateRequest
 from vmferry.controller import events
 from vmferry.controller import switchover
 from vmferry.controller.auth import Principal
