@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from vmferry.agent.models import HostReport
 from vmferry.controller import audit, auth, events, profiles
-from vmferry.controller.auth import Principal, Role
+from vmferry.controller.auth import Role
+from vmferry.controller.deps import Caller
 from vmferry.controller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vmferry.controller.metrics import Metrics
 from vmferry.controller.migration import Migrations
@@ -27,16 +28,10 @@ from vmferry.controller.models import (
 from vmferry.controller.service import Controller
 from vmferry.controller.stream import MEDIA_TYPE as SSE_MEDIA_TYPE
 from vmferry.controller.stream import EventHub
-from vmferry.errors import ForbiddenError
+from vmferry.errors import AuthError, ForbiddenError
 from vmferry.model.topology import Topology
-from vmferry.web import bearer_token, install_error_handlers
+from vmferry.web import install_error_handlers
 
-
-def _principal(request: Request) -> Principal:
-    return auth.authenticate(request.app.state.controller.store, bearer_token(request))
-
-
-Caller = Annotated[Principal, Depends(_principal)]
 # Store ids are 64-bit: larger numbers are refused as input, not overflowed in the database.
 MAX_ID = 2**63 - 1
 MigrationId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
@@ -56,6 +51,14 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     hub = app.state.event_hub = EventHub(store)
     migrations.listeners.extend([metrics.on_migration, hub.publish_migration])
 
+    @app.exception_handler(AuthError)
+    async def _refused(request: Request, exc: AuthError) -> JSONResponse:
+        """Every refusal is in the audit log: who tried what, and why not."""
+        outcome = "forbidden" if isinstance(exc, ForbiddenError) else "unauthorized"
+        events.record(store, str(exc.fields.get("actor", "anonymous")),
+                      f"{request.method} {request.url.path}", request.url.path, outcome,
+                      reason=exc.message)
+        return JSONResponse(status_code=exc.http_status, content={"detail": exc.to_dict()})
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
@@ -119,11 +122,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
 
     @app.delete("/v1/vms/{name}", status_code=204)
     def delete_vm(name: str, caller: Caller) -> Response:
-        try:
-            auth.require(caller, auth.SERVERS, "delete VMs")
-        except ForbiddenError as exc:
-            events.record(store, caller.name, "vm.delete", name, "forbidden", error=exc.message)
-            raise
+        auth.require(caller, auth.SERVERS, "delete VMs")
         controller.delete_vm(name, caller)
         port_profiles.forget_port(name)
         return Response(status_code=204)

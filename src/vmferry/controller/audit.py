@@ -69,7 +69,8 @@ def audit(controller: Controller) -> list[Finding]:
             missing = sorted(set(trunk.desired) - set(actual))
             if missing:
                 findings.append(Finding("trunk-missing", f"{node}:{port}",
-                                        ",".join(map(str, missing)), "VLANs needed but not carried"))
+                                        ",".join(map(str, missing)),
+                                        "VLANs needed but not carried"))
     findings.extend(switchover_leftovers(controller))
     return findings
 

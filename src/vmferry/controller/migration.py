@@ -16,8 +16,7 @@ from sqlalchemy import select
 
 from vmferry import failpoints
 from vmferry.agent.models import GuestRequest, MigrateRequest
-from vmferry.controller import events
-from vmferry.controller import switchover
+from vmferry.controller import events, switchover
 from vmferry.controller.auth import Principal
 from vmferry.controller.profiles import profile_spec
 from vmferry.controller.service import Controller

@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy import select
 
 from vmferry.controller import auth, events
 from vmferry.controller.auth import Principal
+from vmferry.controller.deps import Caller
 from vmferry.controller.models import VmCreate
 from vmferry.controller.service import PLACED_STATES, Controller
 from vmferry.errors import ConflictError, InputError, NotFoundError, VmferryError
@@ -28,7 +29,6 @@ from vmferry.model.profile import PortProfile, parse_profile, parse_profiles
 from vmferry.store.db import Store
 from vmferry.store.profile_schema import PortRealizationRow, ProfileRow
 from vmferry.store.schema import VmRow
-from vmferry.web import bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -301,13 +301,6 @@ def _port_out(row: PortRealizationRow) -> dict[str, Any]:
 
 
 # ---- HTTP -------------------------------------------------------------------------------------
-
-def _principal(request: Request) -> Principal:
-    return auth.authenticate(request.app.state.controller.store, bearer_token(request))
-
-
-Caller = Annotated[Principal, Depends(_principal)]
-
 
 def router(profiles: Profiles) -> APIRouter:
     """Routes: /v1/profiles, /v1/vms/{name}/profile, /v1/ports/{vm}."""
