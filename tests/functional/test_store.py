@@ -250,6 +250,6 @@ def test_migration_records(store: Store) -> None:
     assert record["state"] == "completed"
     assert record["phases"] == [{"phase": "precheck", "ok": True}]
     assert record["result"]["qemu"]["downtime_ms"] == 42
-    assert [m["id"] for m in migrations.list()] == [migration_id]
+    assert [m["id"] for m in migrations.recent()] == [migration_id]
     with pytest.raises(NotFoundError):
         migrations.get(migration_id + 1)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from vmferry import privileged
+from vmferry.drivers.hypervisor.qemu import guest_files
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec
 from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
@@ -290,6 +291,13 @@ def teardown(lab: str) -> list[str]:
             if pid and privileged.pid_alive(pid) and _is_qemu(pid):
                 privileged.stop_pid(pid)
                 removed.append(f"qemu {pidfile.stem} ({pid})")
+    if hosts_dir.is_dir():
+        for guests in sorted(hosts_dir.glob("*/guests")):
+            # QMP sockets of a deep run dir live in a short directory of their own.
+            sockets = guest_files(guests, "x")["qmp"].parent
+            if sockets != guests and sockets.exists():
+                shutil.rmtree(sockets, ignore_errors=True)
+                removed.append(f"directory {sockets}")
     ovs_root = layout.root / "ovs"
     if ovs_root.is_dir():
         for node_dir in sorted(p for p in ovs_root.iterdir() if p.is_dir()):

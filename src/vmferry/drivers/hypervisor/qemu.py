@@ -16,7 +16,9 @@ shared). The public methods are a synchronous facade over it; every wait is boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import re
@@ -69,11 +71,19 @@ _T = TypeVar("_T")
 
 # ---- pure helpers (unit-tested) -----------------------------------------------------------------
 
+SHORT_SOCKET_ROOT = Path("/run/vmferry")
+
+
 def guest_files(run_dir: Path, name: str) -> dict[str, Path]:
-    """Every file a guest may own in ``run_dir``, by role."""
+    """Every file a guest may own in ``run_dir``, by role. The QMP socket moves to a short
+    directory named after a hash of ``run_dir`` when ``run_dir`` is too long for a socket."""
+    qmp = run_dir / f"{name}.qmp"
+    if len(str(qmp)) > _SUN_PATH_MAX:
+        digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
+        qmp = SHORT_SOCKET_ROOT / f"qmp-{digest}" / f"{name}.qmp"
     return {
         "pid": run_dir / f"{name}.pid",
-        "qmp": run_dir / f"{name}.qmp",
+        "qmp": qmp,
         "serial": run_dir / f"{name}.serial.log",
         "spec": run_dir / f"{name}.spec.json",
     }
@@ -362,8 +372,9 @@ class QemuHypervisor(Hypervisor):
         if not privileged.link_exists(self.namespace, spec.tap):
             raise HypervisorError(f"tap {spec.tap} does not exist", host=self.host,
                                   vm=spec.name, cause="create it before starting the guest")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._remove_files(spec.name)   # leftovers of a guest that died
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        files["qmp"].parent.mkdir(parents=True, exist_ok=True)
         files["spec"].write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
         argv = qemu_argv(spec, self.image, files, qemu_binary=self.qemu_binary,
                          incoming=incoming_uri is not None)
@@ -413,8 +424,12 @@ class QemuHypervisor(Hypervisor):
         self._remove_files(name)
 
     def _remove_files(self, name: str) -> None:
-        for path in self.files(name).values():
+        files = self.files(name)
+        for path in files.values():
             path.unlink(missing_ok=True)
+        if files["qmp"].parent != self.run_dir:
+            with contextlib.suppress(OSError):   # other guests may still have sockets there
+                files["qmp"].parent.rmdir()
 
     def wait_ready(self, name: str, *, timeout: float = 30.0) -> None:
         """Wait until the guest prints READY on its console (networking and services up).

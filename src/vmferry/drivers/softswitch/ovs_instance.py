@@ -16,6 +16,7 @@ and finds them again through their pidfiles.
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -34,13 +35,15 @@ VSWITCH_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 # "<base_dir>/<bridge>.snoop" with a bridge name of up to 15 characters.
 UNIX_PATH_MAX = 107
 MAX_BASE_DIR = UNIX_PATH_MAX - len("/") - privileged.IFNAME_MAX - len(".snoop")
+SHORT_RUN_ROOT = Path("/run/vmferry")
 
 
 class OvsInstance:
     """One ovsdb-server + ovs-vswitchd pair, all files under ``base_dir``, run in ``namespace``.
 
-    Raises ``SoftswitchError`` at construction if ``base_dir`` is too long for the unix sockets
-    that will live in it.
+    Its unix sockets live in ``base_dir`` too, unless that path is too long for a socket
+    (107 bytes): then they go to a short directory under ``SHORT_RUN_ROOT`` named after a hash
+    of ``base_dir``, so any process can find them again and ``stop()`` removes it.
     """
 
     def __init__(self, name: str, namespace: str | None, base_dir: Path) -> None:
@@ -48,16 +51,17 @@ class OvsInstance:
         self.namespace = namespace
         self.base_dir = Path(base_dir).absolute()
         if len(str(self.base_dir).encode()) > MAX_BASE_DIR:
-            raise SoftswitchError(
-                f"run directory of Open vSwitch {name} is too long for unix sockets",
-                host=name, cause=f"{self.base_dir} is longer than {MAX_BASE_DIR} bytes; "
-                "bridge sockets <dir>/<bridge>.snoop must fit in 107 bytes")
+            digest = hashlib.sha1(str(self.base_dir).encode()).hexdigest()[:16]
+            self._rundir = SHORT_RUN_ROOT / f"ovs-{digest}"
+        else:
+            self._rundir = self.base_dir
 
     # ---- paths ---------------------------------------------------------------------------------
 
     @property
     def rundir(self) -> Path:
-        return self.base_dir
+        """Where the sockets are: ``base_dir``, or a short directory when that is too long."""
+        return self._rundir
 
     @property
     def db_path(self) -> Path:
@@ -65,24 +69,24 @@ class OvsInstance:
 
     @property
     def db_socket(self) -> Path:
-        return self.base_dir / "db.sock"
+        return self.rundir / "db.sock"
 
     @property
     def vswitchd_ctl(self) -> Path:
         """The unixctl socket of ovs-vswitchd (``ovs-appctl -t`` target)."""
-        return self.base_dir / "ovs-vswitchd.ctl"
+        return self.rundir / "ovs-vswitchd.ctl"
 
     @property
     def ovsdb_ctl(self) -> Path:
-        return self.base_dir / "ovsdb-server.ctl"
+        return self.rundir / "ovsdb-server.ctl"
 
     def _pidfile(self, daemon: str) -> Path:
         return self.base_dir / f"{daemon}.pid"
 
     def _env(self) -> dict[str, str]:
-        # Bridges put their .mgmt/.snoop sockets in OVS_RUNDIR: keep them inside base_dir.
+        # Bridges put their .mgmt/.snoop sockets in OVS_RUNDIR.
         where = str(self.base_dir)
-        return {"OVS_RUNDIR": where, "OVS_LOGDIR": where, "OVS_DBDIR": where}
+        return {"OVS_RUNDIR": str(self.rundir), "OVS_LOGDIR": where, "OVS_DBDIR": where}
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -125,6 +129,7 @@ class OvsInstance:
             return
         self._stop_daemons()
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.rundir.mkdir(parents=True, exist_ok=True)
         if not self.db_path.exists():
             self._create_db()
         deadline = time.monotonic() + timeout
@@ -150,6 +155,8 @@ class OvsInstance:
         """Stop both daemons (by pid) and remove ``base_dir``. Idempotent."""
         self._stop_daemons()
         shutil.rmtree(self.base_dir, ignore_errors=True)
+        if self.rundir != self.base_dir:
+            shutil.rmtree(self.rundir, ignore_errors=True)
 
     def softswitch(self, timeout: float = 10) -> OvsSoftswitch:
         """A connected ``OvsSoftswitch`` for this instance; close it when done.
