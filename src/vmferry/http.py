@@ -13,7 +13,8 @@ import httpx
 from vmferry.errors import AgentError, InputError
 
 
-def client_for(address: str, *, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
+def client_for(address: str, *, token: str | None = None,
+               timeout: float | httpx.Timeout = 30.0) -> httpx.Client:
     """An httpx client for ``address``, sending ``token`` as a bearer token."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if address.startswith("unix:"):

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import typer
 from rich.live import Live
 from rich.table import Table
 
-from vmferry.cli.common import api_call, console, err_console, print_json
+from vmferry.cli.common import api_call, console, err_console, print_json, target
+from vmferry.http import client_for
 
 migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
 
-POLL_S = 0.25
+FINAL_STATES = {"completed", "rolled-back", "failed"}
+# Reads wait for the next event; the stream sends a keep-alive every 15 s.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=45.0)
 
 
 def migrate(
@@ -42,21 +49,55 @@ def migrate(
         print_json(record) if as_json else console.print(f"migration {record['id']} started")
         return
     deadline = time.monotonic() + timeout + 120
+    started = record
     if console.is_terminal and not as_json:
-        with Live(_progress_table(record), console=console, refresh_per_second=8) as live:
-            while record["state"] in ("running", "rolling-back") and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-                record = api_call("GET", f"/v1/migrations/{record['id']}")
+        with Live(_progress_table(started), console=console, refresh_per_second=8) as live:
+            for record in follow(started, deadline):
                 live.update(_progress_table(record))
     else:
-        while record["state"] in ("running", "rolling-back") and time.monotonic() < deadline:
-            record = api_call("GET", f"/v1/migrations/{record['id']}", params={"wait": 5})
+        last = deque(follow(started, deadline), maxlen=1)
+        record = last.pop() if last else started
     if as_json:
         print_json(record)
     else:
         print_report(record)
     if record["state"] != "completed":
         raise typer.Exit(1)
+
+
+def follow(record: dict[str, Any], deadline: float) -> Iterator[dict[str, Any]]:
+    """The migration's record each time it changes, until it ends or ``deadline`` passes.
+
+    Reads the controller's event stream (server-sent events); falls back to long polling when
+    the stream cannot be had."""
+    url, token = target.resolve()
+    try:
+        with client_for(url, token=token, timeout=STREAM_TIMEOUT) as api, \
+                api.stream("GET", "/v1/events/stream") as response:
+            if response.status_code != 200:
+                raise httpx.HTTPError(f"event stream answered {response.status_code}")
+            # Changes made before the stream opened are not in it: start from the record now.
+            record = api_call("GET", f"/v1/migrations/{record['id']}")
+            yield record
+            event = None
+            for line in response.iter_lines():
+                if record["state"] in FINAL_STATES or time.monotonic() > deadline:
+                    return
+                if line.startswith("event:"):
+                    event = line.removeprefix("event:").strip()
+                elif line.startswith("data:") and event == "migration":
+                    data = json.loads(line.removeprefix("data:"))
+                    if data.get("id") == record["id"]:
+                        record = data
+                        yield record
+                elif not line:
+                    event = None
+            return
+    except httpx.HTTPError:
+        pass
+    while record["state"] not in FINAL_STATES and time.monotonic() < deadline:
+        record = api_call("GET", f"/v1/migrations/{record['id']}", params={"wait": 5})
+        yield record
 
 
 def _progress_table(record: dict[str, Any]) -> Table:
