@@ -17,11 +17,16 @@ def client_for(address: str, *, token: str | None = None,
                timeout: float | httpx.Timeout = 30.0) -> httpx.Client:
     """An httpx client for ``address``, sending ``token`` as a bearer token."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # Plain HTTP and unix sockets carry no TLS: skip building a certificate store, which costs
+    # ~25 ms per client and would be paid on every call to an agent.
     if address.startswith("unix:"):
-        transport = httpx.HTTPTransport(uds=address.removeprefix("unix:"))
+        transport = httpx.HTTPTransport(uds=address.removeprefix("unix:"), verify=False)
         return httpx.Client(transport=transport, base_url="http://vmferry.local",
-                             headers=headers, timeout=timeout)
-    if address.startswith(("http://", "https://")):
+                            headers=headers, timeout=timeout, verify=False)
+    if address.startswith("http://"):
+        return httpx.Client(base_url=address.rstrip("/"), headers=headers, timeout=timeout,
+                            verify=False)
+    if address.startswith("https://"):
         return httpx.Client(base_url=address.rstrip("/"), headers=headers, timeout=timeout)
     raise InputError("address", f"{address!r} is neither http(s)://HOST:PORT nor unix:/PATH")
 

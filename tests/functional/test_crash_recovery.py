@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from labkit import LabRun, leftovers
+from labkit import VMFERRY, LabRun, free_port, leftovers
 from vmferry import privileged
 from vmferry.model.migration import PHASES, Phase, past_point_of_no_return
 from vmferry.model.topology import default_topology_path
@@ -123,3 +124,15 @@ def test_controller_killed_during_phase(lab: LabRun, phase: Phase) -> None:
     assert qemu_hosts(lab) == [where], "the VM must run on exactly one host"
     assert lab.wait_ping("client-100", VM_IP, timeout=30)
     assert lab.cli("audit", check=False).returncode == 0, lab.cli("audit", check=False).stdout
+
+
+def test_second_controller_on_the_same_store_refuses_to_lead(lab: LabRun) -> None:
+    database = lab_dir(lab) / "controller.db"
+    result = subprocess.run([*VMFERRY, "controller", "serve", "--db", f"sqlite:///{database}",
+                             "--listen", f"127.0.0.1:{free_port()}"], env=lab.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "another controller" in result.stderr and "leads this store" in result.stderr
+    assert "Traceback" not in result.stderr
+    # The leader is untouched and still serves.
+    assert lab.json("vm", "show", VM)["state"] == "running"
