@@ -37,7 +37,9 @@ def ping(client: str, address: str, count: int = 3) -> bool:
 def main() -> None:
     if os.geteuid() != 0:
         sys.exit("demo: run as root (it builds namespaces and Open vSwitch instances)")
-    run("lab", "up")
+    # A test may move the controller off the default port.
+    port = os.environ.get("VMFERRY_DEMO_CONTROLLER_PORT")
+    run("lab", "up", *(["--controller-port", port] if port else []))
     vms = json.loads(run("vm", "list", "--json", capture=True).stdout)
     if any(vm["name"] == "web1" for vm in vms):
         run("vm", "delete", "web1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import socket
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error becomes JSON naming the field and the reason; never a traceback."""
+    """Every error becomes JSON naming the field and the reason; never a traceback. Bodies
+    must be JSON and at most a megabyte."""
+    app.add_middleware(RequestLimits)
 
     @app.exception_handler(VmferryError)
     async def _vmferry(_request: Request, exc: VmferryError) -> JSONResponse:
@@ -107,3 +110,58 @@ def serve(app: FastAPI, listens: list[str], *, log_level: str = "warning") -> No
                             limit_concurrency=256)
     server = uvicorn.Server(config)
     asyncio.run(server.serve(sockets=sockets))
+
+
+MAX_BODY_BYTES = 1024 * 1024
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class RequestLimits:
+    """ASGI middleware: a body must be JSON and at most ``max_bytes`` long (413/415 otherwise,
+    with the field and the reason like every other refusal)."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _refuse(send, 413, f"larger than {self.max_bytes} bytes")
+            return
+        has_body = (length is not None and int(length) > 0) or "transfer-encoding" in headers
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if has_body and media != "application/json":
+            await _refuse(send, 415, f"Content-Type must be application/json, not "
+                          f"{media or 'missing'!r}")
+            return
+        seen = 0
+
+        async def bounded_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, bounded_receive, send)
+        except _TooLarge:
+            await _refuse(send, 413, f"larger than {self.max_bytes} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _refuse(send: Any, status: int, reason: str) -> None:
+    body = json.dumps({"detail": InputError("body", reason).to_dict()}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

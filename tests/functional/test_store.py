@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
@@ -26,7 +27,7 @@ from vmferry.controller.service import Controller
 from vmferry.errors import AuthError, ConflictError, NotFoundError
 from vmferry.store.db import Store
 from vmferry.store.schema import Base, HostRow, MigrationRow, VmRow
-from vmferry.store.upgrade import current_revisions, head_revisions
+from vmferry.store.upgrade import BASELINE, alembic_config, current_revisions, head_revisions
 
 REPO = Path(__file__).resolve().parents[2]
 PG_SCRIPT = REPO / "scripts" / "postgres-test-server.sh"
@@ -117,12 +118,14 @@ def test_upgrade_from_empty_reaches_head_and_matches_models(db_url: str) -> None
 
 
 # The tables ``create_all`` made before vmferry had migrations (revision 0001).
-BASELINE_TABLES = ["inventory", "hosts", "vms", "mac_pool", "tokens", "events", "migrations"]
 
 
 def test_database_made_before_migrations_is_adopted(db_url: str) -> None:
+    # What create_all made back then: the baseline revision's tables, no version table.
     legacy = create_engine(db_url)
-    Base.metadata.create_all(legacy, tables=[Base.metadata.tables[n] for n in BASELINE_TABLES])
+    with legacy.begin() as connection:
+        command.upgrade(alembic_config(connection), BASELINE)
+        connection.execute(text("DROP TABLE alembic_version"))
     legacy.dispose()
     store = Store(db_url)
     try:

@@ -89,3 +89,33 @@ def test_only_admin_manages_tokens(api: tuple[TestClient, dict[str, str]]) -> No
     status, body = call(client, tokens["admin"], "POST", "/v1/tokens",
                         {"name": "ops", "role": "wizard"})
     assert status == 422 and body["detail"]["field"] == "role"  # type: ignore[index]
+
+
+def test_expired_token_is_refused(api: tuple[TestClient, dict[str, str]]) -> None:
+    client, tokens = api
+    status, body = call(client, tokens["admin"], "POST", "/v1/tokens",
+                        {"name": "shortlived", "role": "viewer", "expires_in_s": 0.2})
+    assert status == 201
+    short = str(body["token"])
+    assert call(client, short, "GET", "/v1/vms")[0] == 200
+    import time
+    time.sleep(0.4)
+    status, body = call(client, short, "GET", "/v1/vms")
+    assert status == 401 and "expired" in body["detail"]["message"]  # type: ignore[index]
+    assert refusals(client, tokens["admin"])[-1]["outcome"] == "unauthorized"
+
+
+def test_oversized_and_non_json_bodies_are_refused(
+        api: tuple[TestClient, dict[str, str]]) -> None:
+    client, tokens = api
+    headers = {"Authorization": f"Bearer {tokens['admin']}"}
+    big = client.post("/v1/tokens", headers={**headers, "content-type": "application/json"},
+                      content=b'{"name": "' + b"x" * (2 * 1024 * 1024) + b'"}')
+    assert big.status_code == 413 and big.json()["detail"]["field"] == "body"
+    form = client.post("/v1/tokens", headers=headers, data={"name": "x", "role": "viewer"})
+    assert form.status_code == 415 and "application/json" in form.json()["detail"]["message"]
+    unknown = client.post("/v1/tokens", headers=headers,
+                          json={"name": "x", "role": "viewer", "colour": "blue"})
+    assert unknown.status_code == 422 and unknown.json()["detail"]["field"] == "body.colour"
+    _, listed = call(client, tokens["admin"], "GET", "/v1/tokens")
+    assert "x" not in [t["name"] for t in listed]  # type: ignore[index,union-attr]

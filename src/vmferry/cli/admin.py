@@ -34,9 +34,15 @@ def _vlans(vlans: list[int] | None) -> str:
 
 
 @token_app.command("create")
-def token_create(name: str, role: str = typer.Option(..., "--role")) -> None:
+def token_create(name: str, role: str = typer.Option(..., "--role"),
+                 expires_in: float | None = typer.Option(None, "--expires-in",
+                                                         help="Seconds until it expires"),
+                 ) -> None:
     """Create a token; it is shown once."""
-    result = api_call("POST", "/v1/tokens", json_body={"name": name, "role": role})
+    body: dict[str, object] = {"name": name, "role": role}
+    if expires_in is not None:
+        body["expires_in_s"] = expires_in
+    result = api_call("POST", "/v1/tokens", json_body=body)
     console.print(result["token"], highlight=False)
 
 
@@ -46,9 +52,10 @@ def token_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(tokens)
         return
-    table = Table("name", "role", "created", "revoked")
+    table = Table("name", "role", "created", "expires", "revoked")
     for t in tokens:
-        table.add_row(t["name"], t["role"], t["created_at"], "yes" if t["revoked"] else "")
+        table.add_row(t["name"], t["role"], t["created_at"][:19], (t["expires_at"] or "")[:19],
+                      "yes" if t["revoked"] else "")
     console.print(table)
 
 

@@ -188,7 +188,7 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     @app.post("/v1/tokens", status_code=201)
     def create_token(body: TokenCreate, caller: Caller) -> dict[str, str]:
         auth.require(caller, auth.ADMIN, "create tokens")
-        token = auth.create_token(store, body.name, body.role)
+        token = auth.create_token(store, body.name, body.role, expires_in_s=body.expires_in_s)
         events.record(store, caller.name, "token.create", body.name, "ok", role=body.role)
         return {"name": body.name, "role": body.role, "token": token}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 from sqlalchemy import select
@@ -51,6 +51,8 @@ def authenticate(store: Store, token: str | None) -> Principal:
         if row is not None:
             if row.revoked_at is not None:
                 raise AuthError(f"token {row.name!r} was revoked")
+            if row.expires_at is not None and _aware(row.expires_at) <= datetime.now(UTC):
+                raise AuthError(f"token {row.name!r} expired at {_aware(row.expires_at)}")
             return Principal(name=row.name, role=Role(row.role))
         host = session.scalar(select(HostRow).where(HostRow.agent_token_hash == digest))
         if host is not None:
@@ -65,8 +67,10 @@ def require(principal: Principal, allowed: set[Role], action: str) -> None:
                              f"needs {needed}", actor=principal.name, action=action)
 
 
-def create_token(store: Store, name: str, role: str, token: str | None = None) -> str:
-    """Create a named token and return it (only its hash is kept)."""
+def create_token(store: Store, name: str, role: str, token: str | None = None,
+                 expires_in_s: float | None = None) -> str:
+    """Create a named token and return it (only its hash is kept). It expires after
+    ``expires_in_s`` seconds when given."""
     try:
         parsed = Role(role)
     except ValueError:
@@ -80,7 +84,10 @@ def create_token(store: Store, name: str, role: str, token: str | None = None) -
     with store.session() as session:
         if session.scalar(select(TokenRow).where(TokenRow.name == name)) is not None:
             raise ConflictError("name", f"a token named {name!r} exists")
-        session.add(TokenRow(name=name, role=parsed.value, token_hash=hash_token(token)))
+        expires = datetime.now(UTC) + timedelta(seconds=expires_in_s) \
+            if expires_in_s is not None else None
+        session.add(TokenRow(name=name, role=parsed.value, token_hash=hash_token(token),
+                             expires_at=expires))
     return token
 
 
@@ -109,5 +116,10 @@ def revoke_token(store: Store, name: str) -> None:
 def list_tokens(store: Store) -> list[dict[str, object]]:
     with store.session() as session:
         return [{"name": r.name, "role": r.role, "created_at": r.created_at.isoformat(),
-                 "revoked": r.revoked_at is not None}
+                 "revoked": r.revoked_at is not None,
+                 "expires_at": _aware(r.expires_at).isoformat() if r.expires_at else None}
                 for r in session.scalars(select(TokenRow).order_by(TokenRow.id))]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -70,6 +70,7 @@ class TrunkOut(BaseModel):
 class TokenCreate(_Body):
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
     role: str
+    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86400)
 
 
 class EventOut(BaseModel):
