@@ -110,3 +110,19 @@ def test_metrics_need_a_token_and_apps_do_not_share_a_registry(client: TestClien
         assert 'outcome="started"} 1.0' in second.get("/metrics").text
     assert samples(client)[("vmferry_migrations_total", (("outcome", "started"),))] == 0
     other.dispose()
+
+
+def test_ports_realized_and_drifted(client: TestClient) -> None:
+    from vmferry.store.profile_schema import PortRealizationRow, ProfileRow
+    store = client.app.state.controller.store   # type: ignore[attr-defined]
+    with store.session() as session:
+        session.add(ProfileRow(name="web", version=3, spec={}))
+        session.add(PortRealizationRow(vm="a", host="h1", profile="web", version=3, wanted=3,
+                                       ok=True))
+        session.add(PortRealizationRow(vm="b", host="h1", profile="web", version=2, wanted=3,
+                                       ok=False, error="host down"))
+        session.add(PortRealizationRow(vm="c", host="h2", profile="web", version=2, wanted=2,
+                                       ok=True))
+    got = samples(client)
+    assert got[("vmferry_ports", (("status", "realized"),))] == 1
+    assert got[("vmferry_ports", (("status", "drifted"),))] == 2

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from sqlalchemy import select
 
 from vmferry.store.db import Store
+from vmferry.store.profile_schema import PortRealizationRow, ProfileRow
 from vmferry.store.schema import HostRow
 
 ENDED = {"completed", "rolled-back", "failed"}
@@ -51,6 +52,10 @@ class Metrics:
             "(absent: never heard from)", ["host"], registry=self.registry)
         self.audit_findings = Gauge(
             "vmferry_audit_findings", "Findings of the last audit, by kind", ["kind"],
+            registry=self.registry)
+        self.ports = Gauge(
+            "vmferry_ports", "VM ports with a profile: realized at the profile's latest version, "
+            "or drifted (an older version, or the last realization failed)", ["status"],
             registry=self.registry)
         for outcome in ("started", *sorted(ENDED)):
             self.migrations.labels(outcome)     # export zeros from the start
@@ -101,7 +106,16 @@ class Metrics:
 
     def render(self) -> bytes:
         self._refresh_heartbeat_ages()
+        self._refresh_ports()
         return generate_latest(self.registry)
+
+    def _refresh_ports(self) -> None:
+        with self.store.session() as session:
+            latest = {p.name: p.version for p in session.scalars(select(ProfileRow))}
+            rows = list(session.scalars(select(PortRealizationRow)))
+        realized = sum(1 for r in rows if r.ok and r.version == latest.get(r.profile))
+        self.ports.labels("realized").set(realized)
+        self.ports.labels("drifted").set(len(rows) - realized)
 
     def _refresh_heartbeat_ages(self) -> None:
         now = datetime.now(UTC)
