@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from labkit import LabRun, leftovers
+from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.model.topology import default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -54,6 +55,17 @@ def host_has(lab: LabRun, host: str, vm: str) -> list[str]:
     guests = lab.state_dir / "labs" / lab.name / "hosts" / host / "guests"
     if list(guests.glob(f"{vm}.*")):
         found.append("guest-files")
+    # Flows and meters a port profile installed (the bridge's own NORMAL flow has cookie 0).
+    ovs = OvsInstance(host, lab.namespace(host), lab.state_dir / "labs" / lab.name / "ovs" / host)
+    mgmt = f"unix:{ovs.rundir / 'br-vm.mgmt'}"
+    flows = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", mgmt],
+                           capture_output=True, text=True, timeout=10).stdout
+    if any("cookie=0x0," not in line for line in flows.splitlines()[1:]):
+        found.append("flows")
+    meters = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-meters", mgmt],
+                            capture_output=True, text=True, timeout=10).stdout
+    if "meter=" in meters:
+        found.append("meters")
     return found
 
 
@@ -96,15 +108,31 @@ def migrate_json(lab: LabRun, vm: str, to: str, *extra: str) -> dict[str, Any]:
     return record
 
 
+PROFILE = {"name": "mig-web", "vlan": 100,
+           "acl": {"to_vm": {"default": "allow",
+                             "rules": [{"action": "deny", "protocol": "tcp", "port": 8080}]}}}
+
+
+def acl_enforced(lab: LabRun) -> bool:
+    """HTTP on 80 answers and HTTP on 8080 is blocked by the profile's ACL."""
+    page = lab.http("client-100", f"http://{VM_IP}/")
+    return page is not None and lab.http("client-100", f"http://{VM_IP}:8080/", timeout=2) is None
+
+
 @pytest.mark.parametrize("workload", [0, 4])
 def test_migrate_across_racks_with_network_in_tow(lab: LabRun, workload: int) -> None:
     vm = f"mig{workload}"
-    lab.cli("vm", "create", vm, "--host", "host1", "--vlan", "100", "--ip", f"{VM_IP}/24",
+    profiles = lab.state_dir / "mig-profiles.yaml"
+    profiles.write_text(yaml.safe_dump(PROFILE))
+    lab.cli("profile", "apply", "-f", str(profiles))
+    lab.cli("vm", "create", vm, "--host", "host1", "--profile", "mig-web", "--ip", f"{VM_IP}/24",
             "--memory", "256", "--workload-mibps", str(workload))
     try:
         assert lab.wait_ping("client-100", VM_IP)
+        assert acl_enforced(lab)
         before = trunks(lab)
-        assert before[("tor2", "spine")]["desired"] == [] and before[("host3", "tor2")]["desired"] == []
+        assert before[("tor2", "spine")]["desired"] == []
+        assert before[("host3", "tor2")]["desired"] == []
         tcp = hold_tcp(lab)
         pinger = start_ping(lab, count=15000)
         time.sleep(1)
@@ -124,10 +152,12 @@ def test_migrate_across_racks_with_network_in_tow(lab: LabRun, workload: int) ->
         tcp.stdin.close()  # type: ignore[union-attr]
         tcp.wait(timeout=10)
         assert lab.json("vm", "show", vm)["host"] == "host3"
+        assert acl_enforced(lab), "the profile's ACL holds on the destination"
         assert host_has(lab, "host1", vm) == []
-        assert host_has(lab, "host3", vm) == ["tap", "ovs-port", "guest-files"]
+        assert host_has(lab, "host3", vm) == ["tap", "ovs-port", "guest-files", "flows"]
         after = trunks(lab)
-        assert after[("host1", "tor1")]["actual_a"] == [] and after[("host1", "tor1")]["actual_b"] == []
+        assert after[("host1", "tor1")]["actual_a"] == []
+        assert after[("host1", "tor1")]["actual_b"] == []
         assert after[("host3", "tor2")]["actual_a"] == [100]
         assert after[("tor2", "spine")]["actual_a"] == [100]   # client-100 stays on tor1
         assert all(t["in_sync"] for t in after.values())
