@@ -1,7 +1,7 @@
 """The one exception tree of vmferry.
 
     VmferryError                      base; every error a user can see
-    ├── InputError                    bad input: names the field and the reason (HTTP 400/422, exit 2)
+    ├── InputError                    bad input: names the field and the reason (HTTP 422, exit 2)
     │   ├── NotFoundError             an unknown VM, host, profile, migration... (HTTP 404)
     │   └── ConflictError             name clash, resource busy or in use (HTTP 409)
     ├── CapacityError                 not enough memory / slots on a host (HTTP 409)

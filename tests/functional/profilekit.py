@@ -82,8 +82,8 @@ class FakeVm:
             privileged.delete_namespace(self.ns)
 
     def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], check=False, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], check=False,
+                              capture_output=True, text=True, timeout=timeout)
 
     def pings(self, address: str, count: int = 3, source: str | None = None) -> int:
         """Replies received out of ``count`` pings (bounded: 1 s per reply at most)."""

@@ -71,8 +71,10 @@ def test_migration_outcomes_are_counted_once(client: TestClient) -> None:
 def test_heartbeats_counted_and_aged(client: TestClient, tmp_path: Path) -> None:
     token_file = tmp_path / "host1.token"
     token_file.write_text("agent-secret\n")
-    inventory = {"name": "site", "kind": "site", "switches": [{"name": "tor1", "role": "tor", "ovsdb": "unix:/nonexistent.sock",
-                 "rack": "rack1"}], "racks": [{"name": "rack1", "tor": "tor1"}],
+    inventory = {"name": "site", "kind": "site",
+                 "switches": [{"name": "tor1", "role": "tor", "rack": "rack1",
+                               "ovsdb": "unix:/nonexistent.sock"}],
+                 "racks": [{"name": "rack1", "tor": "tor1"}],
                  "hosts": [{"name": "host1", "rack": "rack1", "agent_url": "unix:/nonexistent",
                             "agent_token_file": str(token_file)}]}
     response = client.put("/v1/inventory", json=inventory)

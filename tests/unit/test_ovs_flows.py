@@ -155,7 +155,8 @@ def test_parse_no_stats_default_flow() -> None:
 
 def test_add_and_delete_lines() -> None:
     flow = Flow(2, 10, "tcp,tp_dst=22", "drop")
-    assert flow_add_text(0x5, flow) == "add cookie=0x5,table=2,priority=10,tcp,tp_dst=22,actions=drop"
+    assert flow_add_text(0x5, flow) == \
+        "add cookie=0x5,table=2,priority=10,tcp,tp_dst=22,actions=drop"
     assert flow_delete_text(0x5, flow) == \
         "delete_strict cookie=0x5/-1,table=2,priority=10,tcp,tp_dst=22"
     assert flow_add_text(1, Flow(0, 1, "", "")) == "add cookie=0x1,table=0,priority=1,actions=drop"

@@ -79,7 +79,8 @@ def parse_ping(output: str, interval_ms: float, ended_at: float | None = None) -
     if len(replies) >= 2 and max(replies) > min(replies):
         effective = round((replies[max(replies)] - replies[min(replies)]) * 1000
                           / (max(replies) - min(replies)), 2)
-    return ProbeResult(interval_ms=interval_ms, effective_interval_ms=effective, sent=sent, received=len(replies),
+    return ProbeResult(interval_ms=interval_ms, effective_interval_ms=effective, sent=sent,
+                       received=len(replies),
                        lost=len(missing), longest_loss_run=_longest_run(missing),
                        blackout_ms=round(blackout_ms, 1), recovered=recovered)
 

@@ -39,7 +39,8 @@ def up(topology: Path | None = typer.Option(None, "--topology", "-t",
 
 @app.command("status")
 def status(as_json: bool = typer.Option(False, "--json"),
-           lab: str | None = typer.Option(None, help="Lab name (default: the current one)")) -> None:
+           lab: str | None = typer.Option(None, help="Lab name (default: the current one)"),
+           ) -> None:
     """Show the lab's nodes and whether they run."""
     from vmferry.lab.builder import status as lab_status
     result = lab_status(lab or current_lab())

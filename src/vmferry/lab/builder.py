@@ -352,9 +352,10 @@ def status(lab: str) -> LabStatus:
     controller_pid = pids.get("controller")
     controller_up = bool(controller_pid and privileged.pid_alive(int(controller_pid)))
     up = controller_up and all(n.get("namespace_up") for n in nodes)
+    port = state.get("controller_port", CONTROLLER_PORT)
     return LabStatus(lab=lab, up=up,
-                     controller_url=f"http://127.0.0.1:{state.get('controller_port', CONTROLLER_PORT)}"
-                     if controller_up else None, nodes=nodes)
+                     controller_url=f"http://127.0.0.1:{port}" if controller_up else None,
+                     nodes=nodes)
 
 
 def node_namespace(lab: str, node: str) -> str:

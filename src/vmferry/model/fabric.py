@@ -23,7 +23,8 @@ class Endpoint:
     owner: str        # the VM or client it belongs to
 
 
-def desired_trunk_vlans(topology: Topology, endpoints: Iterable[Endpoint]) -> dict[str, frozenset[int]]:
+def desired_trunk_vlans(topology: Topology,
+                        endpoints: Iterable[Endpoint]) -> dict[str, frozenset[int]]:
     """Map trunk key -> the VLANs it must carry."""
     by_vlan: dict[int, set[str]] = defaultdict(set)
     for ep in endpoints:

@@ -15,8 +15,8 @@ and finds them again through their pidfiles.
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import logging
 import shutil
 import subprocess
