@@ -4,6 +4,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 status=0
+echo "== lint (ruff, mypy --strict)"
+.venv/bin/ruff check src tests || status=$?
+.venv/bin/mypy src/vmferry || status=$?
 echo "== unit tests"
 $PY -m pytest -q -p no:cacheprovider tests/unit || status=$?
 echo "== functional tests"

@@ -83,14 +83,24 @@ class LabRun:
         return result.stdout if result.returncode == 0 else None
 
 
+def default_topology(name: str) -> dict[str, Any]:
+    """The default two-rack topology under another lab name (namespaces vf-NAME-*)."""
+    from vmferry.model.topology import default_topology_path
+    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
+    data["name"] = name
+    return data
+
+
 @contextmanager
 def running_lab(state_dir: Path, topology: dict[str, Any]) -> Iterator[LabRun]:
+    """A lab that is up for the ``with`` block, then down with nothing of it left."""
     lab = LabRun(state_dir, topology)
     try:
         lab.up()
         yield lab
     finally:
         lab.down()
+        assert leftovers(lab.name, state_dir) == []
 
 
 def leftovers(lab_name: str, state_dir: Path) -> list[str]:

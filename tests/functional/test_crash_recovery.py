@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from labkit import VMFERRY, LabRun, free_port, leftovers
+from labkit import VMFERRY, LabRun, default_topology, free_port, running_lab
 from vmferry import privileged
 from vmferry.model.migration import PHASES, Phase, past_point_of_no_return
-from vmferry.model.topology import default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -28,17 +26,10 @@ VM_IP = "192.0.2.40"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
-    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
-    data["name"] = "t5"
-    run = LabRun(tmp_path_factory.mktemp("state"), data)
-    try:
-        run.up()
+    with running_lab(tmp_path_factory.mktemp("state"), default_topology("t5")) as run:
         run.cli("vm", "create", VM, "--host", "host1", "--vlan", "100", "--ip", f"{VM_IP}/24",
                 "--memory", "192")
         yield run
-    finally:
-        run.down()
-        assert leftovers(run.name, run.state_dir) == []
 
 
 def lab_dir(lab: LabRun) -> Path:

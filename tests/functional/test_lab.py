@@ -5,32 +5,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from labkit import LabRun, leftovers
-from vmferry.model.topology import default_topology_path
+from labkit import LabRun, default_topology, leftovers, running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-def default_topology(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
-    data["name"] = name
-    return data
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
-    run = LabRun(tmp_path_factory.mktemp("state"), default_topology("t2"))
-    try:
-        run.up()
+    with running_lab(tmp_path_factory.mktemp("state"), default_topology("t2")) as run:
         yield run
-    finally:
-        run.down()
-        assert leftovers(run.name, run.state_dir) == []
 
 
 def test_lab_status_lists_every_node(lab: LabRun) -> None:

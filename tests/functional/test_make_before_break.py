@@ -11,11 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from labkit import LabRun, leftovers
+from labkit import LabRun, default_topology, running_lab
 from vmferry.controller.switchover import is_mbb_cookie, mbb_cookie
-from vmferry.model.topology import default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -26,15 +24,8 @@ HOSTS = ("host1", "host2", "host3", "host4")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
-    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
-    data["name"] = "mbbt"
-    run = LabRun(tmp_path_factory.mktemp("state"), data)
-    try:
-        run.up()
+    with running_lab(tmp_path_factory.mktemp("state"), default_topology("mbbt")) as run:
         yield run
-    finally:
-        run.down()
-        assert leftovers(run.name, run.state_dir) == []
 
 
 def api(lab: LabRun, method: str, path: str, body: Any = None) -> Any:

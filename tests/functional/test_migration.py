@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from labkit import LabRun, leftovers
+from labkit import LabRun, default_topology, running_lab
 from vmferry.drivers.softswitch.ovs_instance import OvsInstance
-from vmferry.model.topology import default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -27,15 +26,8 @@ MAX_LOST_AT_2MS = 250
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
-    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
-    data["name"] = "t4"
-    run = LabRun(tmp_path_factory.mktemp("state"), data)
-    try:
-        run.up()
+    with running_lab(tmp_path_factory.mktemp("state"), default_topology("t4")) as run:
         yield run
-    finally:
-        run.down()
-        assert leftovers(run.name, run.state_dir) == []
 
 
 def trunks(lab: LabRun) -> dict[tuple[str, str], dict[str, Any]]:

@@ -7,7 +7,6 @@ cannot be made to send: forged frames, floods, a measured stream.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Iterator
@@ -18,9 +17,8 @@ import pytest
 import yaml
 from profilekit import BRIDGE, FakeVm, host_switch, snapshot, udp_stream_kbps, wait_until
 
-from labkit import LabRun, leftovers
+from labkit import LabRun, default_topology, running_lab
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
-from vmferry.model.topology import default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: lab namespaces")]
@@ -37,15 +35,10 @@ def write_profiles(lab: LabRun, name: str, profiles: list[dict[str, Any]]) -> Pa
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
-    data: dict[str, Any] = yaml.safe_load(default_topology_path().read_text())
-    data["name"] = f"tp{os.getpid() % 1000}"     # others may run this module at once
-    run = LabRun(tmp_path_factory.mktemp("state"), copy.deepcopy(data))
-    try:
-        run.up()
+    # others may run this module at once
+    name = f"tp{os.getpid() % 1000}"     # others may run this module at once
+    with running_lab(tmp_path_factory.mktemp("state"), default_topology(name)) as run:
         yield run
-    finally:
-        run.down()
-        assert leftovers(run.name, run.state_dir) == []
 
 
 @pytest.fixture(scope="module")
