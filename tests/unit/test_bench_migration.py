@@ -27,7 +27,8 @@ def test_parse_ping_counts_a_hole_and_its_length() -> None:
     result = parse_ping(ping_output(received, 500), interval_ms=2.0)
     assert result.lost == 20
     assert result.longest_loss_run == 20
-    assert result.blackout_ms == pytest.approx(42.0, abs=0.5)   # 21 intervals between replies
+    assert result.blackout_ms == pytest.approx(40.0, abs=0.5)   # 20 probes lost, 2 ms apart
+    assert result.reply_gap_ms == pytest.approx(42.0, abs=0.5)  # 21 intervals between replies
     assert result.recovered
     assert result.effective_interval_ms == pytest.approx(2.0)
 
@@ -45,7 +46,8 @@ def test_parse_ping_silence_to_the_end_is_a_blackout() -> None:
     result = parse_ping(output, interval_ms=2.0, ended_at=last_reply + 1.5)
     assert not result.recovered
     assert result.lost == 1000 - 200 - 25
-    assert result.blackout_ms == pytest.approx(1500.0, abs=1)
+    assert result.reply_gap_ms == pytest.approx(1500.0, abs=1)
+    assert result.blackout_ms == pytest.approx(result.lost * 2.0, abs=1)
 
 
 def test_parse_ping_without_statistics_is_refused() -> None:

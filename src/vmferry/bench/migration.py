@@ -52,7 +52,7 @@ from vmferry.model.topology import HOST_BRIDGE, Topology, default_topology_path,
 
 log = logging.getLogger(__name__)
 
-METRICS = ("lost", "blackout_ms", "qemu_downtime_ms", "total_ms")
+METRICS = ("lost", "blackout_ms", "reply_gap_ms", "qemu_downtime_ms", "total_ms")
 ACTIVE_QEMU_STATES = {"setup", "active", "pre-switchover", "device", "postcopy-active",
                       "wait-unplug", "cancelling"}
 # The targets for vmferry.
@@ -112,6 +112,7 @@ class RunResult:
     error: str | None = None
     lost: int | None = None
     blackout_ms: float | None = None
+    reply_gap_ms: float | None = None
     qemu_downtime_ms: float | None = None
     total_ms: float | None = None
     qemu_total_ms: float | None = None
@@ -550,6 +551,7 @@ def measure(variant: Variant, run: int, source: str, destination: str) -> RunRes
     result.ok = True
     result.lost = seen.lost
     result.blackout_ms = seen.blackout_ms
+    result.reply_gap_ms = seen.reply_gap_ms
     result.probe = seen.as_dict()
     result.total_ms = round(timing.total_ms, 1)
     result.qemu_downtime_ms = timing.qemu.get("downtime_ms")

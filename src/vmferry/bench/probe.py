@@ -31,8 +31,11 @@ class ProbeResult:
     """What one probe window saw.
 
     ``lost`` counts probes sent and never answered (the last ``IN_FLIGHT_S`` excluded);
-    ``blackout_ms`` is the longest silence between two consecutive replies (or from the last
-    reply to the end of the window, if the replies never came back); ``longest_loss_run`` is the
+    ``blackout_ms`` is the network blackout as the issue defines it, the traffic lost: ``lost``
+    times the interval ping really kept; ``reply_gap_ms`` is the longest silence between two
+    consecutive replies (or from the last reply to the end of the window, if the replies never
+    came back) -- it also counts frames that were queued and answered late, not lost;
+    ``longest_loss_run`` is the
     longest run of consecutive unanswered probes. ``effective_interval_ms`` is how often ping
     really sent: on a loaded machine it falls behind the interval it was asked for."""
 
@@ -43,6 +46,7 @@ class ProbeResult:
     lost: int
     longest_loss_run: int
     blackout_ms: float
+    reply_gap_ms: float
     recovered: bool
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,17 +76,19 @@ def parse_ping(output: str, interval_ms: float, ended_at: float | None = None) -
     recovered = bool(replies) and not any(seq > last_seq for seq in missing)
     if ended_at is not None and times and not recovered:
         gaps.append(ended_at - times[-1])
-    blackout_ms = max(gaps, default=0.0) * 1000
+    reply_gap_ms = max(gaps, default=0.0) * 1000
     if not times and ended_at is not None:
-        blackout_ms = counted * interval_ms
+        reply_gap_ms = counted * interval_ms
     effective = None
     if len(replies) >= 2 and max(replies) > min(replies):
         effective = round((replies[max(replies)] - replies[min(replies)]) * 1000
                           / (max(replies) - min(replies)), 2)
+    blackout_ms = len(missing) * (effective or interval_ms)
     return ProbeResult(interval_ms=interval_ms, effective_interval_ms=effective, sent=sent,
                        received=len(replies),
                        lost=len(missing), longest_loss_run=_longest_run(missing),
-                       blackout_ms=round(blackout_ms, 1), recovered=recovered)
+                       blackout_ms=round(blackout_ms, 1), reply_gap_ms=round(reply_gap_ms, 1),
+                       recovered=recovered)
 
 
 def _longest_run(numbers: list[int]) -> int:

@@ -61,7 +61,8 @@ def migration(
         if result.ok:
             console.print(f"  {result.variant} #{result.run} {result.source}->"
                           f"{result.destination}: lost {result.lost}, blackout "
-                          f"{result.blackout_ms:.0f} ms, QEMU downtime "
+                          f"{result.blackout_ms:.0f} ms, longest reply gap "
+                          f"{result.reply_gap_ms:.0f} ms, QEMU downtime "
                           f"{result.qemu_downtime_ms} ms, total {result.total_ms:.0f} ms",
                           highlight=False)
         else:
@@ -89,14 +90,15 @@ def _stat(summary: dict[str, Any], digits: int = 0) -> str:
 def results_table(document: dict[str, Any]) -> Table:
     table = Table(title=f"live migration, {document['config']['memory_mib']} MiB guest, "
                   f"{document['probe']} (median (min-max))")
-    for column in ("variant", "runs ok", "packets lost", "blackout ms", "QEMU downtime ms",
-                   "total ms", "probe every ms"):
+    for column in ("variant", "runs ok", "packets lost", "blackout ms", "reply gap ms",
+                   "QEMU downtime ms", "total ms", "probe every ms"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name, variant in document["variants"].items():
         summary = variant["summary"]
         table.add_row(name, f"{variant['runs_ok']}/{len(variant['runs'])}",
                       _stat(summary["lost"]), _stat(summary["blackout_ms"]),
-                      _stat(summary["qemu_downtime_ms"]), _stat(summary["total_ms"]),
+                      _stat(summary["reply_gap_ms"]), _stat(summary["qemu_downtime_ms"]),
+                      _stat(summary["total_ms"]),
                       _stat(variant["probe_interval_ms"], digits=1))
     return table
 
