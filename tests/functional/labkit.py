@@ -116,7 +116,8 @@ def leftovers(lab_name: str, state_dir: Path) -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(state_dir) in cmdline and "pytest" not in cmdline:
+        # The state directory is under pytest's tmp dir: only this process is to be ignored.
+        if str(state_dir) in cmdline and int(proc.name) != os.getpid():
             found.append(f"process {proc.name}: {cmdline[:120]}")
     lab_dir = state_dir / "labs" / lab_name
     if lab_dir.exists():

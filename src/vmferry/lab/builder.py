@@ -314,10 +314,12 @@ def teardown(lab: str) -> list[str]:
 
 
 def _is_qemu(pid: int) -> bool:
+    """By the program it runs: QEMU renames its process (``-name ...,process=``)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().startswith("qemu")
-    except OSError:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, UnicodeDecodeError):
         return False
+    return Path(argv0).name.startswith("qemu-system")
 
 
 def status(lab: str) -> LabStatus:
