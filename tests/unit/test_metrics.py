@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,6 @@ from vmferry.controller import auth
 from vmferry.controller.app import create_app
 from vmferry.controller.service import Controller
 from vmferry.store.db import Store
-
-ADMIN = "admin-secret"
-
-
-@pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    store.create_schema()
-    auth.ensure_bootstrap_token(store, ADMIN)
-    with TestClient(create_app(Controller(store))) as client:
-        client.headers["Authorization"] = f"Bearer {ADMIN}"
-        yield client
-    store.dispose()
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -103,12 +89,13 @@ def test_metrics_need_a_token_and_apps_do_not_share_a_registry(client: TestClien
     response = client.get("/metrics", headers={"Authorization": ""})
     assert response.status_code == 401
     assert "bearer" in response.json()["detail"]["message"]
+    admin = client.headers["Authorization"].removeprefix("Bearer ")
     other = Store(f"sqlite:///{tmp_path / 'other.db'}")
     other.create_schema()
-    auth.ensure_bootstrap_token(other, ADMIN)
+    auth.ensure_bootstrap_token(other, admin)
     with TestClient(create_app(Controller(other))) as second:
         second.app.state.migrations.notify(record(9, "running"))  # type: ignore[attr-defined]
-        second.headers["Authorization"] = f"Bearer {ADMIN}"
+        second.headers["Authorization"] = f"Bearer {admin}"
         assert 'outcome="started"} 1.0' in second.get("/metrics").text
     assert samples(client)[("vmferry_migrations_total", (("outcome", "started"),))] == 0
     other.dispose()

@@ -5,29 +5,11 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
-from vmferry.controller import auth, events
-from vmferry.controller.app import create_app
-from vmferry.controller.service import Controller
-from vmferry.store.db import Store
-
-ADMIN = "admin-secret"
-
-
-@pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    store.create_schema()
-    auth.ensure_bootstrap_token(store, ADMIN)
-    with TestClient(create_app(Controller(store))) as client:
-        client.headers["Authorization"] = f"Bearer {ADMIN}"
-        yield client
-    store.dispose()
+from vmferry.controller import events
 
 
 def read_events(lines: Iterator[str], count: int) -> list[dict[str, Any]]:

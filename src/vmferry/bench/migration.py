@@ -358,6 +358,16 @@ class _HandDriven(Variant):
 
     mac = "52:54:00:be:00:01"
 
+    def clean_and_prune(self, source: str, destination: str, started: float,
+                        marks: dict[str, float], qemu: dict[str, Any]) -> Timing:
+        """The hand-driven ending: remove the source guest, prune the VLAN, time it all."""
+        self.lab.agent(source, "DELETE", f"/v1/guests/{self.vm}")
+        marks["clean_source"] = time.monotonic()
+        self.lab.wire_vlan(self.config.vlan, [destination], before=[source, destination])
+        marks["prune_vlan"] = time.monotonic()
+        return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
+                      phases=_phase_durations(started, marks))
+
     def request(self, *, incoming: bool) -> dict[str, Any]:
         return {"name": self.vm, "memory_mib": self.config.memory_mib, "mac": self.mac,
                 "ip": self.ip, "vlan": self.config.vlan,
@@ -437,12 +447,7 @@ class Floor(_HandDriven):
         marks["start_destination"] = time.monotonic()
         qemu = self.run_qemu_migration(source, destination, uri)
         marks["qemu_migration"] = time.monotonic()
-        self.lab.agent(source, "DELETE", f"/v1/guests/{self.vm}")
-        marks["clean_source"] = time.monotonic()
-        self.lab.wire_vlan(self.config.vlan, [destination], before=[source, destination])
-        marks["prune_vlan"] = time.monotonic()
-        return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
-                      phases=_phase_durations(started, marks))
+        return self.clean_and_prune(source, destination, started, marks, qemu)
 
 
 class Naive(_HandDriven):
@@ -469,12 +474,7 @@ class Naive(_HandDriven):
         marks["wire"] = time.monotonic()
         self.lab.agent(destination, "POST", f"/v1/guests/{self.vm}/announce")
         marks["announce"] = time.monotonic()
-        self.lab.agent(source, "DELETE", f"/v1/guests/{self.vm}")
-        marks["clean_source"] = time.monotonic()
-        self.lab.wire_vlan(self.config.vlan, [destination], before=[source, destination])
-        marks["prune_vlan"] = time.monotonic()
-        return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
-                      phases=_phase_durations(started, marks))
+        return self.clean_and_prune(source, destination, started, marks, qemu)
 
 
 class Vmferry(Variant):
