@@ -14,7 +14,6 @@ import pytest
 from vmferry.drivers.hypervisor.base import GuestSpec, GuestState
 from vmferry.drivers.hypervisor.qemu import (
     QemuHypervisor,
-    _version_from_text,
     guest_files,
     kernel_append,
     parse_kernel_append,
@@ -23,6 +22,7 @@ from vmferry.drivers.hypervisor.qemu import (
     state_from_status,
     validate_spec,
 )
+from vmferry.drivers.hypervisor.qemu_cmdline import version_from_text
 from vmferry.errors import HypervisorError, InputError, PrivilegedError
 from vmferry.image.builder import GuestImage
 
@@ -38,7 +38,7 @@ def option(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def test_argv_runs_a_daemonized_tcg_guest_on_the_tap() -> None:
+def test_argv_runs_a_sandboxed_tcg_guest_on_the_tap() -> None:
     files = guest_files(Path("/run/vf"), "web1")
     argv = qemu_argv(SPEC, IMAGE, files)
     assert argv[0] == "qemu-system-x86_64"
@@ -47,7 +47,11 @@ def test_argv_runs_a_daemonized_tcg_guest_on_the_tap() -> None:
     assert option(argv, "-machine") == "q35"
     assert option(argv, "-m") == "256"
     assert option(argv, "-smp") == "1"
-    assert {"-nographic", "-nodefaults", "-daemonize", "-no-reboot"} <= set(argv)
+    assert {"-nographic", "-nodefaults", "-no-reboot"} <= set(argv)
+    # -daemonize forks and calls setsid, which the sandbox denies: the driver detaches QEMU.
+    assert "-daemonize" not in argv
+    assert option(argv, "-sandbox") == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
     assert option(argv, "-serial") == "file:/run/vf/web1.serial.log"
     assert option(argv, "-pidfile") == "/run/vf/web1.pid"
     assert option(argv, "-qmp") == "unix:/run/vf/web1.qmp,server=on,wait=off"
@@ -162,11 +166,11 @@ def test_progress_before_any_migration_and_after_failure() -> None:
     assert failed.error == "Connection refused"
 
 
-def test_version_from_text() -> None:
+def testversion_from_text() -> None:
     text = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"
-    assert _version_from_text(text) == "10.0.2"
+    assert version_from_text(text) == "10.0.2"
     with pytest.raises(HypervisorError):
-        _version_from_text("no version here")
+        version_from_text("no version here")
 
 
 # ---- discovery from pidfiles -----------------------------------------------------------------
