@@ -42,7 +42,6 @@ from vmferry.drivers.hypervisor.qemu_cmdline import (
     parse_kernel_append,
     qemu_argv,
     state_from_status,
-    validate_migration_uri,
     validate_spec,
     version_from_text,
 )
@@ -53,6 +52,7 @@ from vmferry.drivers.hypervisor.qemu_migration import (
     progress_from_query,
 )
 from vmferry.drivers.hypervisor.qmp_session import QmpSession
+from vmferry.drivers.hypervisor.uri import validate_migration_uri
 from vmferry.errors import HypervisorError, SetupError, WaitTimeout
 from vmferry.image.builder import GuestImage
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.drivers.hypervisor.base import MigrationProgress, MigrationTuning, ProgressCallback
-from vmferry.drivers.hypervisor.qemu_cmdline import validate_migration_uri
 from vmferry.drivers.hypervisor.qmp_session import QmpSession
+from vmferry.drivers.hypervisor.uri import validate_migration_uri
 from vmferry.errors import InputError
 
 __all__ = [
