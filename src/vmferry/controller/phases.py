@@ -121,22 +121,27 @@ def switchover(run: Run) -> None:
 
 
 def _wait_destination_running(run: Run) -> str:
-    """The destination guest's state once it left ``inmigrate`` (or the wait ran out)."""
+    """The destination guest's state once it left ``inmigrate`` (or the wait ran out); its
+    RESUME event's timestamp is recorded."""
     deadline = time.monotonic() + SWITCHOVER_WAIT_S
     after = int(run.result().get("destination_event_seq") or 0)
     state = run.dst.guest_state(run.vm)
-    while state == "inmigrate" and time.monotonic() < deadline:
+    while True:
+        waiting = state == "inmigrate" and time.monotonic() < deadline
         try:
-            events = run.dst.guest_events(run.vm, after, min(1.0, deadline - time.monotonic()))
+            events = run.dst.guest_events(
+                run.vm, after, min(1.0, deadline - time.monotonic()) if waiting else 0)
         except VmferryError:
             events = []
-            time.sleep(0.02)      # an agent without the events route: poll the state
+            if waiting:
+                time.sleep(0.02)      # an agent without the events route: poll the state
         for event in events:
             after = event.seq
             if event.kind == "RESUME":
                 run.record_event("destination_resume", event.timestamp)
+        if not waiting:
+            return state
         state = run.dst.guest_state(run.vm)
-    return state
 
 
 def announce(run: Run) -> None:

@@ -82,6 +82,7 @@ class _Follow:
             if time.monotonic() >= self.next_poll:
                 self.poll()
                 if self.done:
+                    self.drain()
                     return
                 self.next_poll = time.monotonic() + (
                     PROGRESS_INTERVAL_S if self.events_route else FALLBACK_POLL_S)
@@ -101,6 +102,21 @@ class _Follow:
                 self.on_event(event)
                 if self.done:
                     return
+
+    def drain(self) -> None:
+        """Completion was read from progress before its events: record their timestamps."""
+        if not self.events_route:
+            return
+        try:
+            events = self.run.src.guest_events(self.run.vm, self.cursor, 0)
+        except VmferryError:
+            return
+        for event in events:
+            self.cursor = event.seq
+            if event.kind == "STOP":
+                self.run.record_event("source_stop", event.timestamp)
+            elif event.kind == "MIGRATION" and event.status == "completed":
+                self.run.record_event("source_completed", event.timestamp)
 
     def on_event(self, event: GuestEvent) -> None:
         run = self.run
