@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+import httpx
 from fastapi import Depends, FastAPI, Request
 
 from vmferry.agent.routes import guests, host, ports
@@ -44,19 +45,23 @@ class Heartbeat:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._api: httpx.Client | None = None
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._api is not None:
+            self._api.close()
 
     def beat(self) -> None:
         report = self.agent.report()
-        with client_for(self.controller, token=self.token, timeout=5) as api:
-            api.post(f"/v1/agents/{self.agent.config.host}/heartbeat",
-                     content=report.model_dump_json(),
-                     headers={"content-type": "application/json"}).raise_for_status()
+        if self._api is None:       # one connection for every beat, opened on the first
+            self._api = client_for(self.controller, token=self.token, timeout=5)
+        self._api.post(f"/v1/agents/{self.agent.config.host}/heartbeat",
+                       content=report.model_dump_json(),
+                       headers={"content-type": "application/json"}).raise_for_status()
 
     def _run(self) -> None:
         failures = 0

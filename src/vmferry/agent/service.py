@@ -41,6 +41,7 @@ from vmferry.errors import (
 from vmferry.model.fabric import carried_vlans, trunk_column
 
 # tap_name is re-exported for the benchmark until it imports vmferry.model.names itself.
+from vmferry.model.migration import DEFAULT_MAX_DOWNTIME_MS
 from vmferry.model.names import TAP_PREFIX
 from vmferry.model.names import tap_name as tap_name
 from vmferry.model.profile import PortProfile
@@ -264,7 +265,8 @@ class HostAgent:
         self._require(name)
         options = request.options
         tuning: dict[str, Any] = dict(
-            max_downtime_ms=options.max_downtime_ms, bandwidth_mbps=options.bandwidth_mbps,
+            max_downtime_ms=options.max_downtime_ms or DEFAULT_MAX_DOWNTIME_MS,
+            bandwidth_mbps=options.bandwidth_mbps,
             postcopy=options.postcopy_allowed, auto_converge=options.auto_converge)
         if request.pause_before_switchover:
             # MigrationTuning gains the field with contract H1 (b-hypervisor).

@@ -77,7 +77,8 @@ class MigrationOptions(BaseModel):
     store and the engine to the source agent's ``MigrateRequest``."""
 
     model_config = ConfigDict(extra="forbid")
-    max_downtime_ms: int = Field(DEFAULT_MAX_DOWNTIME_MS, ge=1, le=600_000)
+    # None: the VM's policy, else DEFAULT_MAX_DOWNTIME_MS (the controller resolves it at start).
+    max_downtime_ms: int | None = Field(None, ge=1, le=600_000)
     bandwidth_mbps: int | None = Field(None, ge=1, le=1_000_000)
     postcopy: Literal["auto", "never"] = "never"
     # With postcopy "auto": switch to postcopy after this long (default: a third of the
