@@ -242,6 +242,11 @@ class FakeHypervisor(Hypervisor):
         self.emit(name, "ANNOUNCE")
 
 
+@dataclass(frozen=True)
+class FlowStat:
+    cookie: int
+
+
 class FakeSoftswitch(Softswitch):
     """Bridges of ports, flows by cookie, meters; every port gets an OpenFlow number."""
 
@@ -292,8 +297,9 @@ class FakeSoftswitch(Softswitch):
     def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
         return [f for c, fs in self.flows[bridge].items() if cookie in (None, c) for f in fs]
 
-    def flow_cookies(self, bridge: str) -> set[int]:
-        return set(self.flows[bridge])
+    def flow_stats(self, bridge: str, cookie: int | None = None) -> list[FlowStat]:
+        return [FlowStat(c) for c, fs in self.flows[bridge].items() if cookie in (None, c)
+                for _ in fs]
 
     def replace_meters(self, bridge: str, meters: list[Meter], owned: Collection[int],
                        actual: list[Meter] | None = None) -> list[Meter]:

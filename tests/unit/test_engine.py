@@ -247,3 +247,14 @@ def test_recovery_from_each_phase(site: Site, phase: Phase, copying: bool,
         assert record.error is not None and "restarted" in record.error
         stays_on_source(site, record)
     assert no_switchover_rules(site)
+
+
+def test_audit_finds_switchover_rules_left_by_a_dead_migration(site: Site) -> None:
+    from vmferry.controller import audit
+    from vmferry.model.switchover import mbb_cookie
+    site.create_vm()
+    site.agents["host1"].open_switchover("vm1", mbb_cookie(77), 100, "52:54:00:00:00:01")
+    found = [(f.kind, f.where, f.what) for f in audit.audit(site.controller)]
+    assert found == [("switchover-flow", "host1", f"{mbb_cookie(77):#x}")]
+    assert audit.fix(site.controller, audit.audit(site.controller)) == []
+    assert no_switchover_rules(site)

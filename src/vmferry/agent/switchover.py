@@ -46,6 +46,6 @@ def remove_host_rules(softswitch: Softswitch, bridge: str, cookie: int) -> None:
 
 def host_rule_cookies(softswitch: Softswitch, bridge: str) -> list[int]:
     """Cookies of the switchover rules present on ``bridge``."""
-    # flow_cookies joins the Softswitch interface with contract H2 (a-softswitch).
-    cookies: set[int] = softswitch.flow_cookies(bridge)  # type: ignore[attr-defined]
-    return sorted(c for c in cookies if is_mbb_cookie(c))
+    # flow_stats joins the Softswitch interface with contract H2 (a-softswitch).
+    stats = softswitch.flow_stats(bridge)  # type: ignore[attr-defined]
+    return sorted({f.cookie for f in stats if is_mbb_cookie(f.cookie)})
