@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vmferry.api.agent import GuestInfo, MigrationProgress
+from vmferry.api.agent import GuestInfo, MigrationProgress, PortStatus
 from vmferry.model.migration import MigrationOptions
 from vmferry.model.network import InterfaceCidr, IpAddress, VlanId
+from vmferry.model.profile import PortProfile
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -183,3 +184,46 @@ class FindingOut(BaseModel):
     where: str
     what: str
     detail: str
+
+
+class PortRealizationOut(BaseModel):
+    """The outcome of realizing a profile on one VM's port, as recorded."""
+
+    vm: str
+    host: str
+    profile: str
+    version: int | None
+    wanted: int
+    ok: bool | None
+    error: str | None = None
+
+
+class ProfileOut(PortProfile):
+    """A stored profile and the VMs that use it."""
+
+    vms: list[str]
+
+
+class ProfileDetail(ProfileOut):
+    ports: list[PortRealizationOut]
+
+
+class ProfileApplied(BaseModel):
+    name: str
+    version: int
+    changed: bool
+    ports: list[PortRealizationOut]
+
+
+class VmProfileBody(_Body):
+    profile: str = Field(min_length=1, max_length=64)
+
+
+class PortView(PortStatus):
+    """A VM's port as its host sees it (desired vs actual) and the profile version realized."""
+
+    vm: str
+    host: str
+    profile: str | None
+    latest_version: int | None
+    realized: PortRealizationOut | None
