@@ -144,6 +144,8 @@ class SwitchoverContext:
     topology: Topology
     fabric: Fabric
     agent: Callable[[str], AgentClient]
+    # Where the window's outcome is recorded (the migration's result); optional.
+    record: Callable[..., None] = field(default=lambda **_: None)
 
 
 class MakeBeforeBreak:
