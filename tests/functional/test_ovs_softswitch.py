@@ -30,8 +30,8 @@ import pytest
 from vmferry import privileged
 from vmferry.drivers.softswitch.base import OWNER_KEY, Flow, Meter, PortSpec
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch, normalize_flow
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import InputError, SoftswitchError, WaitTimeout
+from vmferry.lab.ovs_instance import OvsInstance
 
 pytestmark = [
     pytest.mark.root,
@@ -651,7 +651,7 @@ def test_flush_fdb_forgets_learned_macs(lab: Lab) -> None:
 def test_instance_survives_its_starter_and_stop_leaves_nothing(lone_root: Path) -> None:
     base = lone_root / "solo"
     # Start from another process that exits: the daemons are detached and outlive it.
-    starter = ("from pathlib import Path; from vmferry.drivers.softswitch.ovs_instance import "
+    starter = ("from pathlib import Path; from vmferry.lab.ovs_instance import "
                f"OvsInstance; OvsInstance('solo', {ns_name('solo')!r}, Path({str(base)!r}))"
                ".start()")
     subprocess.run([sys.executable, "-c", starter], check=True, timeout=30)

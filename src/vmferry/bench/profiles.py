@@ -42,8 +42,8 @@ from vmferry.drivers.softswitch.ovs import (
     flow_add_text,
     meter_text,
 )
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import SoftswitchError
+from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.model.profile import PortProfile, parse_profile
 
 BRIDGE = "br-bench"
