@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from vmferry.agent import port_profile as pp
 from vmferry.drivers.softswitch.base import PortSpec, PortState
 from vmferry.drivers.softswitch.fake import FakeSoftswitch
 from vmferry.drivers.softswitch.ovs import normalize_flow
+from vmferry.drivers.softswitch.ovs import profile as pp
+from vmferry.drivers.softswitch.ovs import profile_flows as pf
 from vmferry.errors import InputError, SoftswitchError
 from vmferry.model.profile import parse_profile
 
@@ -28,15 +29,15 @@ def profile(**fields: Any) -> Any:
 
 
 def flows_of(prof: Any, ips: list[str] | None = None) -> list[Any]:
-    alloc = pp.Allocation(pp.port_cookie("vm-a"), 3)
-    return pp.desired_flows(5, MAC, ips or ["192.0.2.7"], prof, alloc)
+    alloc = pf.Allocation(pf.port_cookie("vm-a"), 3)
+    return pf.desired_flows(5, MAC, ips or ["192.0.2.7"], prof, alloc)
 
 
 @pytest.mark.parametrize(("low", "high"), [(80, 80), (1000, 1100), (1, 65535), (8000, 8100),
                                            (1023, 1025)])
 def test_port_range_masks_cover_exactly(low: int, high: int) -> None:
     covered = set()
-    for text in pp.port_range_masks(low, high):
+    for text in pf.port_range_masks(low, high):
         value, _, mask = text.partition("/")
         v, m = int(value, 0), int(mask, 0) if mask else 0xFFFF
         covered |= {p for p in range(65536) if p & m == v}
@@ -44,18 +45,18 @@ def test_port_range_masks_cover_exactly(low: int, high: int) -> None:
 
 
 def test_cookie_is_tagged_and_stable() -> None:
-    assert pp.port_cookie("vm-a") == pp.port_cookie("vm-a") != pp.port_cookie("vm-b")
-    assert pp.port_cookie("vm-a") >> 48 == pp.COOKIE_TAG
+    assert pf.port_cookie("vm-a") == pf.port_cookie("vm-a") != pf.port_cookie("vm-b")
+    assert pf.port_cookie("vm-a") >> 48 == pf.COOKIE_TAG
 
 
 def test_meter_block_is_recorded_or_first_free() -> None:
-    preferred = pp.preferred_block("vm-a")
-    taken = {"vm-b": {pp.KEY_BLOCK: str(preferred)}}
-    alloc = pp.allocate("vm-a", {**taken, "vm-a": {}})
-    assert alloc.block == (preferred + 1) % pp.METER_BLOCKS
-    kept = pp.allocate("vm-a", {"vm-a": {pp.KEY_BLOCK: "42"}})
-    assert kept.block == 42 and kept.meter_id("to_vm") == 42 * pp.METER_BLOCK_SIZE + 1
-    assert len(kept.meter_ids) == len(pp.METER_ROLES)
+    preferred = pf.preferred_block("vm-a")
+    taken = {"vm-b": {pf.KEY_BLOCK: str(preferred)}}
+    alloc = pf.allocate("vm-a", {**taken, "vm-a": {}})
+    assert alloc.block == (preferred + 1) % pf.METER_BLOCKS
+    kept = pf.allocate("vm-a", {"vm-a": {pf.KEY_BLOCK: "42"}})
+    assert kept.block == 42 and kept.meter_id("to_vm") == 42 * pf.METER_BLOCK_SIZE + 1
+    assert len(kept.meter_ids) == len(pf.METER_ROLES)
 
 
 def test_flows_are_valid_ovs_text_and_unique() -> None:
@@ -74,7 +75,7 @@ def test_flows_are_valid_ovs_text_and_unique() -> None:
 def test_first_rule_wins_and_default_applies() -> None:
     prof = profile(acl={"to_vm": {"rules": [{"action": "deny", "protocol": "tcp", "port": 8080},
                                             {"action": "allow", "protocol": "tcp"}]}})
-    acl = [f for f in flows_of(prof) if f.table == pp.TABLE_TO_VM and "tcp" in f.match]
+    acl = [f for f in flows_of(prof) if f.table == pf.TABLE_TO_VM and "tcp" in f.match]
     deny = next(f for f in acl if "tp_dst=8080" in f.match)
     allow = next(f for f in acl if "tp_dst" not in f.match)
     assert deny.actions == "drop" and deny.priority > allow.priority
@@ -99,18 +100,18 @@ def test_meters_and_spec_follow_profile() -> None:
     prof = profile(qos={"to_vm": {"rate_kbps": 1000, "burst_kb": 200},
                         "from_vm": {"rate_kbps": 2000}},
                    storm_control={"broadcast_pps": 50, "unknown_unicast_pps": 9})
-    alloc = pp.Allocation(pp.port_cookie("vm-a"), 0)
-    meters = {m.meter_id: m for m in pp.desired_meters(prof, alloc)}
+    alloc = pf.Allocation(pf.port_cookie("vm-a"), 0)
+    meters = {m.meter_id: m for m in pf.desired_meters(prof, alloc)}
     assert meters[alloc.meter_id("to_vm")].kbps == 1000
     assert meters[alloc.meter_id("to_vm")].burst == 200
     assert meters[alloc.meter_id("broadcast")].pktps == 50
-    want = pp.desired_port(state("vm-a", **{"vmferry-owner": "vmferry"}), 5, MAC,
+    want = pf.desired_port(state("vm-a", **{"vmferry-owner": "vmferry"}), 5, MAC,
                            ["192.0.2.7"], prof, alloc)
-    assert want.spec.tag == 100 and want.spec.external_ids[pp.KEY_VERSION] == "2"
+    assert want.spec.tag == 100 and want.spec.external_ids[pf.KEY_VERSION] == "2"
     assert want.spec.external_ids["vmferry-owner"] == "vmferry"
     assert want.not_enforced == ["storm_control.unknown_unicast_pps"]
     trunk = parse_profile({"name": "t", "trunks": [10, 20]})
-    spec = pp.desired_spec(state("vm-a"), trunk, alloc)
+    spec = pf.desired_spec(state("vm-a"), trunk, alloc)
     assert spec.tag is None and spec.trunks == frozenset({10, 20}) and spec.vlan_mode == "trunk"
 
 
@@ -151,10 +152,10 @@ def test_realize_many_is_one_transaction_one_meter_dump_one_bundle() -> None:
     assert len(meter_ids(switch)) == 5 * 3
     for name, report in zip(names, reports, strict=True):
         row = switch.ports("br")[name]
-        assert row.external_ids[pp.KEY_VERSION] == "2"
-        assert row.external_ids[pp.KEY_BLOCK] == str(report.meter_block)
+        assert row.external_ids[pf.KEY_VERSION] == "2"
+        assert row.external_ids[pf.KEY_BLOCK] == str(report.meter_block)
         assert row.external_ids["vmferry-owner"] == "t"
-        assert switch.dump_flows("br", pp.port_cookie(name))
+        assert switch.dump_flows("br", pf.port_cookie(name))
 
 
 def test_realize_many_equals_realizing_one_by_one() -> None:
@@ -174,19 +175,19 @@ def test_realize_many_drops_meters_a_new_version_no_longer_uses() -> None:
     pp.realize_many(switch, "br", requests(names, profile(**METERED)))
     pp.realize_many(switch, "br", requests(names, profile(version=3)))
     assert switch.dump_meters("br") == []
-    assert all(switch.ports("br")[n].external_ids[pp.KEY_VERSION] == "3" for n in names)
+    assert all(switch.ports("br")[n].external_ids[pf.KEY_VERSION] == "3" for n in names)
 
 
 def test_realize_each_reports_a_refused_port_alone() -> None:
     names = ["vm-a", "vm-b", "vm-c"]
-    switch = fake_switch(names, refuse_cookies={pp.port_cookie("vm-b")})
+    switch = fake_switch(names, refuse_cookies={pf.port_cookie("vm-b")})
     outcomes = pp.realize_each(switch, "br", requests(names, profile()))
     assert isinstance(outcomes[1], SoftswitchError)
     assert isinstance(outcomes[0], pp.RealizationReport)
     assert isinstance(outcomes[2], pp.RealizationReport)
     cookies = switch.flow_cookies("br")
-    assert pp.port_cookie("vm-a") in cookies and pp.port_cookie("vm-c") in cookies
-    assert pp.port_cookie("vm-b") not in cookies
+    assert pf.port_cookie("vm-a") in cookies and pf.port_cookie("vm-c") in cookies
+    assert pf.port_cookie("vm-b") not in cookies
 
 
 def test_realize_many_refuses_a_port_twice_and_a_missing_port() -> None:
@@ -204,8 +205,8 @@ def test_status_matches_after_realize_and_tells_what_was_tampered() -> None:
     pp.realize(switch, "br", "vm-a", MAC, ["192.0.2.7/24"], prof)
     status = pp.port_status(switch, "br", "vm-a", MAC, ["192.0.2.7"], prof)
     assert status["match"] and not status["missing_flows"] and not status["extra_flows"]
-    entry = [f for f in switch.dump_flows("br", pp.port_cookie("vm-a")) if f.table != 0]
-    switch.replace_flows("br", pp.port_cookie("vm-a"), entry)
+    entry = [f for f in switch.dump_flows("br", pf.port_cookie("vm-a")) if f.table != 0]
+    switch.replace_flows("br", pf.port_cookie("vm-a"), entry)
     status = pp.port_status(switch, "br", "vm-a", MAC, ["192.0.2.7"], prof)
     assert not status["match"] and status["missing_flows"] and not status["extra_flows"]
     assert all(text.startswith("table=0,") for text in status["missing_flows"])
@@ -216,10 +217,10 @@ def test_remove_takes_away_flows_meters_and_tags_only() -> None:
     pp.realize_many(switch, "br", requests(["vm-a", "vm-b"], profile(**METERED)))
     assert pp.remove(switch, "br", "vm-a") is True
     row = switch.ports("br")["vm-a"]
-    assert not set(pp.PROFILE_KEYS) & row.external_ids.keys()
+    assert not set(pf.PROFILE_KEYS) & row.external_ids.keys()
     assert row.external_ids["vmferry-owner"] == "t" and row.tag == 100
-    assert pp.port_cookie("vm-a") not in switch.flow_cookies("br")
-    assert pp.port_cookie("vm-b") in switch.flow_cookies("br")
+    assert pf.port_cookie("vm-a") not in switch.flow_cookies("br")
+    assert pf.port_cookie("vm-b") in switch.flow_cookies("br")
     assert len(meter_ids(switch)) == 3, "the other port's meters stay"
     assert pp.remove(switch, "br", "vm-a") is False
     assert pp.port_status(switch, "br", "vm-a", MAC, [], None)["match"]

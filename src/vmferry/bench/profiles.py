@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from vmferry import privileged
-from vmferry.agent import port_profile
 from vmferry.drivers.softswitch.base import Flow, Meter, PortSpec
 from vmferry.drivers.softswitch.ovs import (
     OPENFLOW,
     OvsSoftswitch,
     flow_add_text,
     meter_text,
+    profile_flows,
 )
+from vmferry.drivers.softswitch.ovs import profile as port_profile
 from vmferry.errors import SoftswitchError
 from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.model.profile import PortProfile, parse_profile
@@ -91,10 +92,10 @@ class _Wanted:
 def _wanted(switch: OvsSoftswitch, request: port_profile.PortRequest) -> _Wanted:
     state = switch.ports(BRIDGE, [request.port])[request.port]
     assert state.ofport is not None
-    alloc = port_profile.allocate(request.port, switch.port_external_ids(BRIDGE))
-    want = port_profile.desired_port(state, state.ofport, request.vm_mac,
-                                     [ip.split("/")[0] for ip in request.vm_ips],
-                                     request.profile, alloc)
+    alloc = profile_flows.allocate(request.port, switch.port_external_ids(BRIDGE))
+    want = profile_flows.desired_port(state, state.ofport, request.vm_mac,
+                                      [ip.split("/")[0] for ip in request.vm_ips],
+                                      request.profile, alloc)
     return _Wanted(alloc.cookie, want.flows, want.meters)
 
 
