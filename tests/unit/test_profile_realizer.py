@@ -237,3 +237,40 @@ def test_realize_waits_for_the_port_number_on_an_event() -> None:
     assert report.flows > 0
     assert all("in_port=9" in f.match or "dl_dst" in f.match
                for f in switch.dump_flows("br", report.cookie) if f.table == 0)
+
+
+def test_ipv6_link_local_only_from_the_vms_own_mac() -> None:
+    assert pf.link_local("52:54:00:12:34:56") == "fe80::5054:ff:fe12:3456"
+    entry = [f for f in flows_of(profile(), ["192.0.2.7", "2001:db8::7"]) if f.table == 0]
+    sources = {f.match.rpartition("ipv6_src=")[2] for f in entry if "ipv6_src=" in f.match}
+    assert sources == {"2001:db8::7", pf.link_local(MAC), "::"}
+    assert all(f.actions == f"goto_table:{pf.TABLE_ND_GUARD}" for f in entry
+               if "ipv6_src=" in f.match)
+
+
+def test_router_and_neighbor_advertisements_are_guarded_unless_allowed() -> None:
+    guard = [f for f in flows_of(profile(), ["2001:db8::7"]) if f.table == pf.TABLE_ND_GUARD]
+    drops = {f.match for f in guard if f.actions == "drop"}
+    assert drops == {"in_port=5,icmp6,icmp_type=134", "in_port=5,icmp6,icmp_type=137",
+                     "in_port=5,icmp6,icmp_type=136,icmp_code=0"}
+    targets = {(f.match.split("nd_target=")[1].split(",")[0], f.match.split("nd_tll=")[1])
+               for f in guard if "nd_target=" in f.match}
+    assert targets == {(t, tll) for t in ("2001:db8::7", pf.link_local(MAC))
+                       for tll in (MAC, pf.NO_MAC)}
+    for flow in guard:
+        normalize_flow(flow)         # raises for a field without its prerequisites
+    router = profile(security={"allow_router_advertisements": True})
+    assert not any("icmp_type=134" in f.match for f in flows_of(router))
+    assert any("icmp_type=136" in f.match for f in flows_of(router))
+    both = profile(security={"allow_router_advertisements": True,
+                             "allow_foreign_neighbor_advertisements": True})
+    flows = flows_of(both)
+    assert not any(f.table == pf.TABLE_ND_GUARD for f in flows)
+    assert not any(str(pf.TABLE_ND_GUARD) in f.actions for f in flows)
+
+
+def test_nd_guard_holds_without_the_source_guard() -> None:
+    off = profile(security={"ip_source_guard": False})
+    entry = [f for f in flows_of(off) if f.table == 0 and "ipv6" in f.match]
+    assert [(f.match, f.actions) for f in entry] == [
+        (f"in_port=5,dl_src={MAC},ipv6", f"goto_table:{pf.TABLE_ND_GUARD}")]

@@ -12,9 +12,11 @@ Everything installed for a port is tagged so it can be found and removed exactly
 
 Pipeline (OpenFlow 1.3, tables other than 0 belong to vmferry profiles)::
 
-    table 0   from the port: port security (MAC, IP source, ARP guard, IPv6 ND/RA guard)
-              -> 40, else drop
-              to the VM's MAC: -> 42                     (anything else: the bridge's NORMAL)
+    table 0   from the port: port security (MAC, IP source, ARP guard) -> 40 (IPv6: -> 39),
+              else drop; to the VM's MAC: -> 42          (anything else: the bridge's NORMAL)
+    table 39  IPv6 from the port: router advertisements and redirects dropped, neighbour
+              advertisements only for the VM's own addresses with its MAC (unless the profile
+              allows them) -> 40
     table 40  storm control: broadcast / multicast from the port through pktps meters -> 41
     table 41  from-VM ACL (conntrack zone of the port when stateful), rate meter, DSCP -> 42
     table 42  to-VM ACL for frames to a profiled VM's MAC, rate meter, NORMAL;
@@ -40,6 +42,7 @@ from vmferry.errors import SoftswitchError
 from vmferry.model.profile import AclDirection, AclRule, PortProfile
 
 TABLE_ENTRY = 0
+TABLE_ND_GUARD = 39
 TABLE_STORM = 40
 TABLE_FROM_VM = 41
 TABLE_TO_VM = 42
@@ -57,6 +60,10 @@ KEY_BLOCK = "vmferry-meter-block"
 PROFILE_KEYS = (KEY_PROFILE, KEY_VERSION, KEY_COOKIE, KEY_BLOCK)
 
 BROADCAST = "ff:ff:ff:ff:ff:ff"
+NO_MAC = "00:00:00:00:00:00"
+ICMP6_ROUTER_ADVERT = 134
+ICMP6_NEIGHBOR_ADVERT = 136
+ICMP6_REDIRECT = 137
 MULTICAST = "01:00:00:00:00:00/01:00:00:00:00:00"
 
 # Priorities inside the ACL tables: established > rules (first rule highest) > default.
@@ -180,13 +187,42 @@ def _acl_flows(table: int, selector: str, direction: AclDirection, *, stateful: 
     return flows
 
 
+def link_local(mac: str) -> str:
+    """The IPv6 link-local address a MAC gives by EUI-64 (RFC 4291, appendix A)."""
+    octets = bytearray(int(part, 16) for part in mac.split(":"))
+    octets[0] ^= 0x02
+    eui64 = bytes(octets[:3]) + b"\xff\xfe" + bytes(octets[3:])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + b"\x00" * 6 + eui64))
+
+
+def _nd_guard_flows(port: str, mac: str, own_v6: list[str], profile: PortProfile) -> list[Flow]:
+    """Table 39: IPv6 from the port that passed the source guard. Router advertisements and
+    redirects are dropped, and neighbour advertisements for targets that are not the VM's or
+    naming another MAC as the target's, unless the profile allows them."""
+    sec = profile.security
+    go = f"goto_table:{TABLE_STORM}"
+    flows = [Flow(TABLE_ND_GUARD, 10, port, go)]
+    if not sec.allow_router_advertisements:
+        flows += [Flow(TABLE_ND_GUARD, 300, f"{port},icmp6,icmp_type={kind}", "drop")
+                  for kind in (ICMP6_ROUTER_ADVERT, ICMP6_REDIRECT)]
+    if not sec.allow_foreign_neighbor_advertisements:
+        # OVS matches nd_target only with icmp_code=0; a missing option reads as MAC 0.
+        advert = f"{port},icmp6,icmp_type={ICMP6_NEIGHBOR_ADVERT},icmp_code=0"
+        flows.append(Flow(TABLE_ND_GUARD, 200, advert, "drop"))
+        flows += [Flow(TABLE_ND_GUARD, 210, f"{advert},nd_target={target},nd_tll={tll}", go)
+                  for target in own_v6 for tll in (mac, NO_MAC)]
+    return flows
+
+
 def _security_flows(ofport: int, mac: str, ips: list[str], profile: PortProfile) -> list[Flow]:
     sec = profile.security
     port = f"in_port={ofport}"
     src = f"{port},dl_src={mac}" if sec.mac_antispoof else port
     go = f"goto_table:{TABLE_STORM}"
     v4 = [ip for ip in ips if ipaddress.ip_address(ip).version == 4]
-    v6 = [ip for ip in ips if ipaddress.ip_address(ip).version == 6]
+    own_v6 = [*(ip for ip in ips if ipaddress.ip_address(ip).version == 6), link_local(mac)]
+    nd_guard = not (sec.allow_router_advertisements and sec.allow_foreign_neighbor_advertisements)
+    go_v6 = f"goto_table:{TABLE_ND_GUARD}" if nd_guard else go
     flows = [Flow(TABLE_ENTRY, 200, src, go),
              Flow(TABLE_ENTRY, 190, port, "drop" if sec.mac_antispoof else go)]
     if sec.arp_guard:
@@ -199,9 +235,14 @@ def _security_flows(ofport: int, mac: str, ips: list[str], profile: PortProfile)
         # DHCP discovery comes from 0.0.0.0.
         flows.append(Flow(TABLE_ENTRY, 210, f"{src},udp,nw_src=0.0.0.0,tp_src=68,tp_dst=67", go))
         flows.append(Flow(TABLE_ENTRY, 205, f"{src},ip", "drop"))
-        for ip6 in [*v6, "fe80::/10", "::"]:
-            flows.append(Flow(TABLE_ENTRY, 210, f"{src},ipv6,ipv6_src={ip6}", go))
+        # Link-local only the one the VM's MAC gives; "::" is duplicate address detection.
+        for ip6 in [*dict.fromkeys(own_v6), "::"]:
+            flows.append(Flow(TABLE_ENTRY, 210, f"{src},ipv6,ipv6_src={ip6}", go_v6))
         flows.append(Flow(TABLE_ENTRY, 205, f"{src},ipv6", "drop"))
+    elif nd_guard:
+        flows.append(Flow(TABLE_ENTRY, 201, f"{src},ipv6", go_v6))
+    if nd_guard:
+        flows += _nd_guard_flows(port, mac, list(dict.fromkeys(own_v6)), profile)
     return flows
 
 
