@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from vmferry import privileged
-from vmferry.agent import port_profile
 from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest
 from vmferry.drivers.hypervisor.base import (
     GuestSpec,
@@ -22,6 +21,7 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
 )
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec, Softswitch
+from vmferry.drivers.softswitch.ovs import profile_dict_shim as port_profile
 from vmferry.errors import (
     CapacityError,
     ConflictError,

@@ -37,7 +37,6 @@ from vmferry.agent.service import tap_name
 from vmferry.bench.probe import PingProbe, wait_reachable
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import (
     AgentError,
     ConflictError,
@@ -47,6 +46,7 @@ from vmferry.errors import (
 )
 from vmferry.http import client_for, error_payload, raise_for_agent
 from vmferry.lab.names import LabLayout
+from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.topology import HOST_BRIDGE, Topology, default_topology_path, load_topology
 

@@ -36,8 +36,8 @@ from vmferry import privileged
 from vmferry.agent.service import tap_name
 from vmferry.bench.migration import BenchConfig, BenchLab, Timing, _HandDriven, _phase_durations
 from vmferry.drivers.softswitch.base import PortSpec
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
+from vmferry.lab.ovs_instance import OvsInstance
 
 log = logging.getLogger(__name__)
 
