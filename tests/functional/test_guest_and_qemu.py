@@ -12,6 +12,7 @@ bounded in count and time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -28,9 +29,9 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from vmferry import privileged
-from vmferry.drivers.hypervisor.base import GuestSpec, GuestState, MigrationTuning
+from vmferry.drivers.hypervisor.base import GuestEvent, GuestSpec, GuestState, MigrationTuning
 from vmferry.drivers.hypervisor.qemu import QemuHypervisor
-from vmferry.errors import WaitTimeout
+from vmferry.errors import HypervisorError, InputError, WaitTimeout
 from vmferry.image.builder import GuestImage, ensure_image
 
 pytestmark = [
@@ -422,3 +423,79 @@ def test_postcopy_migration(lab: Lab, guest: GuestSpec) -> None:
         ping(lab.client, ip)
     finally:
         session.close()
+
+
+def wait_for_event(hv: QemuHypervisor, name: str, kind: str, status: str | None = None, *,
+                   after: int = 0, timeout: float = 60.0) -> GuestEvent:
+    """The first recorded event of ``kind`` (and ``status``) after seq ``after``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in hv.events(name, after=after, timeout=deadline - time.monotonic()):
+            if event.kind == kind and (status is None or event.status == status):
+                return event
+            after = event.seq
+    raise AssertionError(f"no {kind} {status or ''} event of {name} within {timeout}s")
+
+
+@pytest.mark.timeout(180)
+def test_pause_before_switchover_and_events(lab: Lab, guest: GuestSpec) -> None:
+    uri = f"tcp:{MIG_B}:49155"
+    tuning = MigrationTuning(pause_before_switchover=True)
+    before = lab.a.events(guest.name)
+    mark = before[-1].seq if before else 0
+    lab.b.start(guest, incoming_uri=uri, tuning=tuning)
+    lab.a.migrate(guest.name, uri, tuning)
+    paused = wait_for_event(lab.a, guest.name, "MIGRATION", "pre-switchover", after=mark)
+    # Held there: the guest is stopped on the source, the destination still waits.
+    assert lab.a.migration_progress(guest.name).status == "pre-switchover"
+    assert lab.a.state(guest.name) is GuestState.PAUSED
+    assert lab.b.state(guest.name) is GuestState.INMIGRATE
+    stop = wait_for_event(lab.a, guest.name, "STOP", after=mark)
+    assert stop.seq < paused.seq
+    lab.a.continue_migration(guest.name)
+    progress = lab.a.wait_migration(guest.name, timeout=90)
+    assert progress.status == "completed", progress
+    lab.b.wait_running(guest.name, timeout=30)
+    resume = wait_for_event(lab.b, guest.name, "RESUME")
+    source = lab.a.events(guest.name, after=mark)
+    statuses = [e.status for e in source if e.kind == "MIGRATION"]
+    assert statuses[:2] == ["setup", "active"], statuses
+    assert statuses[-3:] == ["pre-switchover", "device", "completed"], statuses
+    assert [e.seq for e in source] == sorted({e.seq for e in source})
+    # QMP's own clocks, one host here: the guest stopped before it resumed elsewhere.
+    assert stop.timestamp < resume.timestamp
+    assert abs(resume.timestamp - time.time()) < 600
+    # A restarted agent (a new connection) records where the migration stands, then
+    # keeps listening.
+    lab.a.disconnect(guest.name)
+    resync = lab.a.events(guest.name, after=source[-1].seq)
+    assert [(e.kind, e.status) for e in resync] == [("VMFERRY_RESYNC", "completed")]
+    with pytest.raises(HypervisorError):
+        lab.a.continue_migration(guest.name)   # not in pre-switchover any more
+    lab.a.stop(guest.name)
+    ping(lab.client, ip_of(guest))
+
+
+@pytest.mark.timeout(120)
+def test_exec_uri_is_refused_and_could_not_run_anything(lab: Lab, guest: GuestSpec,
+                                                        tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    for uri in (f"exec:touch {marker}", f"file:{marker}", "unix:/tmp/x.sock", "fd:3",
+                f"tcp:{MIG_B}:0", f"tcp:{MIG_B}:49152,ipv4=on"):
+        with pytest.raises(InputError) as info:
+            lab.a.migrate(guest.name, uri, MigrationTuning())
+        assert info.value.field == "uri"
+        with pytest.raises(InputError):
+            lab.b.start(guest, incoming_uri=uri)
+    assert lab.b.state(guest.name) is GuestState.ABSENT
+    assert lab.a.state(guest.name) is GuestState.RUNNING
+    # Past the driver's check (as if QMP were reached another way), seccomp's spawn=deny
+    # stops QEMU from running the command: QEMU fails the migration or is killed by seccomp.
+    with contextlib.suppress(HypervisorError):
+        lab.a.qmp.execute(guest.name, "migrate", {"uri": f"exec:touch {marker}"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and lab.a.pid(guest.name) is not None:
+        if lab.a.migration_progress(guest.name).status in ("failed", "none"):
+            break
+        time.sleep(0.1)
+    assert not marker.exists()
