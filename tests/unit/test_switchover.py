@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
+from vmferry.agent.switchover import host_flows
 from vmferry.controller import switchover
 from vmferry.controller.switchover import (
     PRIORITY,
     SwitchPorts,
     due,
     fabric_flows,
-    host_flows,
     is_mbb_cookie,
     mbb_cookie,
     migration_of,
