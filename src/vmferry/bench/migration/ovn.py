@@ -322,6 +322,9 @@ class Ovn(_HandDriven):
                 self.ovn.down()
                 self.ovn = None
 
+    def restore(self, where: str) -> None:
+        self._ovn().wire_underlay()
+
     def migrate(self, source: str, destination: str) -> Timing:
         ovn = self._ovn()
         marks: dict[str, float] = {}

@@ -60,6 +60,7 @@ def measure(variant: Variant, run: int, source: str, destination: str,
     echo = EchoSession(namespace, variant.address, interval_ms=config.tcp_interval_ms,
                        max_seconds=config.warmup_s + config.migration_timeout_s + 60)
     try:
+        variant.restore(source)
         wait_reachable(namespace, variant.address, timeout=60)
         moves_before = lab.mac_moves(switches)
         echo.start()

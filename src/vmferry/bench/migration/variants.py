@@ -52,6 +52,12 @@ class Variant(ABC):
     @abstractmethod
     def prepare(self, home: str) -> None: ...
 
+    def restore(self, where: str) -> None:
+        """Before a run, outside the measured window: the guest's VLAN reaches its host again.
+        Variants run interleaved, and another variant's pruning (by hand, or the controller's
+        reconciliation, which knows only its own VMs) may have taken it off a trunk."""
+        self.lab.wire_vlan(self.config.vlan, [where])
+
     @abstractmethod
     def migrate(self, source: str, destination: str) -> Timing: ...
 
