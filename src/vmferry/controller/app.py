@@ -70,6 +70,11 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/v1/whoami")
+    def whoami(caller: Caller) -> dict[str, str]:
+        """The caller's name and role: the dashboard offers only the actions the role may do."""
+        return {"name": caller.name, "role": caller.role.value}
+
     # ---- inventory and hosts ----------------------------------------------------------------
 
     @app.put("/v1/inventory")
