@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from vmferry import privileged
+from vmferry import pki, privileged
 from vmferry.drivers.hypervisor.base import GuestEvent, GuestSpec, GuestState, MigrationTuning
 from vmferry.drivers.hypervisor.qemu import QemuHypervisor
 from vmferry.errors import HypervisorError, InputError, WaitTimeout
@@ -499,3 +499,71 @@ def test_exec_uri_is_refused_and_could_not_run_anything(lab: Lab, guest: GuestSp
             break
         time.sleep(0.1)
     assert not marker.exists()
+
+
+# ---- migration over TLS -------------------------------------------------------------------------
+
+def forge_stream(namespace: str, ip: str, port: int) -> None:
+    """A plain TCP client that writes what a QEMU migration stream starts with, then junk."""
+    sock = socket_in(namespace)
+    try:
+        sock.settimeout(5)
+        sock.connect((ip, port))
+        sock.sendall(b"QEVM\x00\x00\x00\x03" + bytes(range(256)) * 16)
+        with contextlib.suppress(OSError):
+            sock.recv(64)           # TLS expects a ClientHello: QEMU drops us
+    finally:
+        sock.close()
+
+
+def wait_log(hv: QemuHypervisor, name: str, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = hv.files(name)["log"].read_text(errors="replace")
+        if text.lower() in log.lower() or time.monotonic() >= deadline:
+            return log
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+def test_migration_over_tls_refuses_forged_and_unauthorized_streams(
+        lab: Lab, guest: GuestSpec, tmp_path: Path) -> None:
+    root = tmp_path / "pki"
+    pki.init_ca(root)
+    dir_a = pki.issue(root, "host-a", ips=[MIG_A])
+    dir_b = pki.issue(root, "host-b", ips=[MIG_B])
+    dir_rogue = pki.issue(root, "rogue", ips=[MIG_A])     # same CA, a name b does not accept
+    # TLS is driver configuration: drivers over the same run dirs, with credentials.
+    tls_a = QemuHypervisor(lab.a.run_dir, lab.image, namespace=lab.ns_a, tls_dir=dir_a)
+    tls_b = QemuHypervisor(lab.b.run_dir, lab.image, namespace=lab.ns_b, tls_dir=dir_b)
+    rogue_a = QemuHypervisor(lab.a.run_dir, lab.image, namespace=lab.ns_a, tls_dir=dir_rogue)
+    port = 49160
+    uri = f"tcp:{MIG_B}:{port}"
+    tls_b.start(guest, incoming_uri=uri, tuning=MigrationTuning(tls_peer_name="host-a"))
+    session = EchoSession(lab.client, ip_of(guest))
+    try:
+        # 1. Anyone on the migration network, without a certificate.
+        forge_stream(lab.ns_a, MIG_B, port)
+        log = wait_log(tls_b, guest.name, "TLS handshake failed")
+        assert "TLS handshake failed" in log, log
+        assert tls_b.state(guest.name) is GuestState.INMIGRATE, log
+        # 2. A certificate of the same CA under a name the destination was not told.
+        rogue_a.migrate(guest.name, uri, MigrationTuning(tls_peer_name="host-b"))
+        refused = rogue_a.wait_migration(guest.name, timeout=60)
+        assert refused.status == "failed", refused
+        log = wait_log(tls_b, guest.name, "authz check for CN=rogue is denied")
+        assert "authz check for CN=rogue is denied" in log, log
+        assert tls_b.state(guest.name) is GuestState.INMIGRATE
+        assert lab.a.state(guest.name) is GuestState.RUNNING
+        session.echo()
+        # 3. The real source: verified both ways, authorized by name.
+        tls_a.migrate(guest.name, uri, MigrationTuning(tls_peer_name="host-b"))
+        progress = tls_a.wait_migration(guest.name, timeout=120)
+        assert progress.status == "completed", progress
+        tls_b.wait_running(guest.name, timeout=30)
+        tls_b.announce(guest.name)
+        session.echo()
+        print(f"\nTLS migration: QEMU total {progress.total_time_ms} ms, downtime "
+              f"{progress.downtime_ms} ms, {progress.transferred_bytes >> 20} MiB")
+    finally:
+        session.close()
