@@ -24,6 +24,7 @@ profile's ACLs); the fabric rules still bring its frames to the destination host
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -54,6 +55,10 @@ __all__ = ["COOKIE_MASK", "COOKIE_PREFIX", "PRIORITY", "MakeBeforeBreak", "Switc
 log = logging.getLogger(__name__)
 
 WINDOW_FAILPOINT = "switchover-window"      # held with the rules in place (tests)
+# "wait": QEMU continues once the rules are in; "overlap": they go in while it finishes.
+OPEN_MODE_ENV = "VMFERRY_SWITCHOVER_OPEN"
+DEFAULT_OPEN_MODE = "wait"
+INSTALL_JOIN_S = 30.0
 
 
 class SwitchoverAgent(Protocol):
@@ -98,6 +103,10 @@ class MakeBeforeBreak:
         self.opened = False
         self.closed = False
         self.open_ms: float | None = None
+        # The held-window failpoint needs the rules in before open() returns.
+        self.overlap = (os.environ.get(OPEN_MODE_ENV, DEFAULT_OPEN_MODE) == "overlap"
+                        and WINDOW_FAILPOINT not in failpoints.active())
+        self._installing: threading.Thread | None = None
 
     def prepare(self) -> None:
         """Read the path's ports and compute the rules, so ``open`` only writes. Raises
@@ -113,12 +122,32 @@ class MakeBeforeBreak:
             raise SwitchoverError(f"no switchover rules for {ctx.vm}: {exc}") from exc
 
     def open(self) -> None:
-        """Install every rule, side by side (the guest is stopped: this time adds to its
-        pause). A partial install is closed like a whole one. Raises ``SwitchoverError``."""
+        """Install every rule, side by side; the guest is stopped. In "wait" mode open()
+        returns once they are in (the time adds to the guest's pause: frames sent during all
+        of the rest of it wait in the destination's tap); in "overlap" mode the rules go in
+        while QEMU sends the last state (the pause is not lengthened; frames sent before they
+        are in are lost at the stopped source). A partial install is closed like a whole one.
+        Raises ``SwitchoverError`` ("wait" mode; "overlap" logs)."""
         with self._lock:
             if self.opened or self.closed:
                 return
             self.opened = True
+            if self.overlap:
+                self._installing = threading.Thread(target=self._install_logged,
+                                                    name=f"switchover-{self.cookie:#x}",
+                                                    daemon=True)
+                self._installing.start()
+                return
+        self._install()
+
+    def _install_logged(self) -> None:
+        try:
+            self._install()
+        except VmferryError as exc:
+            log.warning("migration %s: switchover rules not all installed: %s",
+                        self.ctx.migration_id, exc.message)
+
+    def _install(self) -> None:
         started = time.monotonic()
         if self._rules is None:
             self.prepare()
@@ -133,7 +162,8 @@ class MakeBeforeBreak:
         self.open_ms = round((time.monotonic() - started) * 1000, 1)
         ctx.record(make_before_break="installed", make_before_break_installs=1,
                    make_before_break_cookie=f"{self.cookie:#x}",
-                   make_before_break_open_ms=self.open_ms)
+                   make_before_break_open_ms=self.open_ms,
+                   make_before_break_mode="overlap" if self.overlap else "wait")
         if problems:
             raise SwitchoverError("; ".join(problems))
         log.info("migration %s: switchover rules in place on %s in %.1f ms",
@@ -145,6 +175,9 @@ class MakeBeforeBreak:
         problems met (never raises: every ending of a migration calls this)."""
         with self._lock:
             self.closed = True
+            installing = self._installing
+        if installing is not None:
+            installing.join(timeout=INSTALL_JOIN_S)     # never remove before it is all in
         ctx = self.ctx
         tasks: list[Callable[[], object]] = [
             partial(ctx.fabric.replace_rules, switch.name, self.cookie, [])
