@@ -295,7 +295,9 @@ def test_vlan_isolation_holds_inside_the_window(lab: LabRun) -> None:
         kill_controller(lab)
         restart_controller(lab, None)
         record = wait_end(lab, started["id"])
-        assert record["state"] == "completed", record
+        # Held in pre-switchover, the guest had not left the source: recovery may finish the
+        # move or roll it back; either way nothing of the window is left.
+        assert record["state"] in ("completed", "rolled-back"), record
         assert_clean(lab, record)
         assert lab.wait_ping("client-100", VM_IP, timeout=20)
     finally:

@@ -225,3 +225,31 @@ def test_leftovers_skip_live_migrations_and_foreign_cookies() -> None:
     fabric = FakeFabric({"tor1": FakeSwitch(rules={5: [], mbb_cookie(3): [], mbb_cookie(4): []}),
                          "spine": FakeSwitch()})
     assert leftovers(fabric, ["tor1", "spine"], live={4}) == [("tor1", mbb_cookie(3))]
+
+
+def test_overlap_mode_returns_at_once_and_close_waits_for_the_install(
+        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from vmferry.controller import switchover
+    monkeypatch.setenv(switchover.OPEN_MODE_ENV, "overlap")
+    mbb, fabric, _, recorded = window(topology)
+    assert mbb.overlap
+    gate = threading.Event()
+    real = fabric.replace_rules
+
+    def slow(switch: str, cookie: int, rules: list[Rule], known_empty: bool = False) -> None:
+        if rules:
+            gate.wait(5)
+        real(switch, cookie, rules, known_empty)
+    monkeypatch.setattr(fabric, "replace_rules", slow)
+    mbb.prepare()
+    mbb.open()                                  # returns while the install waits
+    assert all(not s.rules for s in fabric.switches.values())
+    closer = threading.Thread(target=mbb.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    assert all(not s.rules for s in fabric.switches.values())
+    assert recorded["make_before_break_mode"] == "overlap"
+    assert recorded["make_before_break"] == "removed"

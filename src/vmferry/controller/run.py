@@ -118,7 +118,7 @@ class Run:
                 migration_id=self.id, vm=self.vm, mac=vm.mac, vlan=vm.vlan, source=self.source,
                 destination=self.destination, has_profile=vm.profile is not None,
                 topology=self.controller.topology(), fabric=self.controller.fabric_driver(),
-                agent=self.controller.agent))
+                agent=self.controller.agent, record=self.record_result))
         return self.mbb
 
     def close_switchover(self) -> None:

@@ -24,10 +24,10 @@ profile's ACLs); the fabric rules still bring its frames to the destination host
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +42,6 @@ from vmferry.model.switchover import (
     PRIORITY,
     Rule,
     fabric_rules,
-    host_rules,
     is_mbb_cookie,
     mbb_cookie,
     migration_of,
@@ -51,14 +50,15 @@ from vmferry.model.switchover import (
 from vmferry.model.topology import Topology
 
 __all__ = ["COOKIE_MASK", "COOKIE_PREFIX", "PRIORITY", "MakeBeforeBreak", "SwitchoverContext",
-           "SwitchoverError", "close", "during_precopy", "host_flows", "is_mbb_cookie",
-           "leftovers", "mbb_cookie", "migration_of"]
+           "SwitchoverError", "is_mbb_cookie", "leftovers", "mbb_cookie", "migration_of"]
 
 log = logging.getLogger(__name__)
 
-OPTION = "make_before_break"
 WINDOW_FAILPOINT = "switchover-window"      # held with the rules in place (tests)
-OPEN_STATES = {"pre-switchover", "device", "completed"}   # the source guest is stopped
+# "wait": QEMU continues once the rules are in; "overlap": they go in while it finishes.
+OPEN_MODE_ENV = "VMFERRY_SWITCHOVER_OPEN"
+DEFAULT_OPEN_MODE = "wait"
+INSTALL_JOIN_S = 30.0
 
 
 class SwitchoverAgent(Protocol):
@@ -103,6 +103,10 @@ class MakeBeforeBreak:
         self.opened = False
         self.closed = False
         self.open_ms: float | None = None
+        # The held-window failpoint needs the rules in before open() returns.
+        self.overlap = (os.environ.get(OPEN_MODE_ENV, DEFAULT_OPEN_MODE) == "overlap"
+                        and WINDOW_FAILPOINT not in failpoints.active())
+        self._installing: threading.Thread | None = None
 
     def prepare(self) -> None:
         """Read the path's ports and compute the rules, so ``open`` only writes. Raises
@@ -118,12 +122,32 @@ class MakeBeforeBreak:
             raise SwitchoverError(f"no switchover rules for {ctx.vm}: {exc}") from exc
 
     def open(self) -> None:
-        """Install every rule, side by side (the guest is stopped: this time adds to its
-        pause). A partial install is closed like a whole one. Raises ``SwitchoverError``."""
+        """Install every rule, side by side; the guest is stopped. In "wait" mode open()
+        returns once they are in (the time adds to the guest's pause: frames sent during all
+        of the rest of it wait in the destination's tap); in "overlap" mode the rules go in
+        while QEMU sends the last state (the pause is not lengthened; frames sent before they
+        are in are lost at the stopped source). A partial install is closed like a whole one.
+        Raises ``SwitchoverError`` ("wait" mode; "overlap" logs)."""
         with self._lock:
             if self.opened or self.closed:
                 return
             self.opened = True
+            if self.overlap:
+                self._installing = threading.Thread(target=self._install_logged,
+                                                    name=f"switchover-{self.cookie:#x}",
+                                                    daemon=True)
+                self._installing.start()
+                return
+        self._install()
+
+    def _install_logged(self) -> None:
+        try:
+            self._install()
+        except VmferryError as exc:
+            log.warning("migration %s: switchover rules not all installed: %s",
+                        self.ctx.migration_id, exc.message)
+
+    def _install(self) -> None:
         started = time.monotonic()
         if self._rules is None:
             self.prepare()
@@ -138,7 +162,8 @@ class MakeBeforeBreak:
         self.open_ms = round((time.monotonic() - started) * 1000, 1)
         ctx.record(make_before_break="installed", make_before_break_installs=1,
                    make_before_break_cookie=f"{self.cookie:#x}",
-                   make_before_break_open_ms=self.open_ms)
+                   make_before_break_open_ms=self.open_ms,
+                   make_before_break_mode="overlap" if self.overlap else "wait")
         if problems:
             raise SwitchoverError("; ".join(problems))
         log.info("migration %s: switchover rules in place on %s in %.1f ms",
@@ -150,6 +175,9 @@ class MakeBeforeBreak:
         problems met (never raises: every ending of a migration calls this)."""
         with self._lock:
             self.closed = True
+            installing = self._installing
+        if installing is not None:
+            installing.join(timeout=INSTALL_JOIN_S)     # never remove before it is all in
         ctx = self.ctx
         tasks: list[Callable[[], object]] = [
             partial(ctx.fabric.replace_rules, switch.name, self.cookie, [])
@@ -187,14 +215,6 @@ def leftovers(fabric: Fabric, switches: Iterable[str], live: set[int]) -> list[t
     return found
 
 
-def host_flows(uplink_ofport: int, tap_ofport: int, vlan: int, mac: str) -> list[Any]:
-    """Today's agent builds its host rule with this (until H4 moves it to
-    ``vmferry.agent.switchover``)."""
-    from vmferry.drivers.softswitch.base import Flow
-    return [Flow(0, r.priority, r.match, r.actions)
-            for r in host_rules(uplink_ofport, tap_ofport, vlan, mac)]
-
-
 def _side_by_side(tasks: list[Callable[[], Any]]) -> list[Any]:
     """Run the tasks side by side; their results in order (the first failure is raised)."""
     if not tasks:
@@ -215,85 +235,3 @@ def _problems(tasks: list[Callable[[], object]]) -> list[str]:
             except VmferryError as exc:
                 problems.append(exc.message)
     return problems
-
-
-# ---- today's engine (until H5 lands: the engine then owns one MakeBeforeBreak per run) -----
-
-class RunLike(Protocol):
-    id: int
-    vm: str
-    source: str
-    destination: str
-    options: dict[str, Any]
-    controller: Any
-
-    def _vm_row(self) -> dict[str, Any]: ...
-
-    def _record_result(self, **values: Any) -> None: ...
-
-
-class _CallAgent:
-    """A ``SwitchoverAgent`` over the controller's untyped agent calls."""
-
-    def __init__(self, controller: Any, host: str) -> None:
-        self.controller = controller
-        self.host = host
-
-    def open_switchover(self, vm: str, cookie: int, vlan: int, mac: str) -> int:
-        body = self.controller.call_agent(self.host, "PUT", f"/v1/make-before-break/{vm}",
-                                          json={"cookie": cookie, "vlan": vlan, "mac": mac},
-                                          timeout=15)
-        return int((body or {}).get("rules", 0))
-
-    def close_switchover(self, cookie: int) -> None:
-        self.controller.call_agent(self.host, "DELETE", f"/v1/make-before-break/{cookie}",
-                                   timeout=15)
-
-
-_runs: weakref.WeakKeyDictionary[Any, MakeBeforeBreak] = weakref.WeakKeyDictionary()
-_runs_lock = threading.Lock()
-
-
-def _for_run(run: RunLike) -> MakeBeforeBreak:
-    with _runs_lock:
-        window = _runs.get(run)
-        if window is None:
-            vm = run._vm_row()
-            controller = run.controller
-            window = _runs[run] = MakeBeforeBreak(SwitchoverContext(
-                migration_id=run.id, vm=run.vm, mac=str(vm["mac"]), vlan=int(vm["vlan"]),
-                source=run.source, destination=run.destination,
-                has_profile=bool(vm.get("profile")), topology=controller.topology(),
-                fabric=controller.fabric_driver(),
-                agent=lambda host: _CallAgent(controller, host),
-                record=run._record_result))
-        return window
-
-
-def during_precopy(run: RunLike, progress: Mapping[str, Any]) -> None:
-    """Today's engine calls this on every precopy poll: compute the rules once, install them
-    once the source reports its guest stopped. Failing is logged: the migration works
-    without the rules."""
-    if not run.options.get(OPTION, True):
-        return
-    try:
-        window = _for_run(run)
-        if window._rules is None:
-            window.prepare()
-        if progress.get("status") in OPEN_STATES:
-            window.open()
-    except VmferryError as exc:
-        log.warning("migration %s: switchover rules not installed: %s", run.id, exc.message)
-
-
-def close(run: RunLike) -> list[str]:
-    """Remove the rules of ``run``'s migration, wherever they are; idempotent, never raises."""
-    with _runs_lock:
-        window = _runs.get(run)
-    if window is not None and window.closed:
-        return []
-    try:
-        window = window or _for_run(run)
-    except VmferryError as exc:
-        return [exc.message]
-    return window.close()

@@ -115,8 +115,9 @@ class _HandDriven(Variant):
         """Start the QEMU migration on the source and wait, polling often, until it ends;
         returns QEMU's final report. Raises ``MigrationError`` or ``WaitTimeout``."""
         self.lab.agent(source, "POST", f"/v1/guests/{self.vm}/migrate",
-                       body={"uri": uri, "max_downtime_ms": self.config.max_downtime_ms,
-                             "auto_converge": True})
+                       body={"uri": uri, "options": {
+                           "max_downtime_ms": self.config.max_downtime_ms,
+                           "auto_converge": True, "postcopy": "never"}})
         deadline = time.monotonic() + self.config.migration_timeout_s
         while time.monotonic() < deadline:
             progress: dict[str, Any] = self.lab.agent(source, "GET",
