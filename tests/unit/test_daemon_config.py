@@ -109,3 +109,14 @@ def test_unreadable_config_names_the_file(tmp_path: Path, started: list[Any]) ->
 def test_shipped_examples_are_valid(name: str, model: type[daemons._Settings]) -> None:
     values = daemons.read_config(DEPLOY / "config" / name, model)
     model.model_validate(values)
+
+
+def test_shipped_site_inventory_is_valid() -> None:
+    import yaml
+
+    from vmferry.model.topology import Topology
+    site = Topology.model_validate(yaml.safe_load((DEPLOY / "config" / "site.yaml").read_text()))
+    assert site.kind == "site" and all(h.agent_url for h in site.hosts)
+    agent = daemons.read_config(DEPLOY / "config" / "agent-host1.toml", daemons.AgentSettings)
+    host1 = next(h for h in site.hosts if h.name == agent["host"])
+    assert host1.agent_url == f"http://{agent['listen'][0]}"
