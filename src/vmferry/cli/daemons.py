@@ -4,13 +4,14 @@ Each reads its settings from the command line and, with ``--config FILE``, from 
 whose keys are the long option names (``token-file = "/etc/vmferry/agent.token"``). A value
 given on the command line (or in its environment variable) wins over the file; the file wins
 over the built-in default. An unknown key or a value of the wrong type in the file is refused,
-naming the key, before anything starts.
+naming the key, before anything starts. A relative path in the file is taken beside the file.
 """
 
 from __future__ import annotations
 
 import logging
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,8 +81,17 @@ def read_config(path: Path, model: type[_Settings]) -> dict[str, Any]:
         if key not in names:
             raise InputError(key, f"unknown setting in {path}; known: {', '.join(sorted(names))}",
                              config=str(path))
-        values[names[key]] = value
+        name = names[key]
+        # A relative path in a file means beside that file, wherever the daemon was started.
+        if isinstance(value, str) and _is_path(model, name) and not Path(value).is_absolute():
+            value = str(path.parent / value)
+        values[name] = value
     return values
+
+
+def _is_path(model: type[_Settings], name: str) -> bool:
+    annotation = model.model_fields[name].annotation
+    return annotation is Path or Path in typing.get_args(annotation)
 
 
 def resolve_settings(model: type[S], ctx: typer.Context, config: Path | None,
