@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from labkit import LabRun, default_topology, running_lab
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
+from vmferry.lab.ovs_instance import OvsInstance
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

@@ -70,9 +70,11 @@ def test_guest_events_long_poll(site: Site) -> None:
     events = client.guest_events("vm1", 0, 0)
     assert [e.kind for e in events] == ["RESUME"]
     assert client.guest_events("vm1", events[-1].seq, 0.2) == []     # waited, none came
-    site.hypervisors["host1"].emit("vm1", "STOP")
+    site.hold("host1", "vm1", at="setup")
+    site.migrate()
     later = client.guest_events("vm1", events[-1].seq, 5)
-    assert [(e.kind, e.seq) for e in later] == [("STOP", events[-1].seq + 1)]
+    assert (later[0].kind, later[0].status, later[0].seq) == ("MIGRATION", "setup",
+                                                            events[-1].seq + 1)
     raw = httpx.Client(transport=site.transport("host1"), base_url="http://x",
                        headers={"Authorization": "Bearer token-host1"})
     assert raw.get("/v1/guests/vm1/events", params={"wait": 31}).status_code == 422

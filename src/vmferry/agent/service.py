@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vmferry import privileged
-from vmferry.agent import port_profile, switchover
+from vmferry.agent import switchover
 from vmferry.api.agent import (
     GuestEvent,
     GuestInfo,
@@ -32,6 +32,7 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
 )
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec, Softswitch
+from vmferry.drivers.softswitch.ovs import profile as port_profile
 from vmferry.errors import (
     CapacityError,
     ConflictError,
@@ -184,7 +185,7 @@ class HostAgent:
                         external_ids={OWNER_KEY: OWNER, VM_KEY: request.name,
                                       "attached-mac": request.mac})
 
-    # ---- port profiles (vmferry.agent.port_profile does the work) ---------------------------
+    # ---- port profiles (the OVS driver's profile pipeline does the work) --------------
 
     def _realize_profile(self, request: GuestRequest) -> None:
         if request.profile is not None:
@@ -283,11 +284,11 @@ class HostAgent:
     def continue_migration(self, name: str) -> None:
         """Let a migration paused in "pre-switchover" finish (make-before-break)."""
         self._require(name)
-        self.hypervisor.continue_migration(name)  # type: ignore[attr-defined]  # H1
+        self.hypervisor.continue_migration(name)
 
     def events(self, name: str, after: int, wait: float) -> list[GuestEvent]:
         """The guest's QMP events after ``after``, waiting up to ``wait`` s for one."""
-        found = self.hypervisor.events(  # type: ignore[attr-defined]  # H1
+        found = self.hypervisor.events(
             name, after=after, timeout=max(0.0, min(wait, MAX_EVENTS_WAIT_S)))
         return [GuestEvent(seq=e.seq, kind=e.kind, status=e.status, timestamp=e.timestamp)
                 for e in found]

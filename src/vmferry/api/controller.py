@@ -163,6 +163,13 @@ class Health(BaseModel):
     status: str
 
 
+class WhoAmI(BaseModel):
+    """The caller's name and role: the dashboard offers only the actions the role may do."""
+
+    name: str
+    role: str
+
+
 class TokenCreated(BaseModel):
     name: str
     role: str

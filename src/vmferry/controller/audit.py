@@ -123,7 +123,7 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
                 controller.agent(f.where).close_switchover(int(f.what, 0))
             else:
                 fabric = controller.fabric_driver()
-                fabric.replace_flows(f.where, int(f.what, 0), [])  # type: ignore[attr-defined]
+                fabric.replace_rules(f.where, int(f.what, 0), [])
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)

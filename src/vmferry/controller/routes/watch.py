@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from vmferry.api.controller import Health
+from vmferry.api.controller import Health, WhoAmI
 from vmferry.controller import auth
 from vmferry.controller.deps import Caller
 from vmferry.controller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -30,6 +30,10 @@ def router(metrics: Metrics, hub: EventHub) -> APIRouter:
     @api.get("/v1/health", response_model=Health)
     def health() -> Health:
         return Health(status="ok")
+
+    @api.get("/v1/whoami", response_model=WhoAmI)
+    def whoami(caller: Caller) -> WhoAmI:
+        return WhoAmI(name=caller.name, role=caller.role.value)
 
     @api.get("/metrics", response_class=Response,
              responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}})
