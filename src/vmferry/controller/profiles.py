@@ -19,10 +19,10 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from vmferry.api.controller import VmCreate
 from vmferry.controller import auth, events
 from vmferry.controller.auth import Principal
 from vmferry.controller.deps import Caller
-from vmferry.controller.models import VmCreate
 from vmferry.controller.service import PLACED_STATES, Controller
 from vmferry.errors import ConflictError, InputError, NotFoundError, VmferryError
 from vmferry.model.profile import PortProfile, parse_profile, parse_profiles
@@ -39,7 +39,7 @@ def _profile(row: ProfileRow) -> PortProfile:
     return PortProfile.model_validate({**row.spec, "name": row.name, "version": row.version})
 
 
-def profile_spec(store: Store, name: str | None) -> dict[str, Any] | None:
+def stored_profile(store: Store, name: str | None) -> PortProfile | None:
     """The stored profile ``name`` as a guest request carries it (None for no profile)."""
     if name is None:
         return None
@@ -47,7 +47,7 @@ def profile_spec(store: Store, name: str | None) -> dict[str, Any] | None:
         row = session.get(ProfileRow, name)
         if row is None:
             raise NotFoundError("profile", f"no profile named {name!r}")
-        return _profile(row).model_dump(mode="json")
+        return _profile(row)
 
 
 class Profiles:
@@ -164,16 +164,14 @@ class Profiles:
                    ) -> dict[str, str | None]:
         """Realize ``profile`` on the ports of ``vms`` on ``host`` in one agent call; the
         error of each port (None: realized). Never raises: a host failing fails its ports."""
-        body = {"profile": profile.model_dump(mode="json"), "vms": vms}
         try:
-            answer = self.controller.call_agent(host, "PUT", "/v1/port-profiles", json=body,
-                                                timeout=60 + len(vms))
-            ports = {port["vm"]: port for port in answer["ports"]}
-            errors = {vm: (None if ports[vm]["ok"] else
-                           f"agent on {host}: {ports[vm]['error']}") for vm in vms}
+            answer = self.controller.agent(host).set_port_profiles(vms, profile)
+            ports = {port.vm: port for port in answer}
+            errors = {vm: (None if ports[vm].ok else
+                           f"agent on {host}: {ports[vm].error}") for vm in vms}
         except VmferryError as exc:
             errors = dict.fromkeys(vms, exc.message)
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
             errors = dict.fromkeys(vms, f"agent on {host}: unexpected answer ({exc!r})")
         for vm, error in errors.items():
             if error is not None:
@@ -183,11 +181,9 @@ class Profiles:
 
     def push_port(self, vm: str, host: str, profile: PortProfile) -> dict[str, Any]:
         """Realize ``profile`` on one VM's port and record the outcome."""
-        body = {"profile": profile.model_dump(mode="json")}
         error: str | None = None
         try:
-            self.controller.call_agent(host, "PUT", f"/v1/ports/{vm}/profile", json=body,
-                                       timeout=60)
+            self.controller.agent(host).set_port_profile(vm, profile)
         except VmferryError as exc:
             error = exc.message
             log.warning("profile %s v%s on %s/%s failed: %s", profile.name, profile.version,
@@ -268,7 +264,7 @@ class Profiles:
     def port(self, vm: str) -> dict[str, Any]:
         """The VM's port as its host sees it (desired vs actual) and the realized version."""
         out = self.controller.vm(vm)
-        status = self.controller.call_agent(out.host, "GET", f"/v1/ports/{vm}", timeout=30)
+        status = self.controller.agent(out.host).port_status(vm).model_dump(mode="json")
         with self.store.session() as session:
             row = session.get(PortRealizationRow, vm)
             realized = _port_out(row) if row is not None else None
