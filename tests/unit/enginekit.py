@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,8 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
     ProgressCallback,
 )
-from vmferry.drivers.softswitch.base import Flow, Meter, PortSpec, PortState, Softswitch
+from vmferry.drivers.softswitch.base import Flow, PortSpec
+from vmferry.drivers.softswitch.fake import FakeSoftswitch
 from vmferry.errors import HypervisorError, NotFoundError
 from vmferry.model.topology import (
     HOST_BRIDGE,
@@ -240,72 +241,6 @@ class FakeHypervisor(Hypervisor):
 
     def announce(self, name: str) -> None:
         self.emit(name, "ANNOUNCE")
-
-
-class FakeSoftswitch(Softswitch):
-    """Bridges of ports, flows by cookie, meters; every port gets an OpenFlow number."""
-
-    def __init__(self) -> None:
-        self.bridges: dict[str, dict[str, PortState]] = {}
-        self.flows: dict[str, dict[int, list[Flow]]] = {}
-        self.meters: dict[str, list[Meter]] = {}
-        self._ofport = 0
-
-    def ensure_bridge(self, bridge: str, *, datapath_type: str = "netdev",
-                      fail_mode: str | None = None) -> None:
-        self.bridges.setdefault(bridge, {})
-        self.flows.setdefault(bridge, {})
-        self.meters.setdefault(bridge, [])
-
-    def delete_bridge(self, bridge: str) -> None:
-        self.bridges.pop(bridge, None)
-
-    def ensure_port(self, bridge: str, port: PortSpec) -> None:
-        ports = self.bridges[bridge]
-        old = ports.get(port.name)
-        if old is None:
-            self._ofport += 1
-        ports[port.name] = PortState(
-            name=port.name, tag=port.tag, trunks=port.trunks, vlan_mode=port.vlan_mode,
-            iface_type=port.iface_type, ofport=old.ofport if old else self._ofport,
-            mac_in_use=None, external_ids=dict(port.external_ids))
-
-    def delete_port(self, bridge: str, port: str) -> None:
-        self.bridges[bridge].pop(port, None)
-
-    def ports(self, bridge: str, names: Collection[str] | None = None) -> dict[str, PortState]:
-        return {n: p for n, p in self.bridges[bridge].items() if names is None or n in names}
-
-    def set_trunks(self, bridge: str, port: str, vlans: frozenset[int]) -> None:
-        state = self.bridges[bridge][port]
-        self.bridges[bridge][port] = PortState(
-            name=port, tag=state.tag, trunks=vlans, vlan_mode=state.vlan_mode,
-            iface_type=state.iface_type, ofport=state.ofport, mac_in_use=None,
-            external_ids=state.external_ids)
-
-    def replace_flows(self, bridge: str, cookie: int, flows: list[Flow]) -> None:
-        if flows:
-            self.flows[bridge][cookie] = list(flows)
-        else:
-            self.flows[bridge].pop(cookie, None)
-
-    def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
-        return [f for c, fs in self.flows[bridge].items() if cookie in (None, c) for f in fs]
-
-    def flow_cookies(self, bridge: str) -> set[int]:
-        return set(self.flows[bridge])
-
-    def replace_meters(self, bridge: str, meters: list[Meter], owned: Collection[int],
-                       actual: list[Meter] | None = None) -> list[Meter]:
-        kept = [m for m in self.meters[bridge] if m.meter_id not in owned]
-        self.meters[bridge] = kept + list(meters)
-        return self.meters[bridge]
-
-    def dump_meters(self, bridge: str) -> list[Meter]:
-        return list(self.meters[bridge])
-
-    def flush_fdb(self, bridge: str, mac: str | None = None) -> None:
-        pass
 
 
 @dataclass

@@ -42,7 +42,8 @@ def vm_row(site: Site, name: str = "vm1") -> tuple[str, str]:
 
 def no_switchover_rules(site: Site) -> bool:
     fabric = any(is_mbb_cookie(c) for flows in site.fabric.flows.values() for c in flows)
-    hosts = any(is_mbb_cookie(c) for s in site.softswitches.values() for c in s.flows["br-vm"])
+    hosts = any(is_mbb_cookie(c) for switch in site.softswitches.values()
+                for c in switch.flow_cookies("br-vm"))
     return not fabric and not hosts
 
 

@@ -23,7 +23,7 @@ def test_every_public_name_is_exported_and_importable() -> None:
 
 
 @pytest.mark.parametrize("module", ["flowtext", "ofctl", "ovsdb", "driver", "profile",
-                                    "profile_flows", "profile_dict_shim"])
+                                    "profile_flows"])
 def test_each_concern_is_a_module(module: str) -> None:
     importlib.import_module(f"vmferry.drivers.softswitch.ovs.{module}")
 
