@@ -115,7 +115,9 @@ def test_the_split_uses_qmp_events_or_says_it_derived_it() -> None:
     r = result("vmferry", qemu_downtime_ms=25)
     split(r, seen, timing)
     assert r.split == "QMP events" and r.pause_ms == pytest.approx(30.0)
-    assert r.network_share_ms == pytest.approx((620 - 600) * 2.0 + 0.4 - 30.0, abs=0.1)
+    assert r.resume_to_timely_ms == pytest.approx((620 - 600) * 2.0 + 0.4 - 30.0, abs=0.1)
+    assert r.lead_in_ms == pytest.approx(2.0, abs=0.1)        # probe 599 sent 2 ms before
+    assert r.network_share_ms == pytest.approx(seen.interruption_ms - 30.0)
     r = result("vmferry", qemu_downtime_ms=25)
     split(r, seen, Timing(total_ms=1))
     assert r.split is not None and r.split.startswith("derived")

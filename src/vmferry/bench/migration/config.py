@@ -80,7 +80,10 @@ class RunResult:
     # The interruption split by QMP timestamps (or derived from QEMU's downtime: ``split``).
     pause_ms: float | None = None
     network_share_ms: float | None = None
+    lead_in_ms: float | None = None        # last timely probe sent -> source STOP
+    resume_to_timely_ms: float | None = None   # destination RESUME -> first timely reply
     split: str | None = None
+    events: dict[str, float] = field(default_factory=dict)
     mac_moves: dict[str, int] = field(default_factory=dict)
     mac_moves_max: int | None = None
     qemu_downtime_ms: float | None = None

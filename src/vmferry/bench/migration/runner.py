@@ -33,18 +33,23 @@ VARIANTS: dict[str, type[Variant]] = {v.name: v for v in (Floor, Vmferry, Naive,
 
 def split(result: RunResult, seen: ProbeResult, timing: Timing) -> None:
     """The interruption's split: the guest's own pause (source STOP to destination RESUME, QMP
-    timestamps) and what the network added (RESUME to the first timely reply). Without QMP
-    events, the pause is QEMU's reported downtime and the rest is the network's."""
+    timestamps) and what the network adds (the network share: the interruption minus the
+    pause; also from RESUME to the first timely reply, and from the last timely probe to
+    STOP). Without QMP events, the pause is QEMU's reported downtime."""
     stop, resume = timing.events.get("source_stop"), timing.events.get("destination_resume")
     if stop is not None and resume is not None:
         result.pause_ms = round((resume - stop) * 1000, 1)
         if seen.first_timely_after is not None:
-            result.network_share_ms = round((seen.first_timely_after - resume) * 1000, 1)
+            result.resume_to_timely_ms = round((seen.first_timely_after - resume) * 1000, 1)
+        if seen.interruption_from is not None:
+            result.lead_in_ms = round((stop - seen.interruption_from) * 1000, 1)
+        result.events = dict(timing.events)
         result.split = "QMP events"
     elif result.qemu_downtime_ms is not None:
         result.pause_ms = float(result.qemu_downtime_ms)
-        result.network_share_ms = round(seen.interruption_ms - result.pause_ms, 1)
         result.split = "derived: QEMU downtime (no QMP events)"
+    if result.pause_ms is not None:
+        result.network_share_ms = round(seen.interruption_ms - result.pause_ms, 1)
 
 
 def measure(variant: Variant, run: int, source: str, destination: str,

@@ -9,8 +9,9 @@ from typing import Any
 from vmferry.bench.migration.config import RunResult
 
 METRICS = ("interruption_ms", "lost", "duplicates", "late", "max_rtt_ms", "tcp_stall_ms",
-           "pause_ms", "network_share_ms", "mac_moves_max", "qemu_downtime_ms", "total_ms",
-           "bound_ms", "controller_cpu_ms", "completed_to_switchover_ms", "switchover_open_ms")
+           "pause_ms", "network_share_ms", "lead_in_ms", "resume_to_timely_ms", "mac_moves_max",
+           "qemu_downtime_ms", "total_ms", "bound_ms", "controller_cpu_ms",
+           "completed_to_switchover_ms", "switchover_open_ms")
 TARGET_NETWORK_SHARE_MS = 20.0
 TARGET_DOWNTIME_VS_FLOOR = 1.2
 TARGET_MAC_MOVES = 1
