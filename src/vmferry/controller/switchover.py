@@ -160,10 +160,12 @@ class MakeBeforeBreak:
             tasks.append(partial(_open_host, ctx, self.cookie))
         problems = _problems(tasks)
         self.open_ms = round((time.monotonic() - started) * 1000, 1)
-        ctx.record(make_before_break="installed", make_before_break_installs=1,
+        ctx.record(make_before_break="installed" if not problems else "install-failed",
+                   make_before_break_installs=1,
                    make_before_break_cookie=f"{self.cookie:#x}",
                    make_before_break_open_ms=self.open_ms,
-                   make_before_break_mode="overlap" if self.overlap else "wait")
+                   make_before_break_mode="overlap" if self.overlap else "wait",
+                   **({"make_before_break_problems": problems} if problems else {}))
         if problems:
             raise SwitchoverError("; ".join(problems))
         log.info("migration %s: switchover rules in place on %s in %.1f ms",
