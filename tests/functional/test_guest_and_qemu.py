@@ -12,6 +12,7 @@ bounded in count and time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,10 +28,10 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from vmferry import privileged
-from vmferry.drivers.hypervisor.base import GuestSpec, GuestState, MigrationTuning
+from vmferry import pki, privileged
+from vmferry.drivers.hypervisor.base import GuestEvent, GuestSpec, GuestState, MigrationTuning
 from vmferry.drivers.hypervisor.qemu import QemuHypervisor
-from vmferry.errors import WaitTimeout
+from vmferry.errors import HypervisorError, InputError, WaitTimeout
 from vmferry.image.builder import GuestImage, ensure_image
 
 pytestmark = [
@@ -420,5 +421,149 @@ def test_postcopy_migration(lab: Lab, guest: GuestSpec) -> None:
         session.echo()
         lab.a.stop(guest.name)
         ping(lab.client, ip)
+    finally:
+        session.close()
+
+
+def wait_for_event(hv: QemuHypervisor, name: str, kind: str, status: str | None = None, *,
+                   after: int = 0, timeout: float = 60.0) -> GuestEvent:
+    """The first recorded event of ``kind`` (and ``status``) after seq ``after``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in hv.events(name, after=after, timeout=deadline - time.monotonic()):
+            if event.kind == kind and (status is None or event.status == status):
+                return event
+            after = event.seq
+    raise AssertionError(f"no {kind} {status or ''} event of {name} within {timeout}s")
+
+
+@pytest.mark.timeout(180)
+def test_pause_before_switchover_and_events(lab: Lab, guest: GuestSpec) -> None:
+    uri = f"tcp:{MIG_B}:49155"
+    tuning = MigrationTuning(pause_before_switchover=True)
+    before = lab.a.events(guest.name)
+    mark = before[-1].seq if before else 0
+    lab.b.start(guest, incoming_uri=uri, tuning=tuning)
+    lab.a.migrate(guest.name, uri, tuning)
+    paused = wait_for_event(lab.a, guest.name, "MIGRATION", "pre-switchover", after=mark)
+    # Held there: the guest is stopped on the source, the destination still waits.
+    assert lab.a.migration_progress(guest.name).status == "pre-switchover"
+    assert lab.a.state(guest.name) is GuestState.PAUSED
+    assert lab.b.state(guest.name) is GuestState.INMIGRATE
+    stop = wait_for_event(lab.a, guest.name, "STOP", after=mark)
+    assert stop.seq < paused.seq
+    lab.a.continue_migration(guest.name)
+    progress = lab.a.wait_migration(guest.name, timeout=90)
+    assert progress.status == "completed", progress
+    lab.b.wait_running(guest.name, timeout=30)
+    resume = wait_for_event(lab.b, guest.name, "RESUME")
+    source = lab.a.events(guest.name, after=mark)
+    statuses = [e.status for e in source if e.kind == "MIGRATION"]
+    assert statuses[:2] == ["setup", "active"], statuses
+    assert statuses[-3:] == ["pre-switchover", "device", "completed"], statuses
+    assert [e.seq for e in source] == sorted({e.seq for e in source})
+    # QMP's own clocks, one host here: the guest stopped before it resumed elsewhere.
+    assert stop.timestamp < resume.timestamp
+    assert abs(resume.timestamp - time.time()) < 600
+    # A restarted agent (a new connection) records where the migration stands, then
+    # keeps listening.
+    lab.a.disconnect(guest.name)
+    resync = lab.a.events(guest.name, after=source[-1].seq)
+    assert [(e.kind, e.status) for e in resync] == [("VMFERRY_RESYNC", "completed")]
+    with pytest.raises(HypervisorError):
+        lab.a.continue_migration(guest.name)   # not in pre-switchover any more
+    lab.a.stop(guest.name)
+    ping(lab.client, ip_of(guest))
+
+
+@pytest.mark.timeout(120)
+def test_exec_uri_is_refused_and_could_not_run_anything(lab: Lab, guest: GuestSpec,
+                                                        tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    for uri in (f"exec:touch {marker}", f"file:{marker}", "unix:/tmp/x.sock", "fd:3",
+                f"tcp:{MIG_B}:0", f"tcp:{MIG_B}:49152,ipv4=on"):
+        with pytest.raises(InputError) as info:
+            lab.a.migrate(guest.name, uri, MigrationTuning())
+        assert info.value.field == "uri"
+        with pytest.raises(InputError):
+            lab.b.start(guest, incoming_uri=uri)
+    assert lab.b.state(guest.name) is GuestState.ABSENT
+    assert lab.a.state(guest.name) is GuestState.RUNNING
+    # Past the driver's check (as if QMP were reached another way), seccomp's spawn=deny
+    # stops QEMU from running the command: QEMU fails the migration or is killed by seccomp.
+    with contextlib.suppress(HypervisorError):
+        lab.a.qmp.execute(guest.name, "migrate", {"uri": f"exec:touch {marker}"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and lab.a.pid(guest.name) is not None:
+        if lab.a.migration_progress(guest.name).status in ("failed", "none"):
+            break
+        time.sleep(0.1)
+    assert not marker.exists()
+
+
+# ---- migration over TLS -------------------------------------------------------------------------
+
+def forge_stream(namespace: str, ip: str, port: int) -> None:
+    """A plain TCP client that writes what a QEMU migration stream starts with, then junk."""
+    sock = socket_in(namespace)
+    try:
+        sock.settimeout(5)
+        sock.connect((ip, port))
+        sock.sendall(b"QEVM\x00\x00\x00\x03" + bytes(range(256)) * 16)
+        with contextlib.suppress(OSError):
+            sock.recv(64)           # TLS expects a ClientHello: QEMU drops us
+    finally:
+        sock.close()
+
+
+def wait_log(hv: QemuHypervisor, name: str, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = hv.files(name)["log"].read_text(errors="replace")
+        if text.lower() in log.lower() or time.monotonic() >= deadline:
+            return log
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+def test_migration_over_tls_refuses_forged_and_unauthorized_streams(
+        lab: Lab, guest: GuestSpec, tmp_path: Path) -> None:
+    root = tmp_path / "pki"
+    pki.init_ca(root)
+    dir_a = pki.issue(root, "host-a", ips=[MIG_A])
+    dir_b = pki.issue(root, "host-b", ips=[MIG_B])
+    dir_rogue = pki.issue(root, "rogue", ips=[MIG_A])     # same CA, a name b does not accept
+    # TLS is driver configuration: drivers over the same run dirs, with credentials.
+    tls_a = QemuHypervisor(lab.a.run_dir, lab.image, namespace=lab.ns_a, tls_dir=dir_a)
+    tls_b = QemuHypervisor(lab.b.run_dir, lab.image, namespace=lab.ns_b, tls_dir=dir_b)
+    rogue_a = QemuHypervisor(lab.a.run_dir, lab.image, namespace=lab.ns_a, tls_dir=dir_rogue)
+    port = 49160
+    uri = f"tcp:{MIG_B}:{port}"
+    tls_b.start(guest, incoming_uri=uri, tuning=MigrationTuning(tls_peer_name="host-a"))
+    session = EchoSession(lab.client, ip_of(guest))
+    try:
+        # 1. Anyone on the migration network, without a certificate.
+        forge_stream(lab.ns_a, MIG_B, port)
+        log = wait_log(tls_b, guest.name, "TLS handshake failed")
+        assert "TLS handshake failed" in log, log
+        assert tls_b.state(guest.name) is GuestState.INMIGRATE, log
+        # 2. A certificate of the same CA under a name the destination was not told.
+        rogue_a.migrate(guest.name, uri, MigrationTuning(tls_peer_name="host-b"))
+        refused = rogue_a.wait_migration(guest.name, timeout=60)
+        assert refused.status == "failed", refused
+        log = wait_log(tls_b, guest.name, "authz check for CN=rogue is denied")
+        assert "authz check for CN=rogue is denied" in log, log
+        assert tls_b.state(guest.name) is GuestState.INMIGRATE
+        assert lab.a.state(guest.name) is GuestState.RUNNING
+        session.echo()
+        # 3. The real source: verified both ways, authorized by name.
+        tls_a.migrate(guest.name, uri, MigrationTuning(tls_peer_name="host-b"))
+        progress = tls_a.wait_migration(guest.name, timeout=120)
+        assert progress.status == "completed", progress
+        tls_b.wait_running(guest.name, timeout=30)
+        tls_b.announce(guest.name)
+        session.echo()
+        print(f"\nTLS migration: QEMU total {progress.total_time_ms} ms, downtime "
+              f"{progress.downtime_ms} ms, {progress.transferred_bytes >> 20} MiB")
     finally:
         session.close()

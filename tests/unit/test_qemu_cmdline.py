@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -10,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from qemu.qmp import EventListener, Message
 
-from vmferry.drivers.hypervisor.base import GuestSpec, GuestState
+from vmferry.drivers.hypervisor.base import GuestEvent, GuestSpec, GuestState, MigrationTuning
+from vmferry.drivers.hypervisor.history import EventHistory
 from vmferry.drivers.hypervisor.qemu import (
     QemuHypervisor,
-    _version_from_text,
     guest_files,
     kernel_append,
     parse_kernel_append,
@@ -23,6 +25,9 @@ from vmferry.drivers.hypervisor.qemu import (
     state_from_status,
     validate_spec,
 )
+from vmferry.drivers.hypervisor.qemu_cmdline import version_from_text
+from vmferry.drivers.hypervisor.qemu_migration import TLS_FILES
+from vmferry.drivers.hypervisor.qmp_session import _Recorder
 from vmferry.errors import HypervisorError, InputError, PrivilegedError
 from vmferry.image.builder import GuestImage
 
@@ -38,7 +43,7 @@ def option(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def test_argv_runs_a_daemonized_tcg_guest_on_the_tap() -> None:
+def test_argv_runs_a_sandboxed_tcg_guest_on_the_tap() -> None:
     files = guest_files(Path("/run/vf"), "web1")
     argv = qemu_argv(SPEC, IMAGE, files)
     assert argv[0] == "qemu-system-x86_64"
@@ -47,7 +52,11 @@ def test_argv_runs_a_daemonized_tcg_guest_on_the_tap() -> None:
     assert option(argv, "-machine") == "q35"
     assert option(argv, "-m") == "256"
     assert option(argv, "-smp") == "1"
-    assert {"-nographic", "-nodefaults", "-daemonize", "-no-reboot"} <= set(argv)
+    assert {"-nographic", "-nodefaults", "-no-reboot"} <= set(argv)
+    # -daemonize forks and calls setsid, which the sandbox denies: the driver detaches QEMU.
+    assert "-daemonize" not in argv
+    assert option(argv, "-sandbox") == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
     assert option(argv, "-serial") == "file:/run/vf/web1.serial.log"
     assert option(argv, "-pidfile") == "/run/vf/web1.pid"
     assert option(argv, "-qmp") == "unix:/run/vf/web1.qmp,server=on,wait=off"
@@ -162,11 +171,11 @@ def test_progress_before_any_migration_and_after_failure() -> None:
     assert failed.error == "Connection refused"
 
 
-def test_version_from_text() -> None:
+def testversion_from_text() -> None:
     text = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"
-    assert _version_from_text(text) == "10.0.2"
+    assert version_from_text(text) == "10.0.2"
     with pytest.raises(HypervisorError):
-        _version_from_text("no version here")
+        version_from_text("no version here")
 
 
 # ---- discovery from pidfiles -----------------------------------------------------------------
@@ -233,3 +242,69 @@ def test_spec_of_a_guest_round_trips(tmp_path: Path) -> None:
     assert hv.spec("web1") == SPEC
     with pytest.raises(HypervisorError):
         hv.spec("other")
+
+
+# ---- security: URIs, sandbox, secrets ----------------------------------------------------------
+
+def test_migrate_refuses_non_tcp_uris_before_any_qmp(tmp_path: Path) -> None:
+    hv = QemuHypervisor(tmp_path, IMAGE)
+    for uri in ("exec:touch /tmp/x", "file:/tmp/x", "unix:/tmp/x", "fd:3", "tcp:[::1:1"):
+        with pytest.raises(InputError) as info:
+            hv.migrate("web1", uri, MigrationTuning())
+        assert info.value.field == "uri"
+        with pytest.raises(InputError) as info:
+            hv.start(SPEC, incoming_uri=uri)
+        assert info.value.field == "uri"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_started_qemu_is_sandboxed_and_gets_no_secret_in_argv(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name in TLS_FILES:
+        (tls / name).write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n")
+    hv = QemuHypervisor(tmp_path / "run", IMAGE, tls_dir=tls)
+    launched: list[list[str]] = []
+
+    def spawn(namespace: str | None, argv: list[str], *, log_path: Path,
+              env: object = None) -> subprocess.Popen[bytes]:
+        launched.append(list(argv))
+        log_path.write_text("qemu: refused by the test\n")
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+
+    monkeypatch.setattr("vmferry.privileged.link_exists", lambda ns, ifname: True)
+    monkeypatch.setattr("vmferry.privileged.spawn_in_namespace", spawn)
+    with pytest.raises(HypervisorError, match="QEMU failed to start guest web1") as info:
+        hv.start(SPEC, incoming_uri="tcp:198.51.100.2:49152")
+    assert "refused by the test" in str(info.value.fields["cause"])
+    [argv] = launched
+    assert option(argv, "-sandbox") == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+    # TLS credentials reach QEMU over QMP (object-add), never through its command line.
+    joined = " ".join(argv)
+    assert str(tls) not in joined and "key" not in joined and "c2VjcmV0" not in joined
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def test_tls_dir_must_hold_every_credential(tmp_path: Path) -> None:
+    (tmp_path / "ca-cert.pem").write_text("x")
+    with pytest.raises(InputError) as info:
+        QemuHypervisor(tmp_path, IMAGE, tls_dir=tmp_path)
+    assert info.value.field == "tls_dir" and "server-key.pem" in info.value.reason
+
+
+def test_recorder_keeps_qmp_timestamps_and_migration_status() -> None:
+    history = EventHistory()
+    default = EventListener()
+    recorder = _Recorder(history, default)
+    event = Message({"event": "MIGRATION", "data": {"status": "pre-switchover"},
+                     "timestamp": {"seconds": 1700000000, "microseconds": 250}})
+    asyncio.run(default.put(event))
+    asyncio.run(recorder.put(event))
+    asyncio.run(recorder.put(Message({"event": "STOP", "timestamp": {"seconds": 1700000001,
+                                                                      "microseconds": 0}})))
+    assert history.after(0) == [
+        GuestEvent(seq=1, kind="MIGRATION", status="pre-switchover", timestamp=1700000000.00025),
+        GuestEvent(seq=2, kind="STOP", status=None, timestamp=1700000001.0)]
+    assert default.empty()      # nobody reads the catch-all listener: it is kept empty

@@ -39,6 +39,24 @@ class MigrationTuning:
     bandwidth_mbps: int | None = None     # None: unlimited
     postcopy: bool = False                # allow switching to postcopy when not converging
     auto_converge: bool = True            # throttle the guest's vCPUs when not converging
+    # Stop in status "pre-switchover" (guest already stopped on the source) until
+    # Hypervisor.continue_migration: the moment to redirect the network. Both sides need it.
+    pause_before_switchover: bool = False
+    # With TLS configured in the driver: on the destination, the only client certificate name
+    # (CN) it accepts; on the source, the name the destination's certificate must carry
+    # (None: the address in the URI must be in the destination certificate's SANs).
+    tls_peer_name: str | None = None
+
+
+@dataclass(frozen=True)
+class GuestEvent:
+    """One QMP event of a guest, as the driver recorded it."""
+
+    seq: int            # per guest, strictly increasing from 1 within one driver process
+    kind: str           # QMP event name: "MIGRATION", "STOP", "RESUME", "MIGRATION_PASS", ...
+    status: str | None  # for MIGRATION: QEMU's status ("setup", "active", "pre-switchover",
+                        # "device", "completed", "failed", "cancelled", "postcopy-active", ...)
+    timestamp: float    # QMP's own event timestamp (seconds since the epoch, microseconds)
 
 
 @dataclass
@@ -114,6 +132,21 @@ class Hypervisor(ABC):
     def start_postcopy(self, name: str) -> None:
         """Switch a running outgoing migration to postcopy: the destination runs from now on
         and pulls the remaining pages. Needs ``MigrationTuning.postcopy`` on both sides."""
+
+    @abstractmethod
+    def continue_migration(self, name: str) -> None:
+        """``migrate-continue`` from status "pre-switchover" (only reached with
+        ``MigrationTuning.pause_before_switchover``): the source sends the last state and the
+        destination runs. Raises HypervisorError when the migration is not in that status."""
+
+    @abstractmethod
+    def events(self, name: str, *, after: int = 0, timeout: float = 0.0) -> list[GuestEvent]:
+        """Events of the guest with seq > ``after``, oldest first; waits up to ``timeout``
+        seconds for at least one (returns [] when none came). The history is bounded (the
+        last ~1000 per guest) and starts when the guest is started (seq keeps counting).
+        Events QEMU emits while no driver process is connected are lost; a driver that
+        connects to a running guest records a "VMFERRY_RESYNC" event whose status is the
+        migration status at that moment (timestamp: the local clock)."""
 
     @abstractmethod
     def cancel_migration(self, name: str) -> None:
