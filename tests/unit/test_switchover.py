@@ -36,6 +36,13 @@ from vmferry.model.topology import Topology, default_topology_path, load_topolog
 MAC = "52:54:00:AB:CD:EF"
 
 
+@pytest.fixture(autouse=True)
+def wait_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """open() returns once the rules are in, unless a test asks for "overlap"."""
+    from vmferry.controller import switchover
+    monkeypatch.setenv(switchover.OPEN_MODE_ENV, "wait")
+
+
 @pytest.fixture
 def topology() -> Topology:
     return load_topology(default_topology_path())

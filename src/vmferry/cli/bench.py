@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from vmferry import paths
@@ -77,9 +78,11 @@ def migration(
         document = run_benchmark(config, say=lambda m: status.update(f"bench: {m}"),
                                  on_run=on_run)
     write_report(document, output)
-    console.print(results_table(document))
-    console.print(extra_table(document))
-    console.print(comparisons_table(document))
+    # Wide tables: a narrow terminal (or a pipe's 80 columns) would truncate every figure.
+    wide = Console(width=max(console.width, TABLE_WIDTH))
+    wide.print(results_table(document))
+    wide.print(extra_table(document))
+    wide.print(comparisons_table(document))
     for name, variant in document["variants"].items():
         console.print(f"{name}: split {', '.join(variant['split']) or '-'}; "
                       f"{variant['description']}", highlight=False)
@@ -97,6 +100,7 @@ def _stat(summary: dict[str, Any], digits: int = 0) -> str:
             f"({summary['min']:.{digits}f}-{summary['max']:.{digits}f})")
 
 
+TABLE_WIDTH = 240
 COLUMNS = (("interruption_ms", "interruption ms"), ("lost", "lost"), ("duplicates", "dup"),
            ("late", "late"), ("max_rtt_ms", "max RTT ms"), ("tcp_stall_ms", "TCP stall ms"),
            ("pause_ms", "pause ms"), ("network_share_ms", "network ms"),

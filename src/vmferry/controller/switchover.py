@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 WINDOW_FAILPOINT = "switchover-window"      # held with the rules in place (tests)
 # "wait": QEMU continues once the rules are in; "overlap": they go in while it finishes.
 OPEN_MODE_ENV = "VMFERRY_SWITCHOVER_OPEN"
-DEFAULT_OPEN_MODE = "wait"
+DEFAULT_OPEN_MODE = "overlap"    # measured: "wait" adds its install time to QEMU's downtime
 INSTALL_JOIN_S = 30.0
 
 
@@ -160,10 +160,12 @@ class MakeBeforeBreak:
             tasks.append(partial(_open_host, ctx, self.cookie))
         problems = _problems(tasks)
         self.open_ms = round((time.monotonic() - started) * 1000, 1)
-        ctx.record(make_before_break="installed", make_before_break_installs=1,
+        ctx.record(make_before_break="installed" if not problems else "install-failed",
+                   make_before_break_installs=1,
                    make_before_break_cookie=f"{self.cookie:#x}",
                    make_before_break_open_ms=self.open_ms,
-                   make_before_break_mode="overlap" if self.overlap else "wait")
+                   make_before_break_mode="overlap" if self.overlap else "wait",
+                   **({"make_before_break_problems": problems} if problems else {}))
         if problems:
             raise SwitchoverError("; ".join(problems))
         log.info("migration %s: switchover rules in place on %s in %.1f ms",

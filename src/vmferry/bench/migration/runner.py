@@ -132,12 +132,8 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
         for name in config.variants:
             variant = VARIANTS[name](lab, config, ADDRESSES[name])
             say(f"{name}: placing the guest on {home}")
-            try:
-                variant.prepare(home)
+            if _place(variant, home, errors):
                 placed[name] = (variant, home)
-            except VmferryError as exc:
-                errors[name] = exc.message
-                _finish(variant, home, errors)
         for run in range(1, config.runs + 1):
             for name in list(placed):
                 if name in errors:
@@ -160,6 +156,23 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
     document = report(config, results, errors, started_at, lab.rack_hosts())
     document["migration_link_mbps"] = link_mbps
     return document
+
+
+def _place(variant: Variant, home: str, errors: dict[str, str], tries: int = 2) -> bool:
+    """Start the variant's guest on ``home`` and wait until it answers, one at a time (a
+    guest booting under TCG takes a core; starting the next meanwhile has failed QEMU's
+    first QMP connection); a failed placement is cleaned up and tried again once."""
+    for attempt in range(1, tries + 1):
+        try:
+            variant.prepare(home)
+            wait_reachable(variant.probe_namespace, variant.address, timeout=90)
+            errors.pop(variant.name, None)
+            return True
+        except VmferryError as exc:
+            log.warning("placing %s (try %d): %s", variant.name, attempt, exc.message)
+            errors[variant.name] = exc.message
+            _finish(variant, home, errors)
+    return False
 
 
 def _finish(variant: Variant, where: str, errors: dict[str, str]) -> None:
