@@ -36,6 +36,7 @@ test: install
 lint: venv
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy src/vmferry
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(VMFERRY) bench migration

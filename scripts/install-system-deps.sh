@@ -7,7 +7,9 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "install-system-deps: must run as roo
 need_root
 
 PKGS=(openvswitch-switch openvswitch-common python3-openvswitch iproute2 busybox-static cpio
-      iputils-ping nftables socat curl ethtool iperf3 python3-venv postgresql ovn-central ovn-host procps kmod)
+      iputils-ping nftables socat curl ethtool iperf3 python3-venv postgresql ovn-central ovn-host procps kmod
+      # promtool checks the shipped alerting rules; chromium is the browser Playwright drives.
+      prometheus chromium systemd)
 QEMU_MIN_MAJOR=10
 
 qemu_major() {
@@ -53,8 +55,9 @@ if [ "$major" -lt "$QEMU_MIN_MAJOR" ]; then
   echo "install-system-deps: QEMU >= $QEMU_MIN_MAJOR is required, found $(qemu-system-x86_64 --version | head -n1)" >&2
   exit 1
 fi
-# The system-wide OVS/OVN/PostgreSQL services are not used: vmferry runs its own daemons.
-for svc in openvswitch-switch ovn-central ovn-host postgresql; do
+# The system-wide OVS/OVN/PostgreSQL/Prometheus services are not used: vmferry runs its own
+# daemons, and only promtool of the prometheus package is needed.
+for svc in openvswitch-switch ovn-central ovn-host postgresql prometheus; do
   systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 echo "install-system-deps: ok (qemu $(qemu-system-x86_64 --version | head -n1 | awk '{print $4}'), $(ovs-vsctl --version | head -n1))"

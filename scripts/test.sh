@@ -4,9 +4,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 status=0
-echo "== lint (ruff, mypy --strict)"
+echo "== lint (ruff, mypy --strict, import layers)"
 .venv/bin/ruff check src tests || status=$?
 .venv/bin/mypy src/vmferry || status=$?
+.venv/bin/lint-imports || status=$?
 echo "== unit tests"
 $PY -m pytest -q -p no:cacheprovider tests/unit || status=$?
 echo "== functional tests"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from vmferry import privileged
-from vmferry.agent import port_profile
 from vmferry.drivers.softswitch.base import PortSpec
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
+from vmferry.drivers.softswitch.ovs import profile as port_profile
 from vmferry.model.profile import parse_profile
 
 BRIDGE = "br-vm"

@@ -37,11 +37,17 @@ def test_bench_migration_reports_all_three_variants(tmp_path: Path) -> None:
             assert variant["runs_ok"] == 1, name
             run = variant["runs"][0]
             assert run["source"] != run["destination"]
-            for metric in ("lost", "blackout_ms", "qemu_downtime_ms", "total_ms"):
+            for metric in ("interruption_ms", "lost", "duplicates", "late", "tcp_stall_ms",
+                           "pause_ms", "network_share_ms", "mac_moves_max", "qemu_downtime_ms",
+                           "total_ms"):
                 assert isinstance(run[metric], (int, float)), (name, metric)
                 assert variant["summary"][metric]["n"] == 1, (name, metric)
+            assert set(run["mac_moves"]) == {"tor1", "spine", "tor2"}, run["mac_moves"]
+        vmferry = document["variants"]["vmferry"]["runs"][0]
+        assert isinstance(vmferry["controller_cpu_ms"], (int, float))
+        assert isinstance(vmferry["completed_to_switchover_ms"], (int, float))
         assert set(document["comparisons"]) >= {
-            "blackout_vs_floor", "blackout_minus_qemu_downtime_ms", "blackout_vs_naive",
-            "total_minus_floor_ms", "lost_minus_floor"}
+            "interruption_minus_floor_ms", "duplicates_max", "network_share_ms",
+            "downtime_vs_floor", "mac_moves_max"}
     finally:
         assert leftovers(LAB, state) == []

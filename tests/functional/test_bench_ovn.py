@@ -37,9 +37,12 @@ def test_bench_migration_with_ovn_as_peer(tmp_path_factory: pytest.TempPathFacto
             assert variant["runs_ok"] == 1, name
             run = variant["runs"][0]
             assert run["source"] != run["destination"]
-            for metric in ("lost", "blackout_ms", "qemu_downtime_ms", "total_ms"):
+            for metric in ("interruption_ms", "lost", "duplicates", "late", "tcp_stall_ms",
+                           "pause_ms", "network_share_ms", "mac_moves_max", "qemu_downtime_ms",
+                           "total_ms"):
                 assert isinstance(run[metric], (int, float)), (name, metric)
         assert document["comparisons"]["lost_minus_ovn"]["value"] is not None
+        assert document["comparisons"]["interruption_minus_ovn_ms"]["value"] is not None
     finally:
         assert leftovers(LAB, state) == []
         # The OVN daemons run from the lab's directory: none may survive it.

@@ -30,8 +30,8 @@ import pytest
 from vmferry import privileged
 from vmferry.drivers.softswitch.base import OWNER_KEY, Flow, Meter, PortSpec
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch, normalize_flow
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import InputError, SoftswitchError, WaitTimeout
+from vmferry.lab.ovs_instance import OvsInstance
 
 pytestmark = [
     pytest.mark.root,
@@ -234,11 +234,8 @@ def test_removing_the_vlan_from_the_trunk_cuts_and_restoring_heals(lab: Lab) -> 
         assert cut_off(ns_name("c1"), "192.0.2.2")
     finally:
         lab.sw1.set_trunks(BRIDGE, "tr-12", frozenset({100, 200}))
-    started = time.monotonic()
+    # How fast it heals is a benchmark figure (vmferry bench profiles: switch.trunk_heal_s).
     assert reachable(ns_name("c1"), "192.0.2.2")
-    healed = time.monotonic() - started
-    print(f"VLAN 100 back on the trunk: first ping answered after {healed:.3f}s")
-    assert healed < 3
 
 
 def test_set_trunks_unchanged_writes_nothing(lab: Lab) -> None:
@@ -360,20 +357,18 @@ def test_port_for_a_missing_device_fails_then_comes_up_when_it_appears(lab: Lab)
             lab.sw1.wait_for_port(BRIDGE, "late0", timeout=2)
         privileged.create_tap(sw1_ns, "late0")
         # ovs-vswitchd notices the new device by itself and numbers the port: an OVSDB event.
-        started = time.monotonic()
         ofport = lab.sw1.wait_for_port(BRIDGE, "late0", timeout=10)
-        assert ofport > 0, time.monotonic() - started
+        assert ofport > 0
     finally:
         lab.sw1.delete_port(BRIDGE, "late0")
         privileged.delete_link(sw1_ns, "late0")
 
 
 def test_wait_for_a_port_that_never_comes_times_out(lab: Lab) -> None:
-    started = time.monotonic()
+    # How long it takes to give up is a benchmark figure (switch.wait_timeout_s).
     with pytest.raises(WaitTimeout) as info:
         lab.sw1.wait_for_port(BRIDGE, "never0", timeout=0.5)
-    assert "never0" in info.value.message
-    assert time.monotonic() - started < 3
+    assert "never0" in info.value.message and info.value.fields["seconds"] == 0.5
 
 
 def test_delete_port_is_idempotent(lab: Lab) -> None:
@@ -392,18 +387,14 @@ def test_delete_port_is_idempotent(lab: Lab) -> None:
         privileged.delete_link(sw1_ns, "tap-del")
 
 
-def test_a_new_access_port_forwards_quickly(lab: Lab) -> None:
+def test_a_new_access_port_forwards(lab: Lab) -> None:
     c4 = lab.namespace("c4")
     try:
         privileged.create_veth(ns_name("sw1"), "p-c4", c4, "eth0")
         privileged.add_address(c4, "eth0", "192.0.2.4/24")
-        started = time.monotonic()
         lab.sw1.ensure_port(BRIDGE, PortSpec("p-c4", tag=100, vlan_mode="access"))
-        added = time.monotonic() - started
+        # How fast it forwards is a benchmark figure (switch.port_forwarding_s).
         assert reachable(c4, "192.0.2.2")
-        forwarding = time.monotonic() - started
-        print(f"port added in {added:.3f}s, first ping answered after {forwarding:.3f}s")
-        assert forwarding < 5
     finally:
         lab.sw1.delete_port(BRIDGE, "p-c4")
         privileged.delete_namespace(c4)
@@ -651,7 +642,7 @@ def test_flush_fdb_forgets_learned_macs(lab: Lab) -> None:
 def test_instance_survives_its_starter_and_stop_leaves_nothing(lone_root: Path) -> None:
     base = lone_root / "solo"
     # Start from another process that exits: the daemons are detached and outlive it.
-    starter = ("from pathlib import Path; from vmferry.drivers.softswitch.ovs_instance import "
+    starter = ("from pathlib import Path; from vmferry.lab.ovs_instance import "
                f"OvsInstance; OvsInstance('solo', {ns_name('solo')!r}, Path({str(base)!r}))"
                ".start()")
     subprocess.run([sys.executable, "-c", starter], check=True, timeout=30)

@@ -250,11 +250,15 @@ SHELL = shutil.which("busybox")
 @pytest.mark.skipif(SHELL is None, reason="busybox not installed")
 @pytest.mark.parametrize(("cmdline", "expected"), [
     ("console=ttyS0 quiet vmferry.name=web1 vmferry.ip=192.0.2.10/24 vmferry.workload=5",
-     "name=web1 ip=192.0.2.10/24 gw= workload=5"),
+     "name=web1 ip=192.0.2.10/24 gw= workload=5 memcheck=0"),
     ("vmferry.ip=192.0.2.11/24 vmferry.gw=192.0.2.1",
-     "name=guest ip=192.0.2.11/24 gw=192.0.2.1 workload=0"),
+     "name=guest ip=192.0.2.11/24 gw=192.0.2.1 workload=0 memcheck=0"),
     ("vmferry.name=x vmferry.ip=192.0.2.12/24 vmferry.workload=lots",
-     "name=x ip=192.0.2.12/24 gw= workload=0"),
+     "name=x ip=192.0.2.12/24 gw= workload=0 memcheck=0"),
+    ("vmferry.name=m vmferry.ip=192.0.2.13/24 vmferry.workload=4 vmferry.memcheck=32",
+     "name=m ip=192.0.2.13/24 gw= workload=4 memcheck=32"),
+    ("vmferry.name=m vmferry.ip=192.0.2.13/24 vmferry.memcheck=-1",
+     "name=m ip=192.0.2.13/24 gw= workload=0 memcheck=0"),
 ])
 def test_init_parses_the_kernel_command_line(tmp_path: Path, cmdline: str,
                                              expected: str) -> None:
@@ -264,3 +268,38 @@ def test_init_parses_the_kernel_command_line(tmp_path: Path, cmdline: str,
                             env={**os.environ, "VMFERRY_CMDLINE": cmdline},
                             capture_output=True, text=True, timeout=10, check=True)
     assert result.stdout.strip().splitlines()[-1] == expected
+
+
+def _memcheck(tmp_path: Path, *args: str) -> list[str]:
+    init = tmp_path / "init"
+    init.write_bytes(builder.init_script())
+    result = subprocess.run([str(SHELL), "sh", str(init), "--memcheck", *args],
+                            capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.strip().splitlines()
+
+
+@pytest.mark.skipif(SHELL is None, reason="busybox not installed")
+def test_memcheck_passes_on_intact_memory_while_dirtying(tmp_path: Path) -> None:
+    lines = _memcheck(tmp_path, "6", "400", str(tmp_path), "3")
+    assert lines[0] == "VMFERRY-MEMCHECK start blocks=6 rate=400"
+    assert lines[-1] == "VMFERRY-MEMCHECK pass=3 blocks=6 failures=0"
+    assert not [line for line in lines if "FAIL" in line]
+
+
+@pytest.mark.skipif(SHELL is None, reason="busybox not installed")
+def test_memcheck_reports_a_changed_block(tmp_path: Path) -> None:
+    """A block that changes behind the checker's back (as a page lost or sent stale by a
+    migration would) is reported once, with its number, and counted."""
+    init = tmp_path / "init"
+    init.write_bytes(builder.init_script())
+    # Corrupt block 2 as soon as the region is filled (the "start" line), then let it verify.
+    script = (f"{SHELL} sh {init} --memcheck 4 0 {tmp_path} 2 | while read -r line; do "
+              f"echo \"$line\"; case \"$line\" in *start*) "
+              f"printf \"corrupt\" | dd of={tmp_path}/memcheck-region bs=1 seek=$((2*1048576+77)) "
+              f"conv=notrunc 2>/dev/null;; esac; done")
+    result = subprocess.run([str(SHELL), "sh", "-c", script], capture_output=True, text=True,
+                            timeout=60, check=True)
+    lines = result.stdout.strip().splitlines()
+    fails = [line for line in lines if line.startswith("VMFERRY-MEMCHECK-FAIL")]
+    assert len(fails) == 1 and " block=2 " in fails[0], lines
+    assert lines[-1] == "VMFERRY-MEMCHECK pass=2 blocks=4 failures=1"

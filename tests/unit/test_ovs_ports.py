@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec
-from vmferry.drivers.softswitch.ovs import PortRecord, _OvsdbApi, diff_port
-from vmferry.drivers.softswitch.ovs_instance import MAX_BASE_DIR, OvsInstance
+from vmferry.drivers.softswitch.ovs import PortRecord, diff_port
+from vmferry.drivers.softswitch.ovs.ovsdb import OvsdbApi
 from vmferry.errors import InputError, SoftswitchError
+from vmferry.lab.ovs_instance import MAX_BASE_DIR, OvsInstance
 
 
 def stored(spec: PortSpec) -> PortRecord:
@@ -93,8 +94,8 @@ def test_each_api_keeps_its_own_connection() -> None:
     # the first one's connection.
     first = SimpleNamespace(is_running=True)
     second = SimpleNamespace(is_running=True)
-    api1 = _OvsdbApi(first, start=False, auto_index=False)
-    api2 = _OvsdbApi(second, start=False, auto_index=False)
+    api1 = OvsdbApi(first, start=False, auto_index=False)
+    api2 = OvsdbApi(second, start=False, auto_index=False)
     assert api1.ovsdb_connection is first
     assert api2.ovsdb_connection is second
 

@@ -92,6 +92,10 @@ def test_spec_excludes_name_and_version() -> None:
     (base(acl={"to_vm": {"rules": [{"action": "deny", "prot": "tcp"}]}}),
      "acl.to_vm.rules[0].prot", "unknown field"),
     (base(security={"mac_antispoofing": True}), "security.mac_antispoofing", "unknown field"),
+    (base(security={"allow_router_advertisements": "yes"}),
+     "security.allow_router_advertisements", "valid boolean"),
+    (base(security={"allow_foreign_neighbor_advertisements": 1}),
+     "security.allow_foreign_neighbor_advertisements", "valid boolean"),
     ({"name": "p"}, "body", "give vlan"),
     (base(trunks=[1]), "body", "not both"),
     (base(name="bad name"), "name", "pattern"),
@@ -126,3 +130,14 @@ def test_profile_is_immutable() -> None:
     with pytest.raises(ValidationError):
         profile.vlan = 5  # type: ignore[misc]
     assert isinstance(profile, PortProfile)
+
+
+def test_ipv6_guards_are_on_unless_allowed() -> None:
+    plain = parse_profile({"name": "p", "vlan": 1})
+    assert not plain.security.allow_router_advertisements
+    assert not plain.security.allow_foreign_neighbor_advertisements
+    router = parse_profile({"name": "r", "vlan": 1, "security": {
+        "allow_router_advertisements": True, "allow_foreign_neighbor_advertisements": True}})
+    assert router.security.allow_router_advertisements
+    assert router.security.allow_foreign_neighbor_advertisements
+    assert not router.same_spec(plain)

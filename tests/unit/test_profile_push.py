@@ -7,11 +7,11 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
+from vmferry.api.agent import PortOutcome
 from vmferry.controller.profiles import Profiles
 from vmferry.errors import HostUnavailableError
-from vmferry.model.profile import parse_profile
+from vmferry.model.profile import PortProfile, parse_profile
 from vmferry.store.db import Store
 from vmferry.store.profile_schema import PortRealizationRow
 from vmferry.store.schema import HostRow, VmRow
@@ -20,18 +20,22 @@ PROFILE = parse_profile({"name": "web", "vlan": 100, "version": 3})
 
 
 class FakeAgents:
-    """Answers ``PUT /v1/port-profiles``; host3 does not answer; vm-b2 fails on its host."""
+    """Answers ``set_port_profiles``; host3 does not answer; vm-b2 fails on its host."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str, Any]] = []
+        self.calls: list[tuple[str, list[str], PortProfile]] = []
         self.active = 0
         self.most_active = 0
         self._lock = threading.Lock()
 
-    def call_agent(self, host: str, method: str, path: str, *, json: Any = None,
-                   timeout: float = 60) -> Any:
+    def agent(self, host: str) -> SimpleNamespace:
+        def set_port_profiles(vms: list[str], profile: PortProfile) -> list[PortOutcome]:
+            return self.push(host, vms, profile)
+        return SimpleNamespace(set_port_profiles=set_port_profiles)
+
+    def push(self, host: str, vms: list[str], profile: PortProfile) -> list[PortOutcome]:
         with self._lock:
-            self.calls.append((host, method, path, json))
+            self.calls.append((host, vms, profile))
             self.active += 1
             self.most_active = max(self.most_active, self.active)
         try:
@@ -39,9 +43,9 @@ class FakeAgents:
             if host == "host3":
                 raise HostUnavailableError(f"host {host}: its agent does not answer",
                                            host=host)
-            return {"ports": [{"vm": vm, "ok": vm != "vm-b2",
-                               "error": "OVS refused a flow" if vm == "vm-b2" else None}
-                              for vm in json["vms"]]}
+            return [PortOutcome(vm=vm, ok=vm != "vm-b2",
+                                error="OVS refused a flow" if vm == "vm-b2" else None)
+                    for vm in vms]
         finally:
             with self._lock:
                 self.active -= 1
@@ -64,17 +68,15 @@ def test_push_is_one_call_per_host_in_parallel_with_outcomes_per_port(tmp_path: 
                           ip="192.0.2.99/24", mac="52:54:00:00:00:99", profile="web",
                           state="stopped"))
     agents = FakeAgents()
-    controller = SimpleNamespace(store=store, call_agent=agents.call_agent,
+    controller = SimpleNamespace(store=store, agent=agents.agent,
                                  reconcile_fabric=lambda: None)
     results = Profiles(controller).push(PROFILE)       # type: ignore[arg-type]
 
-    assert sorted((c[0], c[2]) for c in agents.calls) == [
-        ("host1", "/v1/port-profiles"), ("host2", "/v1/port-profiles"),
-        ("host3", "/v1/port-profiles")]
+    assert sorted(c[0] for c in agents.calls) == ["host1", "host2", "host3"]
     assert agents.most_active > 1, "hosts are pushed side by side"
-    host1 = next(c[3] for c in agents.calls if c[0] == "host1")
-    assert sorted(host1["vms"]) == ["vm-a1", "vm-a2", "vm-a3"]
-    assert host1["profile"]["version"] == 3
+    host1 = next(c for c in agents.calls if c[0] == "host1")
+    assert sorted(host1[1]) == ["vm-a1", "vm-a2", "vm-a3"]
+    assert host1[2].version == 3
     outcome = {r["vm"]: r for r in results}
     assert set(outcome) == set(placement)
     assert all(outcome[vm]["ok"] and outcome[vm]["version"] == 3

@@ -1,28 +1,46 @@
-"""Make-before-break switchover rules: cookies, the path's ports, the flows, when to install."""
+"""Make-before-break switchover: cookies, the rules (pure), and one window's life cycle on a
+fake fabric and fake agents."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
 
 import pytest
 
-from vmferry.controller import switchover
 from vmferry.controller.switchover import (
+    MakeBeforeBreak,
+    SwitchoverContext,
+    SwitchoverError,
+    leftovers,
+)
+from vmferry.drivers.fabric.fake import FakeFabric, FakeSwitch
+from vmferry.drivers.fabric.ovs_fabric import parse_mac_moves
+from vmferry.errors import AgentError, FabricError
+from vmferry.model.switchover import (
+    COOKIE_PREFIX,
     PRIORITY,
+    PortInfo,
+    Rule,
     SwitchPorts,
-    due,
-    fabric_flows,
-    host_flows,
+    carries,
+    fabric_rules,
+    host_rules,
     is_mbb_cookie,
     mbb_cookie,
     migration_of,
     path_ports,
+    switch_rules,
 )
-from vmferry.drivers.softswitch.base import Flow
-from vmferry.drivers.softswitch.ovs import normalize_actions, normalize_match
 from vmferry.model.topology import Topology, default_topology_path, load_topology
 
 MAC = "52:54:00:AB:CD:EF"
+
+
+@pytest.fixture(autouse=True)
+def wait_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """open() returns once the rules are in, unless a test asks for "overlap"."""
+    from vmferry.controller import switchover
+    monkeypatch.setenv(switchover.OPEN_MODE_ENV, "wait")
 
 
 @pytest.fixture
@@ -30,13 +48,20 @@ def topology() -> Topology:
     return load_topology(default_topology_path())
 
 
-def ports() -> dict[str, SwitchPorts]:
+def lab_ports() -> dict[str, dict[str, PortInfo]]:
+    trunk = frozenset({100, 200})
     return {
-        "tor1": SwitchPorts(ofports={"t-spine": 1, "h-host1": 2, "h-host2": 3,
-                                     "a-client-100": 4, "a-client-200": 5},
-                            access_vlans={"a-client-100": 100, "a-client-200": 200}),
-        "spine": SwitchPorts(ofports={"t-tor1": 1, "t-tor2": 2}),
-        "tor2": SwitchPorts(ofports={"t-spine": 1, "h-host3": 2, "h-host4": 3}),
+        "tor1": {"t-spine": PortInfo(1, trunk_vlans=trunk),
+                 "h-host1": PortInfo(2, trunk_vlans=frozenset({100})),
+                 "h-host2": PortInfo(3, trunk_vlans=frozenset({4095})),
+                 "a-client-100": PortInfo(4, access_vlan=100),
+                 "a-client-200": PortInfo(5, access_vlan=200),
+                 "br-fabric": PortInfo(65534, trunk_vlans=frozenset())},
+        "spine": {"t-tor1": PortInfo(1, trunk_vlans=trunk), "t-tor2": PortInfo(2,
+                                                                              trunk_vlans=trunk)},
+        "tor2": {"t-spine": PortInfo(1, trunk_vlans=trunk),
+                 "h-host3": PortInfo(2, trunk_vlans=frozenset({100, 200})),
+                 "h-host4": PortInfo(3, trunk_vlans=frozenset({200}))},
     }
 
 
@@ -46,12 +71,11 @@ def test_cookie_round_trip_and_recognition() -> None:
     assert migration_of(cookie) == 42
     assert not is_mbb_cookie(42)
     assert not is_mbb_cookie(0)
-    assert not is_mbb_cookie(switchover.COOKIE_PREFIX)     # no migration id
+    assert not is_mbb_cookie(COOKIE_PREFIX)     # no migration id
     assert mbb_cookie(1) != mbb_cookie(2)
-    with pytest.raises(ValueError):
-        mbb_cookie(0)
-    with pytest.raises(ValueError):
-        mbb_cookie(1 << 40)
+    for bad in (0, 1 << 40):
+        with pytest.raises(ValueError):
+            mbb_cookie(bad)
 
 
 def test_path_ports_across_the_spine(topology: Topology) -> None:
@@ -60,65 +84,179 @@ def test_path_ports_across_the_spine(topology: Topology) -> None:
         "tor2": ["t-spine", "h-host3"]}
 
 
-def test_path_ports_within_a_rack(topology: Topology) -> None:
-    assert path_ports(topology, "host1", "host2") == {"tor1": ["h-host1", "h-host2"]}
-
-
-def test_fabric_flows_send_both_ways_and_tag_local_access_ports(topology: Topology) -> None:
-    flows = fabric_flows(topology, 100, MAC, "host1", "host3", ports())
-    assert set(flows) == {"tor1", "spine", "tor2"}
-    mac = MAC.lower()
-    assert flows["spine"] == [Flow(0, PRIORITY, f"dl_vlan=100,dl_dst={mac}",
-                                   "output:1,output:2")]
-    assert flows["tor2"] == [Flow(0, PRIORITY, f"dl_vlan=100,dl_dst={mac}",
-                                  "output:1,output:2")]
-    # The client of VLAN 100 on tor1 sends untagged frames: tagged before going out;
-    # the client of VLAN 200 is left alone.
-    assert flows["tor1"] == [
-        Flow(0, PRIORITY, f"dl_vlan=100,dl_dst={mac}", "output:2,output:1"),
-        Flow(0, PRIORITY, f"in_port=4,dl_dst={mac}",
-             "push_vlan:0x8100,set_field:4196->vlan_vid,output:2,output:1")]
-
-
-def test_fabric_flows_are_valid_ovs_syntax(topology: Topology) -> None:
-    for flows in fabric_flows(topology, 100, MAC, "host3", "host1", ports()).values():
-        for flow in flows:
-            normalize_match(flow.match)
-            normalize_actions(flow.actions)
-
-
-def test_fabric_flows_name_a_missing_switch(topology: Topology) -> None:
-    partial = {k: v for k, v in ports().items() if k != "spine"}
-    with pytest.raises(KeyError, match="spine"):
-        fabric_flows(topology, 100, MAC, "host1", "host3", partial)
-
-
-def test_host_flow_pops_the_tag_into_the_tap() -> None:
-    assert host_flows(7, 9, 100, MAC) == [
-        Flow(0, PRIORITY, f"in_port=7,dl_vlan=100,dl_dst={MAC.lower()}", "pop_vlan,output:9")]
-
-
-@pytest.mark.parametrize(("progress", "expected"), [
-    ({"status": "setup"}, True),                                         # no rate yet
-    ({"status": "active", "mbps": 0, "remaining_bytes": 1 << 30}, True),
-    ({"status": "active", "mbps": 1000, "remaining_bytes": 50_000_000}, True),   # 0.4 s
-    ({"status": "active", "mbps": 1000, "remaining_bytes": 500_000_000}, False),  # 4 s
-    ({"status": "device", "mbps": 1, "remaining_bytes": 1 << 30}, True),
-    ({"status": "pre-switchover"}, True),
+@pytest.mark.parametrize(("port", "expected"), [
+    (PortInfo(1, trunk_vlans=frozenset({100, 200})), "tagged"),
+    (PortInfo(1, trunk_vlans=frozenset({200})), None),
+    (PortInfo(1, trunk_vlans=frozenset()), None),          # OVS: all VLANs; we admit none
+    (PortInfo(1, trunk_vlans=frozenset({4095})), None),
+    (PortInfo(1, access_vlan=100), "untagged"),
+    (PortInfo(1, access_vlan=200), None),
 ])
-def test_due(progress: dict[str, Any], expected: bool) -> None:
-    assert due(progress) is expected
+def test_which_ports_admit_the_vlan(port: PortInfo, expected: str | None) -> None:
+    assert carries(port, 100) == expected
 
 
-class _FakeFabric:
-    def __init__(self, cookies: dict[str, set[int]]) -> None:
-        self.cookies = cookies
+def test_every_fabric_rule_matches_its_input_port_and_vlan(topology: Topology) -> None:
+    ports = {name: SwitchPorts(p) for name, p in lab_ports().items()}
+    rules = fabric_rules(topology, 100, MAC, "host1", "host3", ports)
+    by_ofport = {name: {info.ofport: (pname, info) for pname, info in p.items()}
+                 for name, p in lab_ports().items()}
+    assert set(rules) == {"tor1", "spine", "tor2"}
+    for switch, switch_rules_ in rules.items():
+        for rule in switch_rules_:
+            assert rule.priority == PRIORITY
+            in_port = int(re.search(r"in_port=(\d+)", rule.match).group(1))  # type: ignore[union-attr]
+            name, info = by_ofport[switch][in_port]
+            if info.access_vlan is not None:
+                assert info.access_vlan == 100 and "vlan_tci=0" in rule.match, rule
+                assert rule.actions.startswith("push_vlan:0x8100,set_field:4196->vlan_vid,")
+            else:
+                assert info.trunk_vlans and 100 in info.trunk_vlans, (switch, name)
+                assert "dl_vlan=100" in rule.match, rule
+            assert f"dl_dst={MAC.lower()}" in rule.match
+            # Never out of the port it came in by, never to a port off the path.
+            outputs = {int(n) for n in re.findall(r"output:(\d+)", rule.actions)}
+            assert in_port not in outputs
+            path = {by_ofport[switch][o][0] for o in outputs}
+            assert path <= set(path_ports(topology, "host1", "host3")[switch])
+    tor1 = {r.match.split(",")[0] for r in rules["tor1"]}
+    # client-200 (VLAN 200), host2 (does not carry 100), the bridge's own port: no rule.
+    assert tor1 == {"in_port=1", "in_port=2", "in_port=4"}
+    assert Rule(PRIORITY, f"in_port=4,vlan_tci=0,dl_dst={MAC.lower()}",
+                "push_vlan:0x8100,set_field:4196->vlan_vid,output:2,output:1") in rules["tor1"]
+    assert Rule(PRIORITY, f"in_port=1,dl_vlan=100,dl_dst={MAC.lower()}",
+                "output:2") in rules["tor2"]
 
-    def flow_cookies(self, switch: str) -> set[int]:
-        return self.cookies[switch]
+
+def test_a_path_port_without_the_vlan_is_refused() -> None:
+    ports = SwitchPorts({"a": PortInfo(1, trunk_vlans=frozenset({200})),
+                         "b": PortInfo(2, trunk_vlans=frozenset({100}))})
+    with pytest.raises(ValueError, match="does not carry VLAN 100"):
+        switch_rules(["a", "b"], ports, 100, MAC)
+
+
+def test_host_rule_pops_the_tag_into_the_tap() -> None:
+    assert host_rules(7, 9, 100, MAC) == [
+        Rule(PRIORITY, f"in_port=7,dl_vlan=100,dl_dst={MAC.lower()}", "pop_vlan,output:9")]
+
+
+def test_mac_moves_from_fdb_stats_show() -> None:
+    text = ('Statistics for bridge "br-fabric":\n'
+            "  Current/maximum MAC entries in the table: 3/8192\n"
+            "  Total number of port moved MAC entries  : 7\n")
+    assert parse_mac_moves(text) == 7
+    with pytest.raises(FabricError):
+        parse_mac_moves("nothing")
+
+
+# ---- one window on fakes ------------------------------------------------------------------
+
+class FakeAgent:
+    def __init__(self, host: str, log: list[tuple[str, str, int]], fail: bool = False) -> None:
+        self.host, self.log, self.fail = host, log, fail
+
+    def open_switchover(self, vm: str, cookie: int, vlan: int, mac: str) -> int:
+        if self.fail:
+            raise AgentError(f"agent on {self.host} unreachable", host=self.host)
+        self.log.append(("open", self.host, cookie))
+        return 1
+
+    def close_switchover(self, cookie: int) -> None:
+        self.log.append(("close", self.host, cookie))
+
+
+def window(topology: Topology, *, profile: bool = False, failing: set[str] = frozenset(),
+           ) -> tuple[MakeBeforeBreak, FakeFabric, list[tuple[str, str, int]], dict[str, object]]:
+    fabric = FakeFabric({name: FakeSwitch(ports=dict(p)) for name, p in lab_ports().items()})
+    calls: list[tuple[str, str, int]] = []
+    recorded: dict[str, object] = {}
+    ctx = SwitchoverContext(
+        migration_id=5, vm="vm1", mac=MAC, vlan=100, source="host1", destination="host3",
+        has_profile=profile, topology=topology, fabric=fabric,
+        agent=lambda host: FakeAgent(host, calls, fail=host in failing),
+        record=lambda **values: recorded.update(values))
+    return MakeBeforeBreak(ctx), fabric, calls, recorded
+
+
+def test_prepare_installs_nothing_open_installs_everything_close_removes_it(
+        topology: Topology) -> None:
+    mbb, fabric, calls, recorded = window(topology)
+    cookie = mbb_cookie(5)
+    mbb.prepare()
+    assert all(not s.rules for s in fabric.switches.values()) and calls == []
+    mbb.open()
+    assert {n for n, s in fabric.switches.items() if cookie in s.rules} == {"tor1", "spine",
+                                                                            "tor2"}
+    assert calls == [("open", "host3", cookie)]
+    assert recorded["make_before_break"] == "installed"
+    mbb.open()                                  # once per run
+    assert calls == [("open", "host3", cookie)]
+    assert mbb.close() == []
+    assert all(not s.rules for s in fabric.switches.values())
+    assert sorted(c for c in calls if c[0] == "close") == [("close", "host1", cookie),
+                                                           ("close", "host3", cookie)]
+    assert recorded["make_before_break"] == "removed"
+    mbb.open()                                  # closed: never reopens
+    assert all(not s.rules for s in fabric.switches.values())
+
+
+def test_a_guest_with_a_profile_gets_no_host_rule(topology: Topology) -> None:
+    mbb, fabric, calls, _ = window(topology, profile=True)
+    mbb.open()
+    assert calls == [] and fabric.switches["tor2"].rules
+
+
+def test_a_partial_open_raises_and_close_still_removes_everything(topology: Topology) -> None:
+    mbb, fabric, _, recorded = window(topology, failing={"host3"})
+    mbb.prepare()
+    fabric.fail = {"spine"}
+    with pytest.raises(SwitchoverError, match="host3"):
+        mbb.open()
+    assert fabric.switches["tor1"].rules
+    fabric.fail = set()
+    assert mbb.close() == []
+    assert all(not s.rules for s in fabric.switches.values())
+    assert recorded["make_before_break"] == "removed"
+
+
+def test_close_reports_an_unreachable_switch_without_raising(topology: Topology) -> None:
+    mbb, fabric, _, recorded = window(topology)
+    mbb.open()
+    fabric.fail = {"tor2"}
+    problems = mbb.close()
+    assert problems and "tor2" in problems[0]
+    assert recorded["make_before_break"] == "removal-failed"
 
 
 def test_leftovers_skip_live_migrations_and_foreign_cookies() -> None:
-    fabric = _FakeFabric({"tor1": {0, 5, mbb_cookie(3), mbb_cookie(4)}, "spine": set()})
-    assert switchover.leftovers(fabric, ["tor1", "spine"], live={4}) == [
-        ("tor1", mbb_cookie(3))]
+    fabric = FakeFabric({"tor1": FakeSwitch(rules={5: [], mbb_cookie(3): [], mbb_cookie(4): []}),
+                         "spine": FakeSwitch()})
+    assert leftovers(fabric, ["tor1", "spine"], live={4}) == [("tor1", mbb_cookie(3))]
+
+
+def test_overlap_mode_returns_at_once_and_close_waits_for_the_install(
+        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from vmferry.controller import switchover
+    monkeypatch.setenv(switchover.OPEN_MODE_ENV, "overlap")
+    mbb, fabric, _, recorded = window(topology)
+    assert mbb.overlap
+    gate = threading.Event()
+    real = fabric.replace_rules
+
+    def slow(switch: str, cookie: int, rules: list[Rule], known_empty: bool = False) -> None:
+        if rules:
+            gate.wait(5)
+        real(switch, cookie, rules, known_empty)
+    monkeypatch.setattr(fabric, "replace_rules", slow)
+    mbb.prepare()
+    mbb.open()                                  # returns while the install waits
+    assert all(not s.rules for s in fabric.switches.values())
+    closer = threading.Thread(target=mbb.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    assert all(not s.rules for s in fabric.switches.values())
+    assert recorded["make_before_break_mode"] == "overlap"
+    assert recorded["make_before_break"] == "removed"

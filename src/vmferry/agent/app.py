@@ -5,36 +5,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
+import httpx
 from fastapi import Depends, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
 
-from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest, UplinkVlans
+from vmferry.agent.routes import guests, host, ports
 from vmferry.agent.service import HostAgent
-from vmferry.errors import AuthError, InputError, VmferryError
+from vmferry.errors import AuthError, VmferryError
 from vmferry.http import client_for
-from vmferry.model.network import MacAddress, VlanId
 from vmferry.web import bearer_token, install_error_handlers, tokens_equal
 
 log = logging.getLogger(__name__)
-
-
-class SwitchoverRules(BaseModel):
-    """The destination's temporary rule during a make-before-break switchover."""
-
-    model_config = ConfigDict(extra="forbid")
-    cookie: int = Field(ge=1, le=2**64 - 2)
-    vlan: VlanId
-    mac: MacAddress
-
-
-class PortProfiles(BaseModel):
-    """One profile for many guests' ports at once (a live profile update)."""
-
-    model_config = ConfigDict(extra="forbid")
-    profile: dict[str, Any]
-    vms: list[str] = Field(min_length=1, max_length=4096)
 
 
 def create_app(agent: HostAgent, token: str) -> FastAPI:
@@ -48,105 +29,8 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
     app = FastAPI(title=f"vmferry agent {agent.config.host}", version="1",
                   dependencies=[Depends(authenticated)])
     install_error_handlers(app)
-
-    @app.get("/v1/report", response_model=HostReport)
-    def report() -> HostReport:
-        return agent.report()
-
-    @app.get("/v1/guests", response_model=list[GuestInfo])
-    def guests() -> list[GuestInfo]:
-        return agent.guests()
-
-    @app.put("/v1/guests/{name}", response_model=GuestInfo)
-    def create_guest(name: str, body: GuestRequest) -> GuestInfo:
-        if body.name != name:
-            raise InputError("name", "does not match the URL")
-        return agent.create_guest(body)
-
-    @app.put("/v1/ports/{name}", response_model=GuestInfo)
-    def preset_port(name: str, body: GuestRequest) -> GuestInfo:
-        if body.name != name:
-            raise InputError("name", "does not match the URL")
-        return agent.preset_port(body)
-
-    @app.put("/v1/ports/{name}/profile")
-    def set_port_profile(name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return agent.set_port_profile(name, body.get("profile"))
-
-    @app.put("/v1/port-profiles")
-    def set_port_profiles(body: PortProfiles) -> dict[str, Any]:
-        return {"ports": agent.set_port_profiles(body.vms, body.profile)}
-
-    @app.get("/v1/ports/{name}")
-    def port_status(name: str) -> dict[str, Any]:
-        return agent.port_status(name)
-
-    @app.post("/v1/guests/{name}/migration/postcopy", status_code=202)
-    def postcopy(name: str) -> dict[str, str]:
-        agent.start_postcopy(name)
-        return {"status": "postcopy"}
-
-    @app.get("/v1/guests/{name}", response_model=GuestInfo)
-    def guest(name: str) -> GuestInfo:
-        return agent.guest(name)
-
-    @app.delete("/v1/guests/{name}", status_code=204)
-    def delete_guest(name: str) -> None:
-        agent.delete_guest(name)
-
-    @app.post("/v1/guests/{name}/migrate", status_code=202)
-    def migrate(name: str, body: MigrateRequest) -> dict[str, str]:
-        agent.migrate(name, body)
-        return {"status": "started"}
-
-    @app.get("/v1/guests/{name}/migration")
-    def migration(name: str) -> dict[str, Any]:
-        progress = agent.migration_progress(name)
-        return progress.__dict__
-
-    @app.post("/v1/guests/{name}/migration/cancel", status_code=202)
-    def cancel(name: str) -> dict[str, str]:
-        agent.cancel_migration(name)
-        return {"status": "cancelling"}
-
-    @app.post("/v1/guests/{name}/resume", status_code=202)
-    def resume(name: str) -> dict[str, str]:
-        agent.resume(name)
-        return {"status": "running"}
-
-    @app.post("/v1/guests/{name}/announce", status_code=202)
-    def announce(name: str) -> dict[str, str]:
-        agent.announce(name)
-        return {"status": "announced"}
-
-    @app.get("/v1/audit")
-    def audit() -> dict[str, list[str]]:
-        return agent.inventory_of_leftovers()
-
-    @app.delete("/v1/taps/{name}", status_code=204)
-    def delete_tap(name: str) -> None:
-        agent.delete_stray_tap(name)
-
-    @app.put("/v1/make-before-break/{name}")
-    def open_switchover(name: str, body: SwitchoverRules) -> dict[str, int]:
-        return {"rules": agent.open_switchover(name, body.cookie, body.vlan, str(body.mac))}
-
-    @app.delete("/v1/make-before-break/{cookie}", status_code=204)
-    def close_switchover(cookie: int) -> None:
-        agent.close_switchover(cookie)
-
-    @app.get("/v1/make-before-break")
-    def switchover_cookies() -> dict[str, list[int]]:
-        return {"cookies": agent.switchover_cookies()}
-
-    @app.get("/v1/uplink")
-    def uplink() -> dict[str, list[int]]:
-        return {"vlans": agent.uplink_vlans()}
-
-    @app.put("/v1/uplink")
-    def set_uplink(body: UplinkVlans) -> dict[str, list[int]]:
-        return {"vlans": agent.set_uplink_vlans(body.vlans)}
-
+    for routes in (host, guests, ports):
+        app.include_router(routes.router(agent))
     return app
 
 
@@ -161,19 +45,23 @@ class Heartbeat:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._api: httpx.Client | None = None
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._api is not None:
+            self._api.close()
 
     def beat(self) -> None:
         report = self.agent.report()
-        with client_for(self.controller, token=self.token, timeout=5) as api:
-            api.post(f"/v1/agents/{self.agent.config.host}/heartbeat",
-                     content=report.model_dump_json(),
-                     headers={"content-type": "application/json"}).raise_for_status()
+        if self._api is None:       # one connection for every beat, opened on the first
+            self._api = client_for(self.controller, token=self.token, timeout=5)
+        self._api.post(f"/v1/agents/{self.agent.config.host}/heartbeat",
+                       content=report.model_dump_json(),
+                       headers={"content-type": "application/json"}).raise_for_status()
 
     def _run(self) -> None:
         failures = 0

@@ -9,28 +9,40 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vmferry import privileged
-from vmferry.agent import port_profile
-from vmferry.agent.models import GuestInfo, GuestRequest, HostReport, MigrateRequest
+from vmferry.agent import switchover
+from vmferry.api.agent import (
+    GuestEvent,
+    GuestInfo,
+    GuestRequest,
+    HostLeftovers,
+    HostReport,
+    MigrateRequest,
+    MigrationProgress,
+    PortOutcome,
+    PortStatus,
+    Realization,
+)
 from vmferry.drivers.hypervisor.base import (
     GuestSpec,
     GuestState,
     Hypervisor,
-    MigrationProgress,
     MigrationTuning,
 )
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec, Softswitch
+from vmferry.drivers.softswitch.ovs import profile as port_profile
 from vmferry.errors import (
     CapacityError,
     ConflictError,
-    InputError,
     NotFoundError,
     VmferryError,
 )
 from vmferry.model.fabric import carried_vlans, trunk_column
-from vmferry.model.network import short_ifname
+from vmferry.model.migration import DEFAULT_MAX_DOWNTIME_MS
+from vmferry.model.names import TAP_PREFIX, tap_name
+from vmferry.model.profile import PortProfile
 from vmferry.model.topology import HOST_BRIDGE, HOST_UPLINK_PORT
 
 log = logging.getLogger(__name__)
@@ -38,13 +50,18 @@ log = logging.getLogger(__name__)
 OWNER = "vmferry"
 VM_KEY = "vmferry-vm"
 MIGRATION_PORT_BASE = 49152
+MAX_EVENTS_WAIT_S = 30.0
 
 
-TAP_PREFIX = "vm-"
+class Links(Protocol):
+    """The host's network devices the agent makes (taps): ``vmferry.privileged`` in
+    production, an in-memory double in unit tests that run without root."""
 
+    def create_tap(self, namespace: str | None, ifname: str, mtu: int = 1500) -> None: ...
 
-def tap_name(vm: str) -> str:
-    return short_ifname(TAP_PREFIX, vm)
+    def delete_link(self, namespace: str | None, ifname: str) -> None: ...
+
+    def list_links(self, namespace: str | None) -> list[str]: ...
 
 
 @dataclass
@@ -59,10 +76,12 @@ class AgentConfig:
 class HostAgent:
     """Owns one host. Every operation is idempotent and leaves nothing half-done on error."""
 
-    def __init__(self, config: AgentConfig, hypervisor: Hypervisor, softswitch: Softswitch) -> None:
+    def __init__(self, config: AgentConfig, hypervisor: Hypervisor, softswitch: Softswitch,
+                 links: Links | None = None) -> None:
         self.config = config
         self.hypervisor = hypervisor
         self.softswitch = softswitch
+        self.links: Links = links or privileged
         self._lock = threading.RLock()
         # Memory and requests of guests we started, for capacity and reports.
         self._guests: dict[str, GuestRequest] = {}
@@ -90,7 +109,7 @@ class HostAgent:
                     f"{request.memory_mib} MiB", host=self.config.host, field="memory_mib")
             tap = tap_name(request.name)
             try:
-                privileged.create_tap(None, tap)
+                self.links.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
                 self._realize_profile(request)
                 incoming_uri = self._incoming_uri(request.name) if request.incoming else None
@@ -114,7 +133,7 @@ class HostAgent:
         with self._lock:
             tap = tap_name(request.name)
             try:
-                privileged.create_tap(None, tap)
+                self.links.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
                 self._realize_profile(request)
             except VmferryError:
@@ -134,7 +153,7 @@ class HostAgent:
         self.hypervisor.stop(name)
         port_profile.remove(self.softswitch, HOST_BRIDGE, tap_name(name))
         self.softswitch.delete_port(HOST_BRIDGE, tap_name(name))
-        privileged.delete_link(None, tap_name(name))
+        self.links.delete_link(None, tap_name(name))
         self._guests.pop(name, None)
         self._incoming.pop(name, None)
         self._request_file(name).unlink(missing_ok=True)
@@ -163,44 +182,48 @@ class HostAgent:
                         external_ids={OWNER_KEY: OWNER, VM_KEY: request.name,
                                       "attached-mac": request.mac})
 
-    # ---- port profiles (vmferry.agent.port_profile does the work) ---------------------------
+    # ---- port profiles (the OVS driver's profile pipeline does the work) --------------
 
     def _realize_profile(self, request: GuestRequest) -> None:
         if request.profile is not None:
-            port_profile.apply_profile(self.softswitch, HOST_BRIDGE, tap_name(request.name),
-                                       request.mac, [request.ip], request.profile)
+            port_profile.realize(self.softswitch, HOST_BRIDGE, tap_name(request.name),
+                                 request.mac, [request.ip], request.profile)
 
-    def set_port_profile(self, name: str, profile: dict[str, Any] | None) -> dict[str, Any]:
+    def set_port_profile(self, name: str, profile: PortProfile | None) -> Realization:
         """Realize ``profile`` on the guest's port live (None: remove it); remembered."""
         with self._lock:
             request = self._guests.get(name)
             if request is None:
                 raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
-            vlan = port_profile.profile_from(profile)
             updated = request.model_copy(update={"profile": profile, "vlan": (
-                vlan.fabric_vlans[0] if vlan is not None else request.vlan)})
-            result = port_profile.apply_profile(self.softswitch, HOST_BRIDGE, tap_name(name),
-                                                request.mac, [request.ip], profile)
+                profile.fabric_vlans[0] if profile is not None else request.vlan)})
+            port = tap_name(name)
+            if profile is None:
+                result = Realization(port=port, removed=port_profile.remove(
+                    self.softswitch, HOST_BRIDGE, port))
+            else:
+                result = Realization.model_validate(port_profile.realize(
+                    self.softswitch, HOST_BRIDGE, port, request.mac, [request.ip],
+                    profile).to_dict())
             self._guests[name] = updated
             self._save_request(updated)
             return result
 
-    def set_port_profiles(self, names: list[str], profile: dict[str, Any]) -> list[dict[str, Any]]:
+    def set_port_profiles(self, names: list[str], profile: PortProfile) -> list[PortOutcome]:
         """Realize ``profile`` live on many guests' ports together (one OVSDB transaction, one
         flow bundle); remembered for each guest it reached. One outcome per name, in order:
         the realization report with ``ok`` true, or ``ok`` false and the ``error``; a port
         the batch fails on is retried alone so only it fails. Raises ``InputError`` for a bad
         profile (then nothing is touched)."""
-        parsed = port_profile.profile_from(profile)
-        assert parsed is not None
+        parsed = profile
         with self._lock:
-            outcomes: dict[str, dict[str, Any]] = {}
+            outcomes: dict[str, PortOutcome] = {}
             known = []
             for name in dict.fromkeys(names):
                 request = self._guests.get(name)
                 if request is None:
-                    outcomes[name] = {"vm": name, "ok": False,
-                                      "error": f"no guest {name!r} on host {self.config.host}"}
+                    outcomes[name] = PortOutcome(
+                        vm=name, ok=False, error=f"no guest {name!r} on host {self.config.host}")
                 else:
                     known.append(request)
             results = port_profile.realize_each(self.softswitch, HOST_BRIDGE, [
@@ -209,25 +232,25 @@ class HostAgent:
             for request, result in zip(known, results, strict=True):
                 if isinstance(result, VmferryError):
                     cause = result.fields.get("cause")
-                    outcomes[request.name] = {"vm": request.name, "ok": False, "error": (
-                        f"{result.message}: {cause}" if cause else result.message)}
+                    outcomes[request.name] = PortOutcome(vm=request.name, ok=False, error=(
+                        f"{result.message}: {cause}" if cause else result.message))
                     continue
                 updated = request.model_copy(update={"profile": profile,
                                                      "vlan": parsed.fabric_vlans[0]})
                 self._guests[request.name] = updated
                 self._save_request(updated)
-                outcomes[request.name] = {"vm": request.name, "ok": True, "error": None,
-                                          **result.to_dict()}
+                outcomes[request.name] = PortOutcome(vm=request.name, ok=True,
+                                                     **result.to_dict())
             return [outcomes[name] for name in names]
 
-    def port_status(self, name: str) -> dict[str, Any]:
+    def port_status(self, name: str) -> PortStatus:
         """The guest port's desired and actual state, and whether they match."""
         request = self._guests.get(name)
         if request is None:
             raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
-        return port_profile.port_status(self.softswitch, HOST_BRIDGE, tap_name(name),
-                                        request.mac, [request.ip],
-                                        port_profile.profile_from(request.profile))
+        return PortStatus.model_validate(port_profile.port_status(
+            self.softswitch, HOST_BRIDGE, tap_name(name), request.mac, [request.ip],
+            request.profile))
 
     # ---- migration --------------------------------------------------------------------------
 
@@ -238,13 +261,34 @@ class HostAgent:
 
     def migrate(self, name: str, request: MigrateRequest) -> None:
         self._require(name)
-        self.hypervisor.migrate(name, request.uri, MigrationTuning(
-            max_downtime_ms=request.max_downtime_ms, bandwidth_mbps=request.bandwidth_mbps,
-            postcopy=request.postcopy, auto_converge=request.auto_converge))
+        options = request.options
+        tuning: dict[str, Any] = dict(
+            max_downtime_ms=options.max_downtime_ms or DEFAULT_MAX_DOWNTIME_MS,
+            bandwidth_mbps=options.bandwidth_mbps,
+            postcopy=options.postcopy_allowed, auto_converge=options.auto_converge)
+        if request.pause_before_switchover:
+            # MigrationTuning gains the field with contract H1 (b-hypervisor).
+            tuning["pause_before_switchover"] = True
+        self.hypervisor.migrate(name, request.uri, MigrationTuning(**tuning))
 
     def migration_progress(self, name: str) -> MigrationProgress:
         self._require(name)
-        return self.hypervisor.migration_progress(name)
+        progress = self.hypervisor.migration_progress(name)
+        return MigrationProgress.model_validate(
+            {**progress.__dict__, "extra": {k: v for k, v in progress.extra.items()
+                                            if isinstance(v, int | float | str | list)}})
+
+    def continue_migration(self, name: str) -> None:
+        """Let a migration paused in "pre-switchover" finish (make-before-break)."""
+        self._require(name)
+        self.hypervisor.continue_migration(name)
+
+    def events(self, name: str, after: int, wait: float) -> list[GuestEvent]:
+        """The guest's QMP events after ``after``, waiting up to ``wait`` s for one."""
+        found = self.hypervisor.events(
+            name, after=after, timeout=max(0.0, min(wait, MAX_EVENTS_WAIT_S)))
+        return [GuestEvent(seq=e.seq, kind=e.kind, status=e.status, timestamp=e.timestamp)
+                for e in found]
 
     def start_postcopy(self, name: str) -> None:
         self._require(name)
@@ -278,18 +322,17 @@ class HostAgent:
 
     # ---- audit ------------------------------------------------------------------------------
 
-    def inventory_of_leftovers(self) -> dict[str, list[str]]:
+    def inventory_of_leftovers(self) -> HostLeftovers:
         """Everything vmferry put on this host, by the VM it belongs to, as found on it now:
         QEMU processes, switch ports it tagged, taps it named, saved guest requests."""
         ports = self.softswitch.ports(HOST_BRIDGE)
-        return {
-            "guests": sorted(self.hypervisor.guests()),
-            "ports": sorted(p.external_ids.get(VM_KEY, name) for name, p in ports.items()
-                            if p.external_ids.get(OWNER_KEY) == OWNER),
-            "taps": sorted(link for link in privileged.list_links(None)
-                           if link.startswith(TAP_PREFIX)),
-            "requests": sorted(self._guests),
-        }
+        return HostLeftovers(
+            guests=sorted(self.hypervisor.guests()),
+            ports=sorted(p.external_ids.get(VM_KEY, name) for name, p in ports.items()
+                         if p.external_ids.get(OWNER_KEY) == OWNER),
+            taps=sorted(link for link in self.links.list_links(None)
+                        if link.startswith(TAP_PREFIX)),
+            requests=sorted(self._guests))
 
     def delete_stray_tap(self, name: str) -> None:
         """Remove a vmferry tap that no guest of this host uses (idempotent)."""
@@ -298,40 +341,24 @@ class HostAgent:
         if name in {tap_name(g) for g in self._guests}:
             raise ConflictError("name", f"{name} belongs to a guest of this host")
         self.softswitch.delete_port(HOST_BRIDGE, name)
-        privileged.delete_link(None, name)
+        self.links.delete_link(None, name)
 
-    # ---- make-before-break switchover (vmferry.controller.switchover) ------------------------
+    # ---- make-before-break switchover (vmferry.agent.switchover does the rules) -----------
 
     def open_switchover(self, name: str, cookie: int, vlan: int, mac: str) -> int:
         """Deliver frames for ``mac`` on ``vlan`` from the uplink straight to the guest's tap
         (a temporary rule with ``cookie``) while the guest migrates here; returns the number of
         rules. Raises ``InputError`` (not a switchover cookie), ``NotFoundError`` (no port)."""
-        from vmferry.controller.switchover import host_flows, is_mbb_cookie
-        if not is_mbb_cookie(cookie):
-            raise InputError("cookie", f"{cookie:#x} is not a switchover cookie")
-        ports = self.softswitch.ports(HOST_BRIDGE)
-        tap = ports.get(tap_name(name))
-        uplink = ports.get(HOST_UPLINK_PORT)
-        if tap is None or tap.ofport is None or uplink is None or uplink.ofport is None:
-            raise NotFoundError("vm", f"no port of {name} (or no uplink) on {self.config.host}")
-        flows = host_flows(uplink.ofport, tap.ofport, vlan, mac)
-        self.softswitch.replace_flows(HOST_BRIDGE, cookie, flows)
-        return len(flows)
+        return switchover.install_host_rules(self.softswitch, HOST_BRIDGE, HOST_UPLINK_PORT,
+                                             tap_name(name), cookie, vlan, mac)
 
     def close_switchover(self, cookie: int) -> None:
         """Remove the temporary rules with ``cookie`` (idempotent)."""
-        from vmferry.controller.switchover import is_mbb_cookie
-        if not is_mbb_cookie(cookie):
-            raise InputError("cookie", f"{cookie:#x} is not a switchover cookie")
-        self.softswitch.replace_flows(HOST_BRIDGE, cookie, [])
+        switchover.remove_host_rules(self.softswitch, HOST_BRIDGE, cookie)
 
     def switchover_cookies(self) -> list[int]:
         """Cookies of the temporary switchover rules present on this host."""
-        from vmferry.controller.switchover import is_mbb_cookie
-        stats = getattr(self.softswitch, "flow_stats", None)
-        if stats is None:
-            return []
-        return sorted({f.cookie for f in stats(HOST_BRIDGE) if is_mbb_cookie(f.cookie)})
+        return switchover.host_rule_cookies(self.softswitch, HOST_BRIDGE)
 
     # ---- report -----------------------------------------------------------------------------
 

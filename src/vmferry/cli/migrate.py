@@ -10,11 +10,14 @@ from typing import Any
 
 import httpx
 import typer
+from pydantic import ValidationError
 from rich.live import Live
 from rich.table import Table
 
-from vmferry.cli.common import api_call, console, err_console, print_json, target
+from vmferry.api.controller import MigrationCreate
+from vmferry.cli.common import api_call, console, err_console, fail, print_json, target
 from vmferry.http import client_for
+from vmferry.model.validation import input_error_from
 
 migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
 
@@ -36,15 +39,21 @@ def migrate(
     make_before_break: bool = typer.Option(
         True, "--make-before-break/--no-make-before-break",
         help="During switchover deliver the VM's frames to both hosts"),
+    postcopy_after: float | None = typer.Option(
+        None, "--postcopy-after",
+        help="With --postcopy auto: switch to postcopy after this many seconds "
+             "(default: a third of --timeout, at least 5)"),
 ) -> None:
     """Live-migrate a VM, its port and its VLAN to another host."""
-    body: dict[str, Any] = {"vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout,
-                            "make_before_break": make_before_break}
-    if max_downtime is not None:
-        body["max_downtime_ms"] = max_downtime
-    if bandwidth is not None:
-        body["bandwidth_mbps"] = bandwidth
-    record = api_call("POST", "/v1/migrations", json_body=body)
+    try:
+        body = MigrationCreate.model_validate({
+            "vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout,
+            "make_before_break": make_before_break, "max_downtime_ms": max_downtime,
+            "bandwidth_mbps": bandwidth, "postcopy_after_s": postcopy_after})
+    except ValidationError as exc:
+        fail(input_error_from(exc))
+    record = api_call("POST", "/v1/migrations",
+                      json_body=body.model_dump(mode="json", exclude_none=True))
     if detach:
         print_json(record) if as_json else console.print(f"migration {record['id']} started")
         return

@@ -6,15 +6,16 @@ back from the agents and switches; the findings are the difference."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from sqlalchemy import select
 
-from vmferry.agent.service import tap_name
+from vmferry.api.controller import FindingOut
 from vmferry.controller import switchover
 from vmferry.controller.service import Controller
 from vmferry.errors import VmferryError
 from vmferry.model.migration import MigrationState
+from vmferry.model.names import tap_name
+from vmferry.model.switchover import migration_of
 from vmferry.store.schema import MigrationRow, VmRow
 
 
@@ -43,7 +44,7 @@ def audit(controller: Controller) -> list[Finding]:
     findings: list[Finding] = []
     for host, wanted in expected_guests(controller).items():
         try:
-            found = controller.call_agent(host, "GET", "/v1/audit", timeout=15)
+            found = controller.agent(host).leftovers().model_dump()
         except VmferryError as exc:
             findings.append(Finding("unreachable", host, "-", exc.message))
             continue
@@ -88,21 +89,20 @@ def switchover_leftovers(controller: Controller) -> list[Finding]:
             for _, cookie in switchover.leftovers(fabric, [switch.name], live):
                 findings.append(Finding("switchover-flow", switch.name, f"{cookie:#x}",
                                         f"make-before-break rules of migration "
-                                        f"{switchover.migration_of(cookie)}"))
+                                        f"{migration_of(cookie)}"))
         except VmferryError as exc:
             findings.append(Finding("unreachable", switch.name, "-", exc.message))
     for host in topology.hosts:
         try:
-            cookies = controller.call_agent(host.name, "GET", "/v1/make-before-break",
-                                            timeout=15).get("cookies", [])
+            cookies = controller.agent(host.name).switchover_cookies()
         except VmferryError as exc:
             findings.append(Finding("unreachable", host.name, "-", exc.message))
             continue
         for cookie in cookies:
-            if switchover.migration_of(cookie) not in live:
+            if migration_of(cookie) not in live:
                 findings.append(Finding("switchover-flow", host.name, f"{cookie:#x}",
                                         f"make-before-break rules of migration "
-                                        f"{switchover.migration_of(cookie)}"))
+                                        f"{migration_of(cookie)}"))
     return findings
 
 
@@ -110,24 +110,24 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
     """Remove what the findings name; returns what is still found afterwards."""
     for host_vm in sorted({(f.where, f.what) for f in findings
                            if f.kind in ("qemu", "port", "guest-record")}):
-        controller.call_agent(host_vm[0], "DELETE", f"/v1/guests/{host_vm[1]}")
+        controller.agent(host_vm[0]).delete_guest(host_vm[1])
     for f in findings:
         if f.kind == "tap":
             # A tap with no guest record: deleting the guest by the tap's VM name is not
             # possible, so the agent removes the bare device.
-            controller.call_agent(f.where, "DELETE", f"/v1/taps/{f.what}")
+            controller.agent(f.where).delete_tap(f.what)
     hosts = {h.name for h in controller.topology().hosts}
     for f in findings:
         if f.kind == "switchover-flow":
             if f.where in hosts:
-                controller.call_agent(f.where, "DELETE", f"/v1/make-before-break/{int(f.what, 0)}")
+                controller.agent(f.where).close_switchover(int(f.what, 0))
             else:
                 fabric = controller.fabric_driver()
-                fabric.replace_flows(f.where, int(f.what, 0), [])  # type: ignore[attr-defined]
+                fabric.replace_rules(f.where, int(f.what, 0), [])
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)
 
 
-def as_dicts(findings: list[Finding]) -> list[dict[str, Any]]:
-    return [asdict(f) for f in findings]
+def as_out(findings: list[Finding]) -> list[FindingOut]:
+    return [FindingOut(**asdict(f)) for f in findings]

@@ -19,10 +19,18 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from vmferry.api.controller import (
+    PortRealizationOut,
+    PortView,
+    ProfileApplied,
+    ProfileDetail,
+    ProfileOut,
+    VmCreate,
+    VmProfileBody,
+)
 from vmferry.controller import auth, events
 from vmferry.controller.auth import Principal
 from vmferry.controller.deps import Caller
-from vmferry.controller.models import VmCreate
 from vmferry.controller.service import PLACED_STATES, Controller
 from vmferry.errors import ConflictError, InputError, NotFoundError, VmferryError
 from vmferry.model.profile import PortProfile, parse_profile, parse_profiles
@@ -39,7 +47,7 @@ def _profile(row: ProfileRow) -> PortProfile:
     return PortProfile.model_validate({**row.spec, "name": row.name, "version": row.version})
 
 
-def profile_spec(store: Store, name: str | None) -> dict[str, Any] | None:
+def stored_profile(store: Store, name: str | None) -> PortProfile | None:
     """The stored profile ``name`` as a guest request carries it (None for no profile)."""
     if name is None:
         return None
@@ -47,7 +55,7 @@ def profile_spec(store: Store, name: str | None) -> dict[str, Any] | None:
         row = session.get(ProfileRow, name)
         if row is None:
             raise NotFoundError("profile", f"no profile named {name!r}")
-        return _profile(row).model_dump(mode="json")
+        return _profile(row)
 
 
 class Profiles:
@@ -164,16 +172,14 @@ class Profiles:
                    ) -> dict[str, str | None]:
         """Realize ``profile`` on the ports of ``vms`` on ``host`` in one agent call; the
         error of each port (None: realized). Never raises: a host failing fails its ports."""
-        body = {"profile": profile.model_dump(mode="json"), "vms": vms}
         try:
-            answer = self.controller.call_agent(host, "PUT", "/v1/port-profiles", json=body,
-                                                timeout=60 + len(vms))
-            ports = {port["vm"]: port for port in answer["ports"]}
-            errors = {vm: (None if ports[vm]["ok"] else
-                           f"agent on {host}: {ports[vm]['error']}") for vm in vms}
+            answer = self.controller.agent(host).set_port_profiles(vms, profile)
+            ports = {port.vm: port for port in answer}
+            errors = {vm: (None if ports[vm].ok else
+                           f"agent on {host}: {ports[vm].error}") for vm in vms}
         except VmferryError as exc:
             errors = dict.fromkeys(vms, exc.message)
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
             errors = dict.fromkeys(vms, f"agent on {host}: unexpected answer ({exc!r})")
         for vm, error in errors.items():
             if error is not None:
@@ -183,11 +189,9 @@ class Profiles:
 
     def push_port(self, vm: str, host: str, profile: PortProfile) -> dict[str, Any]:
         """Realize ``profile`` on one VM's port and record the outcome."""
-        body = {"profile": profile.model_dump(mode="json")}
         error: str | None = None
         try:
-            self.controller.call_agent(host, "PUT", f"/v1/ports/{vm}/profile", json=body,
-                                       timeout=60)
+            self.controller.agent(host).set_port_profile(vm, profile)
         except VmferryError as exc:
             error = exc.message
             log.warning("profile %s v%s on %s/%s failed: %s", profile.name, profile.version,
@@ -268,7 +272,7 @@ class Profiles:
     def port(self, vm: str) -> dict[str, Any]:
         """The VM's port as its host sees it (desired vs actual) and the realized version."""
         out = self.controller.vm(vm)
-        status = self.controller.call_agent(out.host, "GET", f"/v1/ports/{vm}", timeout=30)
+        status = self.controller.agent(out.host).port_status(vm).model_dump(mode="json")
         with self.store.session() as session:
             row = session.get(PortRealizationRow, vm)
             realized = _port_out(row) if row is not None else None
@@ -306,22 +310,22 @@ def router(profiles: Profiles) -> APIRouter:
     """Routes: /v1/profiles, /v1/vms/{name}/profile, /v1/ports/{vm}."""
     api = APIRouter()
 
-    @api.get("/v1/profiles")
+    @api.get("/v1/profiles", response_model=list[ProfileOut])
     def list_profiles(caller: Caller) -> list[dict[str, Any]]:
         auth.require(caller, auth.READ, "list profiles")
         return profiles.all()
 
-    @api.get("/v1/profiles/{name}")
+    @api.get("/v1/profiles/{name}", response_model=ProfileDetail)
     def show_profile(name: str, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.READ, "read profiles")
         return profiles.show(name)
 
-    @api.post("/v1/profiles", status_code=201)
+    @api.post("/v1/profiles", status_code=201, response_model=ProfileApplied)
     def create_profile(body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.NETWORK, "create profiles")
         return profiles.create(body, caller)
 
-    @api.put("/v1/profiles")
+    @api.put("/v1/profiles", response_model=list[ProfileApplied])
     def apply_profiles(body: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
         auth.require(caller, auth.NETWORK, "change profiles")
         if set(body) != {"profiles"}:
@@ -334,15 +338,12 @@ def router(profiles: Profiles) -> APIRouter:
         profiles.delete(name, caller)
         return Response(status_code=204)
 
-    @api.put("/v1/vms/{name}/profile")
-    def set_vm_profile(name: str, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    @api.put("/v1/vms/{name}/profile", response_model=PortRealizationOut)
+    def set_vm_profile(name: str, body: VmProfileBody, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.NETWORK, "change a VM's profile")
-        profile = body.get("profile")
-        if not isinstance(profile, str) or set(body) != {"profile"}:
-            raise InputError("profile", "give {\"profile\": NAME}")
-        return profiles.set_vm_profile(name, profile, caller)
+        return profiles.set_vm_profile(name, body.profile, caller)
 
-    @api.get("/v1/ports/{vm}")
+    @api.get("/v1/ports/{vm}", response_model=PortView)
     def port(vm: str, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.READ, "read ports")
         return profiles.port(vm)

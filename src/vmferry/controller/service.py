@@ -5,33 +5,32 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import select, update
 
-from vmferry.agent.models import GuestRequest, HostReport
+from vmferry.api.agent import GuestRequest, HostReport
+from vmferry.api.agent_client import AgentClient, AgentClients, TransportFactory
+from vmferry.api.controller import HostOut, TrunkOut, VmCreate, VmOut
 from vmferry.controller import events
 from vmferry.controller.auth import Principal, hash_token
-from vmferry.controller.models import HostOut, TrunkOut, VmCreate, VmOut
 from vmferry.drivers.fabric.base import Fabric
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.errors import (
-    AgentError,
     CapacityError,
     ConflictError,
-    HostUnavailableError,
     InputError,
     NotFoundError,
     VmferryError,
 )
-from vmferry.http import client_for, raise_for_agent
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.model.network import mac_for
+from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Topology
 from vmferry.store.db import Store
 from vmferry.store.schema import HostRow, InventoryRow, MacPoolRow, MigrationRow, VmRow
@@ -43,25 +42,48 @@ HEARTBEAT_FRESH = timedelta(seconds=10)
 FABRIC_WORKERS = 8
 # VM states in which the VM occupies its host (and so needs its VLAN there).
 PLACED_STATES = {"creating", "running", "migrating"}
+# Another controller on the same store may replace the inventory: re-read it this often.
+INVENTORY_TTL_S = 5.0
 
 
 class Controller:
-    def __init__(self, store: Store) -> None:
+    """``agent_transport`` and ``fabric`` replace the real transports to the agents and the
+    real fabric driver (unit tests: in-process agents, a fake fabric)."""
+
+    def __init__(self, store: Store, *, agent_transport: TransportFactory | None = None,
+                 fabric: Fabric | None = None) -> None:
         self.store = store
         self._fabric_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
-        self._fabric: Fabric | None = None
+        self._fabric: Fabric | None = fabric
+        self._fixed_fabric = fabric is not None
         self._fabric_driver_lock = threading.Lock()
+        self._agents = AgentClients(read_token_file, transport=agent_transport)
+        self._topology: tuple[float, Topology] | None = None
+        self._topology_lock = threading.Lock()
 
     # ---- inventory --------------------------------------------------------------------------
 
     def topology(self) -> Topology:
-        with self.store.session() as session:
-            row = session.get(InventoryRow, 1)
-            if row is None:
-                raise NotFoundError("inventory", "no inventory loaded yet (PUT /v1/inventory)")
-            return Topology.model_validate(row.topology)
+        """The site's inventory, cached (re-read after ``INVENTORY_TTL_S`` or a change)."""
+        with self._topology_lock:
+            cached = self._topology
+            if cached is not None and time.monotonic() - cached[0] < INVENTORY_TTL_S:
+                return cached[1]
+            with self.store.session() as session:
+                row = session.get(InventoryRow, 1)
+                if row is None:
+                    raise NotFoundError("inventory",
+                                        "no inventory loaded yet (PUT /v1/inventory)")
+                topology = Topology.model_validate(row.topology)
+            if cached is None or cached[1] != topology:
+                self._agents.refresh(topology)
+            self._topology = (time.monotonic(), topology)
+            return topology
+
+    def close(self) -> None:
+        self._agents.close()
 
     def set_inventory(self, topology: Topology, actor: Principal) -> None:
         """Load or replace the site's topology. Hosts that still hold VMs cannot go."""
@@ -95,10 +117,12 @@ class Controller:
                 else:
                     existing.agent_url = host.agent_url or ""
                     existing.agent_token_hash = tokens[host.name]
+        with self._topology_lock:
+            self._topology = None
         with self._fabric_lock, self._fabric_driver_lock:
-            if self._fabric is not None:
+            if self._fabric is not None and not self._fixed_fabric:
                 self._fabric.close()
-            self._fabric = None
+                self._fabric = None
         events.record(self.store, actor.name, "inventory.set", topology.name, "ok",
                       hosts=sorted(new_hosts))
 
@@ -138,31 +162,18 @@ class Controller:
                     maintenance=bool(row and row.maintenance)))
             return result
 
-    def host_report(self, host: str) -> dict[str, Any]:
+    def host_report(self, host: str) -> HostReport | None:
+        """The host's last heartbeat report (None: none yet)."""
         with self.store.session() as session:
             row = session.get(HostRow, host)
             if row is None:
                 raise NotFoundError("host", f"unknown host {host!r}")
-            return dict(row.report or {})
+            return HostReport.model_validate(row.report) if row.report else None
 
-    def agent(self, host: str, timeout: float = 60) -> httpx.Client:
-        spec = self.topology().host(host)
-        if not spec.agent_url:
-            raise AgentError(f"host {host} has no agent address", host=host)
-        token = read_token_file(spec.agent_token_file) if spec.agent_token_file else None
-        return client_for(spec.agent_url, token=token, timeout=timeout)
-
-    def call_agent(self, host: str, method: str, path: str, *, json: Any = None,
-                   timeout: float = 60) -> Any:
-        """One request to a host's agent; its errors come back as AgentError."""
-        try:
-            with self.agent(host, timeout=timeout) as api:
-                response = api.request(method, path, json=json)
-        except httpx.HTTPError as exc:
-            raise HostUnavailableError(f"host {host}: its agent does not answer ({exc})",
-                                       host=host) from exc
-        raise_for_agent(host, response)
-        return response.json() if response.content else None
+    def agent(self, host: str) -> AgentClient:
+        """The (kept) client of ``host``'s agent. Raises ``NotFoundError``, ``AgentError``."""
+        self.topology().host(host)
+        return self._agents.get(host)
 
     # ---- VMs --------------------------------------------------------------------------------
 
@@ -171,15 +182,14 @@ class Controller:
             return self._vm_locks.setdefault(name, threading.Lock())
 
     def create_vm(self, body: VmCreate, actor: Principal,
-                  profile_vlan: int | None = None,
-                  profile_spec: dict[str, Any] | None = None) -> VmOut:
+                  profile: PortProfile | None = None) -> VmOut:
         """Validate, allocate a MAC, carry the VLAN to the host, start the guest.
 
         On any failure nothing is left: no row, no port, no VLAN on a trunk."""
         topology = self.topology()
         if body.host not in {h.name for h in topology.hosts}:
             raise NotFoundError("host", f"unknown host {body.host!r}")
-        vlan = profile_vlan if profile_vlan is not None else body.vlan
+        vlan = profile.fabric_vlans[0] if profile is not None else body.vlan
         if vlan is None:
             raise InputError("vlan", "give a VLAN or a profile")
         self._check_vlan_and_ip(topology, vlan, body.ip)
@@ -200,9 +210,8 @@ class Controller:
                 self.reconcile_fabric()
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
                                        ip=body.ip, gateway=body.gateway, vlan=vlan,
-                                       workload_mibps=body.workload_mibps, profile=profile_spec)
-                self.call_agent(body.host, "PUT", f"/v1/guests/{body.name}",
-                                json=request.model_dump(mode="json"), timeout=120)
+                                       workload_mibps=body.workload_mibps, profile=profile)
+                self.agent(body.host).create_guest(request)
             except VmferryError as exc:
                 self._forget_vm(body.name)
                 events.record(self.store, actor.name, "vm.create", body.name, "failed",
@@ -227,7 +236,7 @@ class Controller:
                 session.delete(row)
         if host:
             try:
-                self.call_agent(host, "DELETE", f"/v1/guests/{name}")
+                self.agent(host).delete_guest(name)
             except VmferryError as exc:
                 log.warning("cleanup of %s on %s failed: %s", name, host, exc)
         try:
@@ -248,7 +257,7 @@ class Controller:
                     raise ConflictError("name", f"VM {name!r} is migrating")
                 host = row.host
                 row.state = "deleting"
-            self.call_agent(host, "DELETE", f"/v1/guests/{name}")
+            self.agent(host).delete_guest(name)
             with self.store.session() as session:
                 row = session.get(VmRow, name)
                 if row is not None:
@@ -266,9 +275,9 @@ class Controller:
             out = _vm_out(row)
         if runtime:
             try:
-                out.runtime = self.call_agent(out.host, "GET", f"/v1/guests/{name}", timeout=10)
+                out.runtime = self.agent(out.host).guest(name, timeout=10)
             except VmferryError as exc:
-                out.runtime = {"error": exc.message}
+                out.runtime_error = exc.message
         return out
 
     def vms(self) -> list[VmOut]:
@@ -358,9 +367,9 @@ class Controller:
     def _sync_trunk_end(self, node: str, port: str, vlans: frozenset[int],
                         is_host: bool) -> None:
         if is_host:
-            current = self.call_agent(node, "GET", "/v1/uplink")["vlans"]
-            if set(current) != vlans:
-                self.call_agent(node, "PUT", "/v1/uplink", json={"vlans": sorted(vlans)})
+            agent = self.agent(node)
+            if set(agent.uplink_vlans()) != vlans:
+                agent.set_uplink_vlans(sorted(vlans))
             return
         fabric = self.fabric_driver()
         if fabric.trunk_vlans(node, port) != vlans:
@@ -377,8 +386,7 @@ class Controller:
             for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
                 try:
                     if node in host_names:
-                        actual.append(sorted(self.call_agent(node, "GET", "/v1/uplink",
-                                                             timeout=10)["vlans"]))
+                        actual.append(sorted(self.agent(node).uplink_vlans(timeout=10)))
                     else:
                         actual.append(sorted(self.fabric_driver().trunk_vlans(node, port)))
                 except VmferryError as exc:

@@ -3,6 +3,10 @@
 #
 # Identity comes from the kernel command line:
 #   vmferry.name=NAME  vmferry.ip=CIDR  [vmferry.gw=ADDR]  [vmferry.workload=MIBPS]
+#   [vmferry.memcheck=MIB]   fill MIB of memory with known patterns and verify them for ever
+#                            (while dirtying them at vmferry.workload MiB/s), printing
+#                            "VMFERRY-MEMCHECK pass=P blocks=N failures=F" after every pass
+#                            and "VMFERRY-MEMCHECK-FAIL ..." for every block found changed
 # Services: HTTP on 80 and 8080 (page "vmferry guest NAME port P"), TCP echo on 7.
 # Prints "VMFERRY-READY name=NAME ip=CIDR" on the console once networking is up, or
 # "VMFERRY-ERROR ..." when something it needs fails.
@@ -13,23 +17,95 @@
 export PATH=/bin
 
 parse_cmdline() {
-    NAME=guest IP= GW= WORKLOAD=0
+    NAME=guest IP= GW= WORKLOAD=0 MEMCHECK=0
     for word in $1; do
         case "$word" in
             vmferry.name=*) NAME=${word#vmferry.name=} ;;
             vmferry.ip=*) IP=${word#vmferry.ip=} ;;
             vmferry.gw=*) GW=${word#vmferry.gw=} ;;
             vmferry.workload=*) WORKLOAD=${word#vmferry.workload=} ;;
+            vmferry.memcheck=*) MEMCHECK=${word#vmferry.memcheck=} ;;
         esac
     done
     case "$WORKLOAD" in
         ''|*[!0-9]*) echo "VMFERRY-ERROR bad vmferry.workload=$WORKLOAD, using 0"; WORKLOAD=0 ;;
     esac
+    case "$MEMCHECK" in
+        ''|*[!0-9]*) echo "VMFERRY-ERROR bad vmferry.memcheck=$MEMCHECK, using 0"; MEMCHECK=0 ;;
+    esac
+}
+
+# Memory integrity, the way QEMU's own migration tests check it: a region of 1 MiB blocks,
+# each holding one of four random patterns whose checksums are known; every block is verified
+# over and over, and (at RATE MiB/s) rewritten with the next pattern, so a page that a
+# migration lost or sent stale shows up as a block whose checksum is not its pattern's.
+# The expected state (pattern per block, failure count) lives in shell variables, i.e. in the
+# same guest memory that migrates. Arguments: MIB RATE DIR [PASSES] (PASSES: stop after that
+# many passes, for tests on the build host; 0: never stop).
+memcheck() {
+    mib=$1 rate=$2 dir=$3 passes=${4:-0}
+    [ "$mib" -lt 1 ] && mib=1
+    for p in 0 1 2 3; do
+        dd if=/dev/urandom of="$dir/memcheck-p$p" bs=1M count=1 2>/dev/null
+        sum=$(md5sum < "$dir/memcheck-p$p")
+        eval "SUM_$p=${sum%% *}"
+    done
+    b=0
+    while [ $b -lt "$mib" ]; do
+        dd if="$dir/memcheck-p$((b % 4))" of="$dir/memcheck-region" bs=1M count=1 seek=$b \
+            conv=notrunc 2>/dev/null
+        eval "GEN_$b=$((b % 4))"
+        b=$((b + 1))
+    done
+    echo "VMFERRY-MEMCHECK start blocks=$mib rate=$rate"
+    pass=0 failures=0 budget=0 last=$(centiseconds)
+    while [ "$passes" -eq 0 ] || [ $pass -lt "$passes" ]; do
+        b=0
+        while [ $b -lt "$mib" ]; do
+            eval "gen=\$GEN_$b"
+            eval "want=\$SUM_$gen"
+            got=$(dd if="$dir/memcheck-region" bs=1M count=1 skip=$b 2>/dev/null | md5sum)
+            got=${got%% *}
+            if [ "$got" != "$want" ]; then
+                failures=$((failures + 1))
+                echo "VMFERRY-MEMCHECK-FAIL pass=$pass block=$b pattern=$gen want=$want got=$got"
+                # Re-arm the block so one corruption is reported once, not on every pass.
+                dd if="$dir/memcheck-p$gen" of="$dir/memcheck-region" bs=1M count=1 seek=$b \
+                    conv=notrunc 2>/dev/null
+            fi
+            # Dirty at RATE MiB/s on average: each elapsed centisecond earns RATE/100 MiB.
+            now=$(centiseconds)
+            budget=$((budget + (now - last) * rate))
+            last=$now
+            if [ "$rate" -gt 0 ] && [ $budget -ge 100 ]; then
+                budget=$((budget - 100))
+                [ $budget -gt $((rate * 100)) ] && budget=$((rate * 100))
+                next=$(((gen + 1) % 4))
+                dd if="$dir/memcheck-p$next" of="$dir/memcheck-region" bs=1M count=1 seek=$b \
+                    conv=notrunc 2>/dev/null
+                eval "GEN_$b=$next"
+            fi
+            b=$((b + 1))
+        done
+        pass=$((pass + 1))
+        echo "VMFERRY-MEMCHECK pass=$pass blocks=$mib failures=$failures"
+    done
+}
+
+centiseconds() {
+    read -r up _ < "${VMFERRY_UPTIME:-/proc/uptime}"
+    # "12.05" -> 1205; the "1${frac} - 100" keeps a leading 0 from being read as octal.
+    echo $(( ${up%.*} * 100 + 1${up#*.} - 100 ))
 }
 
 if [ "$1" = "--print-config" ]; then
     parse_cmdline "${VMFERRY_CMDLINE:-}"
-    echo "name=$NAME ip=$IP gw=$GW workload=$WORKLOAD"
+    echo "name=$NAME ip=$IP gw=$GW workload=$WORKLOAD memcheck=$MEMCHECK"
+    exit 0
+fi
+
+if [ "$1" = "--memcheck" ]; then     # on the build host, for tests: --memcheck MIB RATE DIR PASSES
+    memcheck "$2" "$3" "$4" "$5"
     exit 0
 fi
 
@@ -105,12 +181,6 @@ if [ -n "$IP" ] && [ -e /sys/class/net/eth0 ]; then
     echo "VMFERRY-READY name=$NAME ip=$IP"
 fi
 
-centiseconds() {
-    read -r up _ < /proc/uptime
-    # "12.05" -> 1205; the "1${frac} - 100" keeps a leading 0 from being read as octal.
-    echo $(( ${up%.*} * 100 + 1${up#*.} - 100 ))
-}
-
 # Dirty WORKLOAD MiB of guest memory per second with random (so non-zero) data: QEMU sends
 # zero pages almost for free, so only non-zero data makes a migration work harder.
 dirty_memory() {
@@ -150,7 +220,10 @@ dirty_memory() {
     done
 }
 
-if [ "$WORKLOAD" -gt 0 ]; then
+if [ "$MEMCHECK" -gt 0 ]; then
+    # The region lives in /run (tmpfs: guest RAM). The check dirties at the workload's rate.
+    memcheck "$MEMCHECK" "$WORKLOAD" /run
+elif [ "$WORKLOAD" -gt 0 ]; then
     dirty_memory "$WORKLOAD"
 fi
 # PID 1 must never exit; its wait also reaps orphans (the per-connection echo processes).

@@ -26,10 +26,10 @@ import yaml
 from vmferry import privileged
 from vmferry.drivers.hypervisor.qemu import guest_files
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
 from vmferry.http import client_for
 from vmferry.lab.names import MIGRATION_BRIDGE, LabLayout
+from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.model.fabric import NO_VLANS
 from vmferry.model.network import short_ifname
 from vmferry.model.topology import (

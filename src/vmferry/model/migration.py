@@ -11,8 +11,13 @@ is completed forward (every phase is idempotent), never rolled back.
 from __future__ import annotations
 
 import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from vmferry.errors import ConflictError
+
+DEFAULT_MAX_DOWNTIME_MS = 300
 
 
 class Phase(str, enum.Enum):
@@ -65,3 +70,32 @@ def next_phase(phase: Phase) -> Phase | None:
 
 def past_point_of_no_return(phase: Phase) -> bool:
     return PHASES.index(phase) >= PHASES.index(POINT_OF_NO_RETURN)
+
+
+class MigrationOptions(BaseModel):
+    """How one migration runs: the same model from the CLI through the controller's API, the
+    store and the engine to the source agent's ``MigrateRequest``."""
+
+    model_config = ConfigDict(extra="forbid")
+    # None: the VM's policy, else DEFAULT_MAX_DOWNTIME_MS (the controller resolves it at start).
+    max_downtime_ms: int | None = Field(None, ge=1, le=600_000)
+    bandwidth_mbps: int | None = Field(None, ge=1, le=1_000_000)
+    postcopy: Literal["auto", "never"] = "never"
+    # With postcopy "auto": switch to postcopy after this long (default: a third of the
+    # timeout, at least 5 s).
+    postcopy_after_s: float | None = Field(None, gt=0, le=86_400)
+    timeout_s: float = Field(300, gt=0, le=86_400)
+    auto_converge: bool = True
+    # Deliver the VM's frames to both hosts during switchover (controller/switchover.py).
+    make_before_break: bool = True
+    # How long before QEMU's expected end the switchover rules may go in (default 1 s).
+    make_before_break_lead_s: float | None = Field(None, gt=0, le=3600)
+
+    @property
+    def postcopy_allowed(self) -> bool:
+        return self.postcopy == "auto"
+
+    def postcopy_after(self) -> float:
+        if self.postcopy_after_s is not None:
+            return self.postcopy_after_s
+        return max(5.0, self.timeout_s / 3)

@@ -3,7 +3,8 @@
 A profile is a value with no I/O: its VLAN (an access VLAN or a trunk set), MTU, ordered ACLs
 per direction with a default action, QoS (rate limit with burst per direction, DSCP marking),
 storm control (packets per second of broadcast / multicast / unknown unicast) and the port
-security switches (MAC anti-spoofing, IP source guard, ARP guard).
+security switches (MAC anti-spoofing, IP source guard, ARP guard, IPv6 router advertisement
+and neighbour advertisement guards).
 
 Directions are seen from the VM: ``to_vm`` is what reaches it, ``from_vm`` is what it sends.
 Every validation problem becomes an ``InputError`` naming the field path, e.g.
@@ -18,7 +19,15 @@ import ipaddress
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vmferry.errors import InputError
 from vmferry.model.network import VlanId
@@ -133,9 +142,29 @@ class StormControl(_Strict):
 
 
 class Security(_Strict):
+    """Port security. The guards are on by default; ``allow_*`` let a VM that is a router
+    (or proxies neighbour discovery) do what a plain VM must not.
+
+    - ``mac_antispoof``: frames only from the VM's MAC.
+    - ``ip_source_guard``: IPv4 only from its addresses (and DHCP discovery from 0.0.0.0),
+      IPv6 only from its addresses, ``::`` (duplicate address detection) and the one
+      link-local address its MAC gives (EUI-64), not any ``fe80::/10``.
+    - ``arp_guard``: ARP only for its own IPv4 addresses, from its MAC.
+    - ``allow_router_advertisements``: let the VM send IPv6 router advertisements (ICMPv6
+      134) and redirects (137); off, they are dropped, so a VM cannot make itself the
+      segment's router.
+    - ``allow_foreign_neighbor_advertisements``: let the VM send neighbour advertisements
+      (ICMPv6 136) for addresses that are not its own (proxy ND); off, such an advertisement
+      is dropped (NA spoofing), and those it sends for its own addresses must carry its MAC
+      as the target link-layer address, if they carry one at all.
+    """
+
     mac_antispoof: bool = True
     ip_source_guard: bool = True
     arp_guard: bool = True
+    # Strict: a new switch that opens a door takes true or false, not "yes" or 1.
+    allow_router_advertisements: StrictBool = False
+    allow_foreign_neighbor_advertisements: StrictBool = False
 
 
 class PortProfile(_Strict):

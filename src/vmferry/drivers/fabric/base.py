@@ -1,8 +1,11 @@
-"""The fabric interface: the VLANs on the switches' trunk ports, and MAC learning."""
+"""The fabric interface: the VLANs on the switches' trunk ports, MAC learning, and the
+temporary switchover rules (``vmferry.model.switchover``)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
+from vmferry.model.switchover import Rule, SwitchPorts
 
 
 class Fabric(ABC):
@@ -19,6 +22,27 @@ class Fabric(ABC):
     @abstractmethod
     def forget_mac(self, switch: str, mac: str) -> None:
         """Drop what ``switch`` learned about ``mac`` so the next frame teaches it anew."""
+
+    @abstractmethod
+    def switch_ports(self, switch: str) -> SwitchPorts:
+        """The switch's ports as they are now (OpenFlow numbers, access VLAN or trunk list).
+        Raises ``FabricError``."""
+
+    @abstractmethod
+    def replace_rules(self, switch: str, cookie: int, rules: list[Rule],
+                      known_empty: bool = False) -> None:
+        """Make the switch's rules with ``cookie`` exactly ``rules`` (atomically: all or
+        none). ``known_empty``: the caller knows no rule has this cookie yet (saves a read).
+        Raises ``FabricError``."""
+
+    @abstractmethod
+    def rule_cookies(self, switch: str) -> set[int]:
+        """The cookies of the switch's rules. Raises ``FabricError``."""
+
+    @abstractmethod
+    def mac_moves(self, switch: str) -> int:
+        """How many times a learned MAC moved between ports on the switch since it started
+        (a counter; physical switches alarm on MAC flapping). Raises ``FabricError``."""
 
     def close(self) -> None:  # noqa: B027 - a hook; drivers without connections keep it
         """Release connections."""

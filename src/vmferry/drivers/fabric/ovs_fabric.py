@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from vmferry.drivers.softswitch.base import Flow, PortState
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
 from vmferry.errors import FabricError, VmferryError
 from vmferry.model.fabric import carried_vlans, trunk_column
+from vmferry.model.switchover import PortInfo, Rule, SwitchPorts
 from vmferry.model.topology import SWITCH_BRIDGE, Topology
 
 
@@ -49,35 +52,69 @@ class OvsFabric(Fabric):
     def forget_mac(self, switch: str, mac: str) -> None:
         self._switch(switch).flush_fdb(SWITCH_BRIDGE, mac)
 
-    # Temporary forwarding rules (make-before-break switchover, controller/switchover.py).
+    # Temporary switchover rules (vmferry.model.switchover) and MAC learning counters.
 
-    def ports(self, switch: str) -> dict[str, PortState]:
-        """The switch's ports as they are now. Raises ``FabricError``."""
+    def switch_ports(self, switch: str) -> SwitchPorts:
         try:
-            return self._switch(switch).ports(SWITCH_BRIDGE)
+            states = self._switch(switch).ports(SWITCH_BRIDGE)
         except VmferryError as exc:
             raise FabricError(f"cannot read the ports of {switch}", switch=switch,
                               cause=exc.message) from exc
+        return SwitchPorts({name: _port_info(state) for name, state in states.items()
+                            if state.ofport is not None})
 
-    def replace_flows(self, switch: str, cookie: int, flows: list[Flow]) -> None:
-        """Make the switch's flows with ``cookie`` exactly ``flows`` (one bundle).
-        Raises ``FabricError``."""
+    def replace_rules(self, switch: str, cookie: int, rules: list[Rule],
+                      known_empty: bool = False) -> None:
+        flows = [Flow(0, rule.priority, rule.match, rule.actions) for rule in rules]
         try:
-            self._switch(switch).replace_flows(SWITCH_BRIDGE, cookie, flows)
+            self._switch(switch).replace_flows_many(
+                SWITCH_BRIDGE, {cookie: flows}, actual={cookie: []} if known_empty else None)
         except VmferryError as exc:
-            raise FabricError(f"cannot set flows with cookie {cookie:#x} on {switch}",
+            raise FabricError(f"cannot set rules with cookie {cookie:#x} on {switch}",
                               switch=switch, cause=exc.message) from exc
 
-    def flow_cookies(self, switch: str) -> set[int]:
-        """The cookies of the switch's flows. Raises ``FabricError``."""
+    def rule_cookies(self, switch: str) -> set[int]:
         try:
             return {stats.cookie for stats in self._switch(switch).flow_stats(SWITCH_BRIDGE)}
         except VmferryError as exc:
             raise FabricError(f"cannot read the flows of {switch}", switch=switch,
                               cause=exc.message) from exc
 
+    def mac_moves(self, switch: str) -> int:
+        ctl = self._switch(switch).vswitchd_ctl
+        try:
+            result = subprocess.run(["ovs-appctl", "-t", str(ctl), "fdb/stats-show",
+                                     SWITCH_BRIDGE], capture_output=True, text=True,
+                                    timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise FabricError(f"cannot read the MAC learning statistics of {switch}",
+                              switch=switch, cause=str(exc)) from exc
+        return parse_mac_moves(result.stdout)
+
     def close(self) -> None:
         with self._lock:
             for switch in self._switches.values():
                 switch.close()
             self._switches.clear()
+
+
+_MOVED = re.compile(r"port moved MAC entries\s*:\s*(\d+)")
+
+
+def parse_mac_moves(text: str) -> int:
+    """The "Total number of port moved MAC entries" of ``ovs-appctl fdb/stats-show``.
+    Raises ``FabricError`` when the line is missing."""
+    match = _MOVED.search(text)
+    if match is None:
+        raise FabricError("fdb/stats-show printed no moved-MAC counter", cause=text[-300:])
+    return int(match.group(1))
+
+
+def _port_info(state: PortState) -> PortInfo:
+    assert state.ofport is not None
+    if state.vlan_mode in (None, "access") and state.tag is not None:
+        return PortInfo(state.ofport, access_vlan=state.tag)
+    if state.vlan_mode in (None, "trunk") and state.tag is None:
+        return PortInfo(state.ofport, trunk_vlans=frozenset(state.trunks))
+    # native-tagged/untagged and other modes: admit nothing through a temporary rule.
+    return PortInfo(state.ofport, trunk_vlans=frozenset())

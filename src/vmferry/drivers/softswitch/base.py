@@ -9,8 +9,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import NamedTuple, Self
+
+from vmferry.errors import InputError
 
 OWNER_KEY = "vmferry-owner"     # external_ids key on ports/interfaces we create
+VLAN_MODES = frozenset({"trunk", "access", "native-tagged", "native-untagged", "dot1q-tunnel"})
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,20 @@ class PortSpec:
     options: dict[str, str] = field(default_factory=dict)
     external_ids: dict[str, str] = field(default_factory=dict)
     mtu: int | None = None
+
+
+def check_port_spec(spec: PortSpec) -> None:
+    """Raises ``InputError`` for values OVSDB would reject (the IDL only logs those)."""
+    if not spec.name or len(spec.name) > 15 or "/" in spec.name or " " in spec.name:
+        raise InputError("port.name", f"{spec.name!r} is not a valid interface name")
+    for vlan in ([spec.tag] if spec.tag is not None else []) + sorted(spec.trunks):
+        if not 0 <= vlan <= 4095:
+            raise InputError("port.vlan", f"{vlan} is not 0..4095")
+    if spec.vlan_mode is not None and spec.vlan_mode not in VLAN_MODES:
+        raise InputError("port.vlan_mode", f"{spec.vlan_mode!r} is not one of "
+                         f"{', '.join(sorted(VLAN_MODES))}")
+    if spec.mtu is not None and not 68 <= spec.mtu <= 65535:
+        raise InputError("port.mtu", f"{spec.mtu} is not 68..65535")
 
 
 @dataclass(frozen=True)
@@ -59,8 +78,60 @@ class Meter:
     burst: int | None = None   # kbit or packets, as the unit above
 
 
+@dataclass(frozen=True)
+class FlowStats:
+    """A flow as dumped, with its cookie and counters."""
+
+    cookie: int
+    flow: Flow
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class MeterStats:
+    meter_id: int
+    flows: int
+    packets_in: int
+    bytes_in: int
+    band_packets: int          # packets the drop band dropped
+    band_bytes: int
+
+
+class FdbEntry(NamedTuple):
+    """A learned MAC: the OpenFlow port number (or ``LOCAL``) it was seen on, and its VLAN.
+    A tuple, so ``for port, vlan, mac in switch.fdb(bridge)`` reads naturally."""
+
+    port: str
+    vlan: int
+    mac: str
+
+
 class Softswitch(ABC):
-    """One switch instance (one OVSDB). Errors become ``SoftswitchError`` at this boundary."""
+    """One switch instance (one OVSDB). Errors become ``SoftswitchError`` at this boundary.
+
+    Close it when done (or use it as a context manager). Implementations: ``OvsSoftswitch``
+    (``vmferry.drivers.softswitch.ovs``), ``FakeSoftswitch`` (in memory, for unit tests).
+    """
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection to the switch. Idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ---- bridges and ports ---------------------------------------------------------------------
+
+    @abstractmethod
+    def bridges(self) -> list[str]:
+        """Names of all bridges, sorted."""
 
     @abstractmethod
     def ensure_bridge(self, bridge: str, *, datapath_type: str = "netdev",
@@ -93,6 +164,11 @@ class Softswitch(ABC):
         return {name: dict(state.external_ids) for name, state in self.ports(bridge).items()}
 
     @abstractmethod
+    def wait_for_port(self, bridge: str, port: str, timeout: float = 10) -> int:
+        """Wait until the port has an OpenFlow number and return it. Raises ``WaitTimeout``,
+        ``SoftswitchError`` if the switch failed to open the port or it is missing."""
+
+    @abstractmethod
     def set_trunks(self, bridge: str, port: str, vlans: frozenset[int]) -> None:
         """Set the VLANs a trunk port carries."""
 
@@ -117,13 +193,37 @@ class Softswitch(ABC):
         """Flows now installed (only those with ``cookie`` when given)."""
 
     @abstractmethod
+    def flow_stats(self, bridge: str, cookie: int | None = None) -> list[FlowStats]:
+        """Flows now installed with their cookies and counters (only ``cookie`` when given)."""
+
+    def flow_cookies(self, bridge: str) -> set[int]:
+        """The cookies of the flows now installed (0 for flows without one)."""
+        return {stats.cookie for stats in self.flow_stats(bridge)}
+
+    @abstractmethod
     def replace_meters(self, bridge: str, meters: list[Meter], owned: Collection[int],
                        actual: list[Meter] | None = None) -> list[Meter]:
         """Make the meters with ids in ``owned`` exactly ``meters``; ``actual``: the meters
         as just dumped (else they are dumped). Returns the bridge's meters afterwards."""
 
     @abstractmethod
-    def dump_meters(self, bridge: str) -> list[Meter]: ...
+    def dump_meters(self, bridge: str) -> list[Meter]:
+        """Meters now on the bridge, sorted by id."""
+
+    @abstractmethod
+    def meter_stats(self, bridge: str) -> dict[int, MeterStats]:
+        """Per-meter counters by meter id."""
+
+    @abstractmethod
+    def settle(self) -> None:
+        """Wait until changes already made act on every packet (a switch caching datapath
+        flows revalidates them)."""
+
+    # ---- MAC learning --------------------------------------------------------------------------
+
+    @abstractmethod
+    def fdb(self, bridge: str) -> list[FdbEntry]:
+        """Learned MACs of the bridge."""
 
     @abstractmethod
     def flush_fdb(self, bridge: str, mac: str | None = None) -> None:

@@ -4,15 +4,20 @@ network, with the guest's network moved by OVN instead of vmferry's fabric progr
 On the benchmark's lab (whose hosts each run a private Open vSwitch), ``OvnLab`` adds:
 
     NB and SB ovsdb-servers and ovn-northd       unix sockets under <lab>/ovn (own pids, logs)
-    an underlay network                           a Linux bridge in namespace <lab>-_ovnul,
-                                                  198.51.100.0/24, one veth per chassis
-    per chassis (home, away, and a third host)    br-phy (netdev) holding the underlay port and
+    an underlay network                           VLAN 3999 of the lab's own fabric: per chassis
+                                                  a veth from br-phy to an access port of the
+                                                  host's switch, the VLAN carried on the trunks
+                                                  between the chassis (198.51.100.0/24), so
+                                                  Geneve crosses the same ToR and spine switches
+                                                  as vmferry's VLAN
+    per chassis (home, away, and a rack-1 host)   br-phy (netdev) holding the underlay port and
                                                   the tunnel IP (userspace tunnelling), br-int
                                                   (netdev), one ovn-controller (own OVN_RUNDIR,
                                                   OVS_RUNDIR = that host's OVS, own log)
     the client                                    namespace <lab>-ovn-client, plugged into the
-                                                  third chassis' br-int (logical port
-                                                  ``ovn-client``), so every probe crosses Geneve
+                                                  rack-1 chassis' br-int (logical port
+                                                  ``ovn-client``): it reaches the guest through
+                                                  rack 1's ToR like client-100, over Geneve
 
 The guest is started and migrated through the same agents as the floor variant (same QEMU
 command line, same migration URI on the migration network); its tap is moved from the agent's
@@ -33,11 +38,14 @@ import time
 from pathlib import Path
 
 from vmferry import privileged
-from vmferry.agent.service import tap_name
-from vmferry.bench.migration import BenchConfig, BenchLab, Timing, _HandDriven, _phase_durations
+from vmferry.bench.migration.config import BenchConfig, Timing
+from vmferry.bench.migration.lab import BenchLab
+from vmferry.bench.migration.variants import _HandDriven, _phase_durations
 from vmferry.drivers.softswitch.base import PortSpec
-from vmferry.drivers.softswitch.ovs_instance import OvsInstance
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
+from vmferry.lab.ovs_instance import OvsInstance
+from vmferry.model.names import tap_name
+from vmferry.model.topology import HOST_BRIDGE
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ SB_SCHEMA = Path("/usr/share/ovn/ovn-sb.ovsschema")
 INTEGRATION_BRIDGE = "br-int"
 UNDERLAY_BRIDGE = "br-phy"
 UNDERLAY_PORT = "ovn-ul"
+UNDERLAY_HOST_PORT = "ovn-ulh"        # its peer, an access port of the host's switch
+UNDERLAY_VLAN = 3999
 UNDERLAY_NET = "198.51.100"           # /24, the tunnel endpoints
 UNDERLAY_MTU = 1600                   # room for the Geneve header
 CLIENT_NODE = "ovn-client"
@@ -75,10 +85,6 @@ class OvnLab:
     @property
     def sb(self) -> str:
         return f"unix:{self.dir / 'sb.sock'}"
-
-    @property
-    def underlay_namespace(self) -> str:
-        return self.layout.namespace("_ovnul")
 
     @property
     def client_namespace(self) -> str:
@@ -124,8 +130,7 @@ class OvnLab:
                         f"--unixctl={self.dir / 'ovn-northd.ctl'}", "--detach", "-vconsole:off"],
                  env={"OVN_RUNDIR": str(self.dir)})
         self.nbctl("--may-exist", "ls-add", LOGICAL_SWITCH)
-        privileged.create_namespace(self.underlay_namespace)
-        privileged.create_linux_bridge(self.underlay_namespace, "ovnul")
+        self.wire_underlay()
         for host in self.chassis:
             self._chassis_up(host)
         self._client_up()
@@ -133,12 +138,12 @@ class OvnLab:
 
     def _chassis_up(self, host: str) -> None:
         namespace = self.layout.namespace(host)
-        peer = f"ul-{host}"[:15]
-        privileged.create_veth(namespace, UNDERLAY_PORT, self.underlay_namespace, peer,
+        privileged.create_veth(namespace, UNDERLAY_PORT, namespace, UNDERLAY_HOST_PORT,
                                mtu=UNDERLAY_MTU)
-        privileged.attach_to_bridge(self.underlay_namespace, peer, "ovnul")
         ovs = self._ovs(host)
         with ovs.softswitch() as switch:
+            switch.ensure_port(HOST_BRIDGE, PortSpec(name=UNDERLAY_HOST_PORT,
+                                                     tag=UNDERLAY_VLAN, vlan_mode="access"))
             switch.ensure_bridge(UNDERLAY_BRIDGE, datapath_type="netdev")
             switch.ensure_bridge(INTEGRATION_BRIDGE, datapath_type="netdev")
             switch.ensure_port(UNDERLAY_BRIDGE, PortSpec(name=UNDERLAY_PORT))
@@ -161,6 +166,12 @@ class OvnLab:
                          f"--log-file={self.dir / f'ovn-controller-{host}.log'}",
                          "--detach", "-vconsole:off"],
              env={"OVN_RUNDIR": str(rundir), "OVS_RUNDIR": str(ovs.rundir)})
+
+    def wire_underlay(self) -> None:
+        """Carry the underlay VLAN on the trunks between the chassis (again before every
+        migration: the controller's reconciliation of the fabric, run by the vmferry variant,
+        keeps only the VLANs of its own endpoints). Raises ``AgentError``/``FabricError``."""
+        self.lab.wire_vlan(UNDERLAY_VLAN, self.chassis, before=[])
 
     def _client_up(self) -> None:
         namespace = self.client_namespace
@@ -206,12 +217,21 @@ class OvnLab:
                            "ovn-bridge-datapath-type")
             except VmferryError as exc:
                 log.warning("OVN cleanup on %s: %s", host, exc.message)
+            try:
+                with ovs.softswitch() as switch:
+                    switch.delete_port(HOST_BRIDGE, UNDERLAY_HOST_PORT)
+            except VmferryError as exc:
+                log.warning("OVN cleanup on %s: %s", host, exc.message)
             for ifname in (UNDERLAY_PORT, CLIENT_CHASSIS_IF):
                 try:
                     privileged.delete_link(self.layout.namespace(host), ifname)
                 except (OSError, VmferryError) as exc:  # the namespace may be gone already
                     log.debug("OVN cleanup: %s on %s: %s", ifname, host, exc)
-        for namespace in (self.client_namespace, self.underlay_namespace):
+        try:
+            self.lab.wire_vlan(UNDERLAY_VLAN, [], before=[h.name for h in self.lab.topology.hosts])
+        except VmferryError as exc:
+            log.warning("OVN cleanup: underlay VLAN: %s", exc.message)
+        for namespace in (self.client_namespace,):
             if namespace in privileged.list_namespaces():
                 privileged.delete_namespace(namespace)
                 removed.append(f"namespace {namespace}")
@@ -245,9 +265,10 @@ class Ovn(_HandDriven):
     """The guest's port moved the way OpenStack moves it with OVN."""
 
     name = "ovn"
-    description = ("OVN 23.03 (NB/SB, northd, one ovn-controller per host, Geneve, client on a "
-                   "third chassis): requested-chassis=SRC,DST + activation-strategy=rarp "
-                   "before, requested-chassis=DST after; same agents, guest and QEMU")
+    description = ("OVN 23.03 (NB/SB, northd, one ovn-controller per host, Geneve over the "
+                   "lab's ToR/spine switches, client on a rack-1 chassis): "
+                   "requested-chassis=SRC,DST + activation-strategy=rarp before, "
+                   "requested-chassis=DST after; same agents, guest and QEMU")
     mac = "52:54:00:be:00:04"
 
     def __init__(self, lab: BenchLab, config: BenchConfig, address: str) -> None:
@@ -265,7 +286,9 @@ class Ovn(_HandDriven):
 
     def prepare(self, home: str) -> None:
         away = next(h for h in self.lab.rack_hosts() if h != home)
-        third = next(h.name for h in self.lab.topology.hosts if h.name not in (home, away))
+        rack1 = self.lab.topology.racks[0].name
+        third = next(h.name for h in self.lab.topology.hosts
+                     if h.name not in (home, away) and h.rack == rack1)
         self.ovn = OvnLab(self.lab, [home, away], client_chassis=third)
         try:
             self.ovn.up()
@@ -299,10 +322,14 @@ class Ovn(_HandDriven):
                 self.ovn.down()
                 self.ovn = None
 
+    def restore(self, where: str) -> None:
+        self._ovn().wire_underlay()
+
     def migrate(self, source: str, destination: str) -> Timing:
         ovn = self._ovn()
         marks: dict[str, float] = {}
         started = time.monotonic()
+        ovn.wire_underlay()
         ovn.nbctl("lsp-set-options", self.vm, f"requested-chassis={source},{destination}",
                   "activation-strategy=rarp")
         uri = self.start_destination(destination)
@@ -317,7 +344,7 @@ class Ovn(_HandDriven):
         self.lab.agent(source, "DELETE", f"/v1/guests/{self.vm}")
         marks["clean_source"] = time.monotonic()
         return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
-                      phases=_phase_durations(started, marks))
+                      phases=_phase_durations(started, marks), events=self.last_events)
 
 
 def _run(namespace: str | None, argv: list[str], *, timeout: float = 30,

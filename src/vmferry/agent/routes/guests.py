@@ -1,0 +1,82 @@
+"""Guests and their migrations."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from vmferry.agent.service import HostAgent
+from vmferry.api.agent import (
+    MAX_EVENTS_WAIT_S,
+    Accepted,
+    GuestEvent,
+    GuestInfo,
+    GuestRequest,
+    MigrateRequest,
+    MigrationProgress,
+)
+from vmferry.errors import InputError
+
+
+def router(agent: HostAgent) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/v1/guests", response_model=list[GuestInfo])
+    def guests() -> list[GuestInfo]:
+        return agent.guests()
+
+    @api.put("/v1/guests/{name}", response_model=GuestInfo)
+    def create_guest(name: str, body: GuestRequest) -> GuestInfo:
+        if body.name != name:
+            raise InputError("name", "does not match the URL")
+        return agent.create_guest(body)
+
+    @api.get("/v1/guests/{name}", response_model=GuestInfo)
+    def guest(name: str) -> GuestInfo:
+        return agent.guest(name)
+
+    @api.delete("/v1/guests/{name}", status_code=204)
+    def delete_guest(name: str) -> None:
+        agent.delete_guest(name)
+
+    @api.post("/v1/guests/{name}/resume", status_code=202, response_model=Accepted)
+    def resume(name: str) -> Accepted:
+        agent.resume(name)
+        return Accepted(status="running")
+
+    @api.post("/v1/guests/{name}/announce", status_code=202, response_model=Accepted)
+    def announce(name: str) -> Accepted:
+        agent.announce(name)
+        return Accepted(status="announced")
+
+    @api.post("/v1/guests/{name}/migrate", status_code=202, response_model=Accepted)
+    def migrate(name: str, body: MigrateRequest) -> Accepted:
+        agent.migrate(name, body)
+        return Accepted(status="started")
+
+    @api.get("/v1/guests/{name}/migration", response_model=MigrationProgress)
+    def migration(name: str) -> MigrationProgress:
+        return agent.migration_progress(name)
+
+    @api.post("/v1/guests/{name}/migration/cancel", status_code=202, response_model=Accepted)
+    def cancel(name: str) -> Accepted:
+        agent.cancel_migration(name)
+        return Accepted(status="cancelling")
+
+    @api.post("/v1/guests/{name}/migration/postcopy", status_code=202, response_model=Accepted)
+    def postcopy(name: str) -> Accepted:
+        agent.start_postcopy(name)
+        return Accepted(status="postcopy")
+
+    @api.post("/v1/guests/{name}/migration/continue", status_code=202, response_model=Accepted)
+    def continue_migration(name: str) -> Accepted:
+        agent.continue_migration(name)
+        return Accepted(status="continuing")
+
+    @api.get("/v1/guests/{name}/events", response_model=list[GuestEvent])
+    def events(name: str, after: int = Query(0, ge=0, le=2**63 - 1),
+               wait: float = Query(0.0, ge=0.0, le=MAX_EVENTS_WAIT_S)) -> list[GuestEvent]:
+        """QMP events of the guest after ``after``, oldest first; a long poll of up to
+        ``wait`` seconds when there is none yet."""
+        return agent.events(name, after, wait)
+
+    return api

@@ -1,0 +1,199 @@
+"""What the controller (and the CLI, the benchmark) and a host agent say to each other."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmferry.model.migration import MigrationOptions
+from vmferry.model.network import InterfaceCidr, IpAddress, MacAddress, VlanId
+from vmferry.model.profile import PortProfile
+
+# Longest an events long poll may wait (seconds).
+MAX_EVENTS_WAIT_S = 30.0
+GUEST_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GuestRequest(_Body):
+    name: str = Field(min_length=1, max_length=40, pattern=GUEST_NAME)
+    memory_mib: int = Field(ge=64, le=1024 * 1024)
+    mac: MacAddress
+    ip: InterfaceCidr
+    gateway: IpAddress | None = None
+    vlan: VlanId
+    workload_mibps: int = Field(0, ge=0, le=10_000)
+    incoming: bool = False          # start paused, waiting for a migration stream
+    postcopy: bool = False          # the incoming stream may switch to postcopy
+    profile: PortProfile | None = None
+
+
+class GuestInfo(BaseModel):
+    name: str
+    state: str
+    pid: int | None = None
+    tap: str | None = None
+    port_present: bool = False
+    incoming_uri: str | None = None
+    memory_mib: int | None = None
+
+
+class UplinkVlans(_Body):
+    vlans: list[VlanId]
+
+
+class MigrateRequest(_Body):
+    """Start the outgoing migration of a guest to ``uri`` with the migration's options."""
+
+    uri: str = Field(min_length=1, max_length=300)
+    options: MigrationOptions = Field(default_factory=lambda: MigrationOptions.model_validate({}))
+    # Stop in QEMU's "pre-switchover" until continue_migration (make-before-break).
+    pause_before_switchover: bool = False
+
+
+class MigrationProgress(BaseModel):
+    """Where a guest's migration stands, as QEMU's query-migrate says."""
+
+    status: str
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    dirty_pages_rate: int = 0
+    mbps: float = 0.0
+    expected_downtime_ms: int | None = None
+    downtime_ms: int | None = None
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    cpu_throttle_percent: int = 0
+    dirty_sync_count: int = 0
+    error: str | None = None
+    extra: dict[str, int | float | str | list[str] | None] = Field(default_factory=dict)
+
+
+class GuestEvent(BaseModel):
+    """One QMP event of a guest (contract H1), numbered per guest by the agent's driver."""
+
+    seq: int
+    kind: str
+    status: str | None = None
+    timestamp: float
+
+
+class HostReport(BaseModel):
+    host: str
+    qemu_version: str
+    machine_types: list[str]
+    memory_mib: int
+    memory_used_mib: int
+    guests: list[GuestInfo]
+    shared_storage: str | None
+    shared_storage_ok: bool
+    migration_ip: str | None = None
+
+
+class Accepted(BaseModel):
+    """The answer of an action that was started or done: what state it is in now."""
+
+    status: str
+
+
+class PortProfileBody(_Body):
+    """A profile to realize on one guest's port (None: remove any profile)."""
+
+    profile: PortProfile | None
+
+
+class PortProfiles(_Body):
+    """One profile for many guests' ports at once (a live profile update)."""
+
+    profile: PortProfile
+    vms: list[str] = Field(min_length=1, max_length=4096)
+
+
+class Realization(BaseModel):
+    """What realizing (or removing) a profile on a port did."""
+
+    port: str
+    removed: bool | None = None
+    profile: str | None = None
+    version: int | None = None
+    cookie: str | None = None
+    meter_block: int | None = None
+    flows: int | None = None
+    meters: int | None = None
+    seconds: float | None = None
+    not_enforced: list[str] = Field(default_factory=list)
+
+
+class PortOutcome(Realization):
+    """One guest's outcome of a batch profile push."""
+
+    vm: str
+    ok: bool
+    error: str | None = None
+    port: str = ""
+
+
+class PortOutcomes(BaseModel):
+    ports: list[PortOutcome]
+
+
+class MeterState(BaseModel):
+    meter_id: int
+    kbps: int | None = None
+    pktps: int | None = None
+    burst: int | None = None
+
+
+class PortSide(BaseModel):
+    """One side (desired or actual) of a port's state."""
+
+    vlan: int | None = None
+    trunks: list[int] = Field(default_factory=list)
+    vlan_mode: str | None = None
+    profile: str | None = None
+    version: int | None = None
+    cookie: str | None = None
+    meter_block: int | None = None
+    flows: list[str] = Field(default_factory=list)
+    meters: list[MeterState] = Field(default_factory=list)
+
+
+class PortStatus(BaseModel):
+    """A guest port's desired and actual state, and whether they match."""
+
+    port: str
+    ofport: int | None = None
+    desired: PortSide
+    actual: PortSide
+    match: bool
+    missing_flows: list[str] = Field(default_factory=list)
+    extra_flows: list[str] = Field(default_factory=list)
+    not_enforced: list[str] = Field(default_factory=list)
+
+
+class SwitchoverRules(_Body):
+    """The destination's temporary rule during a make-before-break switchover."""
+
+    cookie: int = Field(ge=1, le=2**64 - 2)
+    vlan: VlanId
+    mac: MacAddress
+
+
+class SwitchoverRulesOut(BaseModel):
+    rules: int
+
+
+class SwitchoverCookies(BaseModel):
+    cookies: list[int]
+
+
+class HostLeftovers(BaseModel):
+    """Everything vmferry put on a host, by the VM it belongs to, as found on it now."""
+
+    guests: list[str]
+    ports: list[str]
+    taps: list[str]
+    requests: list[str]

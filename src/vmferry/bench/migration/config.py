@@ -1,0 +1,100 @@
+"""The benchmark's configuration and its per-migration record (plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KNOWN_VARIANTS = ("floor", "vmferry", "naive", "ovn")
+# One address per variant so a client's ARP cache never carries a MAC across variants.
+ADDRESSES = {"floor": "192.0.2.51/24", "vmferry": "192.0.2.52/24", "naive": "192.0.2.53/24",
+             "ovn": "192.0.2.54/24"}
+# How often the hand-driven variants ask QEMU whether the migration is done.
+HAND_POLL_S = 0.01
+ACTIVE_QEMU_STATES = {"setup", "active", "pre-switchover", "device", "postcopy-active",
+                      "wait-unplug", "cancelling"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    runs: int = 5
+    memory_mib: int = 256
+    workload_mibps: int = 0
+    interval_ms: float = 2.0
+    max_downtime_ms: int = 300
+    variants: tuple[str, ...] = ("floor", "vmferry", "naive")
+    lab_name: str = "bench"
+    controller_port: int = 0            # 0: pick a free one
+    topology: Path | None = None
+    client: str = "client-100"
+    vlan: int = 100
+    warmup_s: float = 0.5               # probes run this long before each migration...
+    tail_s: float = 2.0                 # ...and this long after it (> ping's 1 s in flight)
+    migration_timeout_s: float = 120.0
+    tcp_interval_ms: float = 10.0       # the TCP echo session sends this often
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.runs <= 100:
+            raise ValueError("runs must be between 1 and 100")
+        if not 1.0 <= self.interval_ms <= 2.0:
+            raise ValueError("the probe interval must be 1-2 ms")
+        unknown = set(self.variants) - set(KNOWN_VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; known: "
+                             f"{sorted(KNOWN_VARIANTS)}")
+        if not self.variants:
+            raise ValueError("variants: at least one is needed")
+
+
+@dataclass
+class Timing:
+    """What a variant measured about one migration, besides the probes."""
+
+    total_ms: float
+    qemu: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+    # QMP timestamps (epoch s): source_stop, destination_resume, source_completed.
+    events: dict[str, float] = field(default_factory=dict)
+    controller_cpu_ms: float | None = None
+    completed_to_switchover_ms: float | None = None
+    completed_to_switchover_how: str | None = None    # "engine" or how it was derived
+    switchover_open_ms: float | None = None
+
+
+@dataclass
+class RunResult:
+    variant: str
+    run: int
+    source: str
+    destination: str
+    ok: bool
+    error: str | None = None
+    # What a user feels (probe.py, tcpecho.py).
+    interruption_ms: float | None = None
+    lost: int | None = None
+    duplicates: int | None = None
+    late: int | None = None
+    max_rtt_ms: float | None = None
+    tcp_stall_ms: float | None = None
+    # The interruption split by QMP timestamps (or derived from QEMU's downtime: ``split``).
+    pause_ms: float | None = None
+    network_share_ms: float | None = None
+    lead_in_ms: float | None = None        # last timely probe sent -> source STOP
+    resume_to_timely_ms: float | None = None   # destination RESUME -> first timely reply
+    split: str | None = None
+    events: dict[str, float] = field(default_factory=dict)
+    mac_moves: dict[str, int] = field(default_factory=dict)
+    mac_moves_max: int | None = None
+    qemu_downtime_ms: float | None = None
+    total_ms: float | None = None
+    qemu_total_ms: float | None = None
+    transferred_bytes: int | None = None
+    bound_ms: float | None = None          # bytes QEMU sent / the migration link's rate
+    controller_cpu_ms: float | None = None
+    completed_to_switchover_ms: float | None = None
+    completed_to_switchover_how: str | None = None
+    switchover_open_ms: float | None = None
+    probe: dict[str, Any] = field(default_factory=dict)
+    tcp: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)

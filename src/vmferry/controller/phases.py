@@ -1,0 +1,214 @@
+"""The phases of a live migration, one function each, in the order of ``PHASES``.
+
+Each phase is recorded before it acts (``Run.begin``) and is safe to run twice, so a restarted
+controller can finish (or undo) what a dead one began. Up to ``precopy`` a failure rolls back
+(``controller.recovery``); from ``switchover`` on the VM runs on the destination and failures
+are completed forward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from vmferry.api.agent import HostReport
+from vmferry.controller.precopy import precopy
+from vmferry.controller.run import Run
+from vmferry.errors import (
+    CapacityError,
+    ConflictError,
+    InputError,
+    MigrationError,
+    NotFoundError,
+    VmferryError,
+)
+from vmferry.model.fabric import path_between
+from vmferry.model.migration import Phase
+from vmferry.store.schema import HostRow, VmRow
+
+SWITCHOVER_WAIT_S = 15.0
+
+
+def precheck(run: Run) -> None:
+    """Refuse with a reason before anything changes."""
+    topology = run.controller.topology()
+    with run.store.session() as session:
+        vm = session.get(VmRow, run.vm)
+        if vm is None:
+            raise NotFoundError("vm", f"no VM named {run.vm!r}")
+        if run.destination == vm.host:
+            raise InputError("to", f"VM {run.vm} already runs on {run.destination}")
+        used = sum(v.memory_mib for v in session.scalars(
+            select(VmRow).where(VmRow.host == run.destination)))
+        dst_host = session.get(HostRow, run.destination)
+        memory, vlan = vm.memory_mib, vm.vlan
+        if dst_host is not None and dst_host.maintenance:
+            raise ConflictError("to", f"host {run.destination} is in maintenance")
+        vm.state = "migrating"
+    free = topology.host(run.destination).memory_mib - used
+    if memory > free:
+        raise CapacityError(f"host {run.destination} has {free} MiB free, "
+                            f"{run.vm} needs {memory} MiB", field="to")
+    path = path_between(topology, run.source, run.destination)
+    if not path:
+        raise MigrationError(f"VLAN {vlan} cannot be carried from {run.source} to "
+                             f"{run.destination}: no fabric path", vm=run.vm)
+    check_hosts(run, _report(run, run.source), _report(run, run.destination))
+    run.record_result(plan={"vlan": vlan, "path": path})
+
+
+def check_hosts(run: Run, src: HostReport, dst: HostReport) -> None:
+    """The destination can take the guest: shared storage, a migration address, QEMU."""
+    if not dst.shared_storage_ok or dst.shared_storage != src.shared_storage:
+        raise MigrationError(f"{run.destination} does not see the shared storage "
+                             f"{src.shared_storage}", vm=run.vm)
+    if not dst.migration_ip:
+        raise MigrationError(f"{run.destination} has no migration network address", vm=run.vm)
+    if _major(dst.qemu_version) < _major(src.qemu_version):
+        raise MigrationError(f"QEMU {dst.qemu_version} on {run.destination} cannot take a "
+                             f"guest from QEMU {src.qemu_version}", vm=run.vm)
+    machines = dst.machine_types
+    if machines and "q35" not in machines and not any(m.startswith("pc-q35")
+                                                      for m in machines):
+        raise MigrationError(f"{run.destination} cannot run machine type q35", vm=run.vm)
+
+
+def extend_vlan(run: Run) -> None:
+    """Carry the VM's VLAN on every trunk between the source and the destination: the store
+    now says this migration's destination is an endpoint of the VM's VLAN."""
+    run.controller.reconcile_fabric()
+
+
+def preset_port(run: Run) -> None:
+    """The destination port exists, with the VM's VLAN, before the VM does."""
+    run.dst.preset_port(run.guest_request(incoming=True))
+
+
+def start_destination(run: Run) -> None:
+    """QEMU on the destination, paused, listening for the stream. The destination's event
+    cursor is taken first, so only this guest's events count later."""
+    if run.result().get("destination_event_seq") is None:
+        run.record_result(destination_event_seq=run.last_event_seq(run.destination))
+    info = run.dst.create_guest(run.guest_request(incoming=True))
+    if not info.incoming_uri and info.state != "inmigrate":
+        raise MigrationError(f"destination QEMU on {run.destination} is not waiting for the "
+                             f"stream (state {info.state})", vm=run.vm)
+    run.record_result(incoming_uri=info.incoming_uri)
+
+
+def switchover(run: Run) -> None:
+    """The point of no return: the destination runs the VM; the store says so.
+
+    QEMU reports "completed" on the source a few milliseconds before the destination leaves
+    ``inmigrate``: wait (bounded) for the destination's RESUME event."""
+    completed = (run.result().get("events") or {}).get("source_completed")
+    if completed is not None:
+        run.record_result(completed_to_switchover_ms=round(
+            (time.time() - float(completed)) * 1000, 1))
+    state = _wait_destination_running(run)
+    if state == "paused":
+        run.dst.resume(run.vm)
+        state = run.dst.guest_state(run.vm)
+    if state not in {"running", "postmigrate"}:
+        raise MigrationError(f"destination guest is {state}, not running "
+                             f"(waited {SWITCHOVER_WAIT_S:g}s)", vm=run.vm)
+    with run.store.session() as session:
+        vm = session.get(VmRow, run.vm)
+        if vm is not None:
+            vm.host = run.destination
+
+
+def _wait_destination_running(run: Run) -> str:
+    """The destination guest's state once it left ``inmigrate`` (or the wait ran out); its
+    RESUME event's timestamp is recorded."""
+    deadline = time.monotonic() + SWITCHOVER_WAIT_S
+    after = int(run.result().get("destination_event_seq") or 0)
+    state = run.dst.guest_state(run.vm)
+    while True:
+        waiting = state == "inmigrate" and time.monotonic() < deadline
+        try:
+            events = run.dst.guest_events(
+                run.vm, after, min(1.0, deadline - time.monotonic()) if waiting else 0)
+        except VmferryError:
+            events = []
+            if waiting:
+                time.sleep(0.02)      # an agent without the events route: poll the state
+        for event in events:
+            after = event.seq
+            if event.kind == "RESUME":
+                run.record_event("destination_resume", event.timestamp)
+        if not waiting:
+            return state
+        state = run.dst.guest_state(run.vm)
+
+
+def announce(run: Run) -> None:
+    """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port, and the
+    switches on the old path forget the old location instead of waiting for it to age."""
+    run.dst.announce(run.vm)
+    mac = run.vm_row().mac
+    topology = run.controller.topology()
+    switches = {s.name for s in topology.switches}
+    fabric = run.controller.fabric_driver()
+    for node in path_between(topology, run.source, run.destination):
+        if node in switches:
+            fabric.forget_mac(node, mac)
+    run.close_switchover()      # the destination is confirmed: both-ways delivery ends
+
+
+def clean_source(run: Run) -> None:
+    """Stop the source QEMU and remove its port, flows, meters and tap."""
+    run.src.delete_guest(run.vm)
+
+
+def prune_vlan(run: Run) -> None:
+    """The source is no endpoint any more (the VM's host changed at switchover)."""
+    with run.store.session() as session:
+        vm = session.get(VmRow, run.vm)
+        if vm is not None:
+            vm.state = "running"
+    run.controller.reconcile_fabric()
+
+
+def verify(run: Run) -> None:
+    info = run.dst.guest(run.vm)
+    if info.state != "running" or not info.port_present:
+        raise MigrationError(f"{run.vm} on {run.destination} is {info.state}, "
+                             f"port present: {info.port_present}", vm=run.vm)
+    if run.src.guest_state(run.vm) != "absent":
+        raise MigrationError(f"{run.vm} still has a guest on {run.source}", vm=run.vm)
+
+
+# The whole migration, in order (``vmferry.model.migration.PHASES`` names them).
+STEPS: dict[Phase, Callable[[Run], None]] = {
+    Phase.PRECHECK: precheck,
+    Phase.EXTEND_VLAN: extend_vlan,
+    Phase.PRESET_PORT: preset_port,
+    Phase.START_DESTINATION: start_destination,
+    Phase.PRECOPY: precopy,
+    Phase.SWITCHOVER: switchover,
+    Phase.ANNOUNCE: announce,
+    Phase.CLEAN_SOURCE: clean_source,
+    Phase.PRUNE_VLAN: prune_vlan,
+    Phase.VERIFY: verify,
+}
+
+
+def _report(run: Run, host: str) -> HostReport:
+    """The host's report, live; its last heartbeat's when the agent does not answer."""
+    try:
+        return run.controller.agent(host).report()
+    except VmferryError:
+        cached = run.controller.host_report(host)
+        if cached is not None:
+            return cached
+        raise
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0

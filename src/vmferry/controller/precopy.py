@@ -1,0 +1,173 @@
+"""The precopy phase: memory is copied while the VM runs, until QEMU stops it for the last
+round and reports ``completed``.
+
+The engine follows the source guest's QMP events (the agent's long poll) and reacts to them at
+once: ``STOP`` and ``completed`` are timestamped in the result, "pre-switchover" opens the
+make-before-break window and lets QEMU continue, ``completed`` ends the phase so the switchover
+starts without waiting for a poll. Between events it reads QEMU's progress at a bounded rate
+(for the progress display, the convergence timeout, postcopy, cancel and the destination's
+health). An agent without the events route is polled instead (``FALLBACK_POLL_S``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from vmferry.api.agent import GuestEvent, MigrateRequest, MigrationProgress
+from vmferry.controller.run import Cancelled, Run
+from vmferry.controller.switchover import MakeBeforeBreak
+from vmferry.errors import MigrationError, VmferryError, WaitTimeout
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+FALLBACK_POLL_S = 0.05
+ACTIVE_QEMU_STATES = {"setup", "active", "pre-switchover", "device", "postcopy-active",
+                      "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling"}
+
+
+def precopy(run: Run) -> None:
+    """Start the outgoing migration (once per run) and follow it to ``completed``."""
+    result = run.result()
+    mbb = run.make_before_break()
+    if mbb is not None:
+        _switchover_step(run, mbb.prepare, "prepared")
+    # A guest that itself arrived by migration reports that incoming migration as
+    # "completed": only what this run recorded says whether the outgoing one was issued.
+    if not result.get("migrate_issued"):
+        cursor = run.last_event_seq(run.source)
+        run.record_result(migrate_issued=True, source_event_seq=cursor)
+        uri = result.get("incoming_uri") or run.dst.guest(run.vm).incoming_uri
+        if not uri:
+            raise MigrationError(f"the destination on {run.destination} has no incoming "
+                                 "address", vm=run.vm)
+        run.src.migrate(run.vm, MigrateRequest(
+            uri=uri, options=run.options,
+            pause_before_switchover=bool(mbb and mbb.pause_before_switchover)))
+    _Follow(run, mbb, int(run.result().get("source_event_seq") or 0)).until_completed()
+
+
+def _switchover_step(run: Run, step: Callable[[], None], outcome: str) -> None:
+    """Run a make-before-break step; the migration works without the rules, so a failure is
+    recorded, not raised."""
+    try:
+        step()
+        run.record_result(make_before_break=outcome)
+    except VmferryError as exc:
+        log.warning("migration %s: make-before-break %s failed: %s", run.id, outcome,
+                    exc.message)
+        run.record_result(make_before_break=f"{outcome}-failed",
+                          make_before_break_problems=[exc.message])
+
+
+class _Follow:
+    """Follows one outgoing migration until QEMU reports it completed."""
+
+    def __init__(self, run: Run, mbb: MakeBeforeBreak | None, cursor: int) -> None:
+        self.run = run
+        self.mbb = mbb
+        self.cursor = cursor
+        self.events_route = True
+        self.started = time.monotonic()
+        self.next_poll = 0.0
+        self.postcopy_requested = False
+        self.continued = False
+        self.done = False
+
+    def until_completed(self) -> None:
+        run = self.run
+        while not self.done:
+            if time.monotonic() >= self.next_poll:
+                self.poll()
+                if self.done:
+                    self.drain()
+                    return
+                self.next_poll = time.monotonic() + (
+                    PROGRESS_INTERVAL_S if self.events_route else FALLBACK_POLL_S)
+            wait = max(0.0, self.next_poll - time.monotonic())
+            if not self.events_route:
+                time.sleep(wait)
+                continue
+            try:
+                events = run.src.guest_events(run.vm, self.cursor, wait)
+            except VmferryError as exc:
+                log.info("migration %s: no guest events from %s (%s): polling", run.id,
+                         run.source, exc.message)
+                self.events_route = False
+                continue
+            for event in events:
+                self.cursor = event.seq
+                self.on_event(event)
+                if self.done:
+                    return
+
+    def drain(self) -> None:
+        """Completion was read from progress before its events: record their timestamps."""
+        if not self.events_route:
+            return
+        try:
+            events = self.run.src.guest_events(self.run.vm, self.cursor, 0)
+        except VmferryError:
+            return
+        for event in events:
+            self.cursor = event.seq
+            if event.kind == "STOP":
+                self.run.record_event("source_stop", event.timestamp)
+            elif event.kind == "MIGRATION" and event.status == "completed":
+                self.run.record_event("source_completed", event.timestamp)
+
+    def on_event(self, event: GuestEvent) -> None:
+        run = self.run
+        if event.kind == "STOP":
+            run.record_event("source_stop", event.timestamp)
+        elif event.kind == "MIGRATION" and event.status is not None:
+            if event.status == "completed":
+                run.record_event("source_completed", event.timestamp)
+            self.on_status(event.status, None)
+
+    def on_status(self, status: str, progress: MigrationProgress | None) -> None:
+        """React to QEMU's migration status (from an event or a progress read)."""
+        run = self.run
+        if status == "pre-switchover" and not self.continued:
+            self.continued = True
+            if self.mbb is not None:
+                _switchover_step(run, self.mbb.open, "installed")
+            run.src.continue_migration(run.vm)
+        elif status == "completed":
+            final = progress or run.src.migration(run.vm)
+            run.record_result(qemu=final.model_dump(mode="json"),
+                              progress=final.model_dump(mode="json"))
+            self.done = True
+        elif status in {"failed", "cancelled"}:
+            error = (progress or run.src.migration(run.vm)).error
+            raise MigrationError(f"QEMU migration {status}: {error or 'no reason given'}",
+                                 vm=run.vm)
+        elif status not in ACTIVE_QEMU_STATES:
+            raise MigrationError(f"source QEMU reports migration status {status!r}", vm=run.vm)
+
+    def poll(self) -> None:
+        """Progress, and the checks that need no event: destination alive, cancel,
+        postcopy, convergence timeout."""
+        run = self.run
+        progress = run.src.migration(run.vm)
+        run.progress(progress)
+        self.on_status(progress.status, progress)
+        if self.done:
+            return
+        if run.dst.guest_state(run.vm) == "absent":
+            raise MigrationError(f"destination QEMU on {run.destination} died", vm=run.vm)
+        status = progress.status
+        elapsed = time.monotonic() - self.started
+        if run.cancelled.is_set() and status != "postcopy-active":
+            raise Cancelled("cancelled by the operator", vm=run.vm, phase="precopy")
+        options = run.options
+        if (options.postcopy_allowed and not self.postcopy_requested
+                and elapsed > options.postcopy_after() and status == "active"):
+            run.src.start_postcopy(run.vm)
+            self.postcopy_requested = True
+        if elapsed > options.timeout_s and status != "postcopy-active":
+            raise WaitTimeout(f"the migration of {run.vm} to converge (dirty rate "
+                              f"{progress.dirty_pages_rate} pages/s, {progress.remaining_bytes} "
+                              "bytes left)", options.timeout_s)

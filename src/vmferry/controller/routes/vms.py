@@ -1,0 +1,70 @@
+"""VMs and their migrations."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response
+
+from vmferry.api.controller import MigrationCreate, MigrationRecord, VmCreate, VmOut
+from vmferry.controller import auth, profiles
+from vmferry.controller.deps import Caller
+from vmferry.controller.migration import Migrations
+from vmferry.controller.routes import MigrationId
+from vmferry.controller.service import Controller
+
+
+def router(controller: Controller, migrations: Migrations,
+           port_profiles: profiles.Profiles) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/v1/vms", response_model=list[VmOut])
+    def vms(caller: Caller) -> list[VmOut]:
+        auth.require(caller, auth.READ, "list VMs")
+        return controller.vms()
+
+    @api.post("/v1/vms", response_model=VmOut, status_code=201)
+    def create_vm(body: VmCreate, caller: Caller) -> VmOut:
+        auth.require(caller, auth.SERVERS, "create VMs")
+        profile = port_profiles.for_new_vm(body)
+        out = controller.create_vm(body, caller, profile=profile)
+        if profile:
+            port_profiles.record_created(out.name, out.host, profile)
+        return out
+
+    @api.get("/v1/vms/{name}", response_model=VmOut)
+    def vm(name: str, caller: Caller, runtime: bool = Query(False)) -> VmOut:
+        auth.require(caller, auth.READ, "read VMs")
+        return controller.vm(name, runtime=runtime)
+
+    @api.delete("/v1/vms/{name}", status_code=204)
+    def delete_vm(name: str, caller: Caller) -> Response:
+        auth.require(caller, auth.SERVERS, "delete VMs")
+        controller.delete_vm(name, caller)
+        port_profiles.forget_port(name)
+        return Response(status_code=204)
+
+    @api.post("/v1/migrations", status_code=202, response_model=MigrationRecord)
+    def migrate(body: MigrationCreate, caller: Caller) -> MigrationRecord:
+        auth.require(caller, auth.SERVERS, "migrate VMs")
+        return migrations.start(body.vm, body.to, body.options(), caller)
+
+    @api.get("/v1/migrations", response_model=list[MigrationRecord])
+    def list_migrations(caller: Caller, limit: int = Query(100, ge=1, le=10_000),
+                        ) -> list[MigrationRecord]:
+        auth.require(caller, auth.READ, "list migrations")
+        return migrations.recent(limit)
+
+    @api.get("/v1/migrations/{migration_id}", response_model=MigrationRecord)
+    def get_migration(migration_id: MigrationId, caller: Caller,
+                      wait: float = Query(0, ge=0, le=600)) -> MigrationRecord:
+        auth.require(caller, auth.READ, "read migrations")
+        if wait:
+            return migrations.wait(migration_id, wait)
+        return migrations.get(migration_id)
+
+    @api.post("/v1/migrations/{migration_id}/cancel", status_code=202,
+              response_model=MigrationRecord)
+    def cancel_migration(migration_id: MigrationId, caller: Caller) -> MigrationRecord:
+        auth.require(caller, auth.SERVERS, "cancel migrations")
+        return migrations.cancel(migration_id, caller)
+
+    return api

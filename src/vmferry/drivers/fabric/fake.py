@@ -1,0 +1,80 @@
+"""An in-memory fabric for unit tests: switches with ports, trunk VLANs, learned MACs and
+rules by cookie, all as plain data a test can read and set."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from vmferry.drivers.fabric.base import Fabric
+from vmferry.errors import FabricError
+from vmferry.model.switchover import PortInfo, Rule, SwitchPorts
+
+
+@dataclass
+class FakeSwitch:
+    ports: dict[str, PortInfo] = field(default_factory=dict)
+    rules: dict[int, list[Rule]] = field(default_factory=dict)
+    learned: dict[str, str] = field(default_factory=dict)     # mac -> port
+    moves: int = 0
+
+
+class FakeFabric(Fabric):
+    """``switches`` by name; ``fail`` names switches whose every call raises ``FabricError``
+    (an unreachable switch); ``calls`` records (method, switch) in order."""
+
+    def __init__(self, switches: dict[str, FakeSwitch] | None = None) -> None:
+        self.switches: dict[str, FakeSwitch] = switches or {}
+        self.fail: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def _get(self, method: str, switch: str) -> FakeSwitch:
+        with self._lock:
+            self.calls.append((method, switch))
+        if switch in self.fail:
+            raise FabricError(f"switch {switch} unreachable", switch=switch)
+        if switch not in self.switches:
+            raise FabricError(f"no switch {switch}", switch=switch)
+        return self.switches[switch]
+
+    def _port(self, method: str, switch: str, port: str) -> PortInfo:
+        info = self._get(method, switch).ports.get(port)
+        if info is None:
+            raise FabricError(f"switch {switch} has no port {port}", switch=switch, port=port)
+        return info
+
+    def trunk_vlans(self, switch: str, port: str) -> frozenset[int]:
+        return self._port("trunk_vlans", switch, port).trunk_vlans or frozenset()
+
+    def set_trunk_vlans(self, switch: str, port: str, vlans: frozenset[int]) -> None:
+        info = self._port("set_trunk_vlans", switch, port)
+        self.switches[switch].ports[port] = PortInfo(info.ofport, None, frozenset(vlans))
+
+    def forget_mac(self, switch: str, mac: str) -> None:
+        self._get("forget_mac", switch).learned.pop(mac.lower(), None)
+
+    def learn(self, switch: str, mac: str, port: str) -> None:
+        """What a frame from ``mac`` entering ``port`` teaches the switch (tests call it)."""
+        known = self._get("learn", switch)
+        before = known.learned.get(mac.lower())
+        if before is not None and before != port:
+            known.moves += 1
+        known.learned[mac.lower()] = port
+
+    def switch_ports(self, switch: str) -> SwitchPorts:
+        return SwitchPorts(dict(self._get("switch_ports", switch).ports))
+
+    def replace_rules(self, switch: str, cookie: int, rules: list[Rule],
+                      known_empty: bool = False) -> None:
+        known = self._get("replace_rules", switch)
+        if rules:
+            known.rules[cookie] = list(rules)
+        else:
+            known.rules.pop(cookie, None)
+
+    def rule_cookies(self, switch: str) -> set[int]:
+        return set(self._get("rule_cookies", switch).rules)
+
+    def mac_moves(self, switch: str) -> int:
+        return self._get("mac_moves", switch).moves

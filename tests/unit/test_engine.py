@@ -1,0 +1,262 @@
+"""The migration engine end to end on fake drivers: a real controller on SQLite, real host
+agents behind ``AgentClient`` (in-process HTTP), in-memory hypervisors, softswitches and
+fabric (``enginekit``). Covers the forward path, every rollback cause, and recovery by a
+restarted controller from each phase. No root, seconds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from enginekit import Site, site_at
+
+from vmferry.api.agent import MigrateRequest
+from vmferry.api.controller import MigrationRecord
+from vmferry.controller.phases import STEPS
+from vmferry.controller.run import Run
+from vmferry.drivers.hypervisor.base import GuestState
+from vmferry.model.migration import PHASES, MigrationOptions, Phase
+from vmferry.model.switchover import is_mbb_cookie
+from vmferry.store.schema import HostRow, MigrationRow, VmRow
+
+WAIT_S = 20
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    yield from site_at(tmp_path)
+
+
+def finish(site: Site, record: MigrationRecord) -> MigrationRecord:
+    return site.migrations.wait(record.id, WAIT_S)
+
+
+def vm_row(site: Site, name: str = "vm1") -> tuple[str, str]:
+    with site.store.session() as session:
+        row = session.get(VmRow, name)
+        assert row is not None
+        return row.host, row.state
+
+
+def no_switchover_rules(site: Site) -> bool:
+    fabric = any(is_mbb_cookie(c) for switch in site.fabric.switches.values()
+                 for c in switch.rules)
+    hosts = any(is_mbb_cookie(f.cookie) for s in site.softswitches.values()
+                for f in s.flow_stats("br-vm"))
+    return not fabric and not hosts
+
+
+def stays_on_source(site: Site, record: MigrationRecord) -> None:
+    """The VM runs on host1 only; nothing of it is left on host3."""
+    assert site.hypervisors["host1"].state("vm1") is GuestState.RUNNING
+    assert site.hypervisors["host3"].state("vm1") is GuestState.ABSENT
+    assert "vm1" not in site.agents["host3"].inventory_of_leftovers().requests
+    assert vm_row(site) == ("host1", "running")
+    assert no_switchover_rules(site)
+
+
+# ---- forward --------------------------------------------------------------------------------
+
+def test_completed_move_follows_events_and_records_them(site: Site) -> None:
+    site.create_vm()
+    record = finish(site, site.migrate(make_before_break=True))
+    assert record.state == "completed", record.error
+    assert [p.phase for p in record.phases] == [p.value for p in PHASES]
+    assert all(p.ok for p in record.phases)
+    assert vm_row(site) == ("host3", "running")
+    assert site.hypervisors["host3"].state("vm1") is GuestState.RUNNING
+    assert site.hypervisors["host1"].state("vm1") is GuestState.ABSENT
+    events = record.result.events
+    assert events.source_stop is not None and events.source_completed is not None
+    assert events.destination_resume is not None
+    assert events.source_stop <= events.source_completed <= events.destination_resume
+    assert record.result.completed_to_switchover_ms is not None
+    assert record.result.controller_cpu_ms is not None
+    assert record.result.qemu is not None and record.result.qemu.status == "completed"
+    assert record.options.max_downtime_ms == 300      # the default policy, resolved at start
+    assert record.result.make_before_break == "removed"
+    assert no_switchover_rules(site)
+    # The VLAN went to host3's side of the fabric and left host1's.
+    assert site.agents["host3"].uplink_vlans() == [100]
+    assert site.agents["host1"].uplink_vlans() == []
+
+
+def test_window_opens_once_the_source_stopped_the_guest(site: Site,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmferry.controller import switchover
+    seen: list[tuple[str, str]] = []
+    real_open = switchover.MakeBeforeBreak.open
+
+    def open_(self: switchover.MakeBeforeBreak) -> None:
+        seen.append((site.status("host1", "vm1"),
+                     site.hypervisors["host1"].state("vm1").value))
+        real_open(self)
+    monkeypatch.setattr(switchover.MakeBeforeBreak, "open", open_)
+    site.create_vm()
+    record = finish(site, site.migrate())
+    assert record.state == "completed", record.error
+    assert seen == [("pre-switchover", "paused")]
+    assert record.result.make_before_break == "removed"
+    assert no_switchover_rules(site)
+
+
+def test_postcopy_after_is_one_option_from_api_to_engine(site: Site) -> None:
+    options = MigrationOptions.model_validate({"postcopy": "auto", "postcopy_after_s": 7})
+    assert options.postcopy_after() == 7
+    assert MigrationOptions.model_validate({"timeout_s": 60}).postcopy_after() == 20
+    request = MigrateRequest(uri="tcp:127.0.0.1:4444", options=options)
+    assert MigrateRequest.model_validate_json(request.model_dump_json()).options == options
+
+
+# ---- rollback, one test per cause -----------------------------------------------------------
+
+def test_precheck_refusal_changes_nothing(site: Site) -> None:
+    site.create_vm()
+    with site.store.session() as session:
+        row = session.get(HostRow, "host3")
+        assert row is not None
+        row.maintenance = True
+    record = finish(site, site.migrate())
+    assert record.state == "rolled-back"
+    assert record.error is not None and "maintenance" in record.error
+    stays_on_source(site, record)
+
+
+def held(site: Site, **options: object) -> MigrationRecord:
+    """A migration whose QEMU copy stays active until the test acts."""
+    site.create_vm()
+    site.hold("host1", "vm1")
+    record = site.migrate(**options)
+    site.wait_status("host1", "vm1", "active")
+    return record
+
+
+def test_destination_qemu_dies_during_precopy(site: Site) -> None:
+    record = held(site)
+    site.hypervisors["host3"].kill("vm1")
+    record = finish(site, record)
+    assert record.state == "rolled-back"
+    assert record.error is not None and "died" in record.error
+    stays_on_source(site, record)
+
+
+def test_qemu_migration_fails_when_the_link_breaks(site: Site) -> None:
+    record = held(site)
+    uri = site.migrations.get(record.id).result.incoming_uri
+    assert uri is not None
+    site.network.break_link(uri)
+    site.release("host1", "vm1")
+    record = finish(site, record)
+    assert record.state == "rolled-back"
+    assert record.error is not None and "QEMU migration failed" in record.error
+    assert "Connection reset by peer" in record.error
+    stays_on_source(site, record)
+
+
+def test_convergence_timeout(site: Site) -> None:
+    record = finish(site, held(site, timeout_s=1))
+    assert record.state == "rolled-back"
+    assert record.error is not None and "converge" in record.error
+    assert site.status("host1", "vm1") == "cancelled"
+    stays_on_source(site, record)
+
+
+def test_operator_cancel(site: Site) -> None:
+    record = held(site)
+    site.migrations.cancel(record.id, site.actor())
+    record = finish(site, record)
+    assert record.state == "rolled-back"
+    assert record.error is not None and "cancelled by the operator" in record.error
+    stays_on_source(site, record)
+
+
+def test_destination_agent_unreachable(site: Site) -> None:
+    record = held(site)
+    site.unreachable.add("host3")
+    record = finish(site, record)
+    # The source is safe; the destination could not be cleaned: an operator must look.
+    assert record.state == "failed"
+    assert record.error is not None and "host3" in record.error
+    assert "does not answer" in record.error
+    assert site.hypervisors["host1"].state("vm1") is GuestState.RUNNING
+    assert site.status("host1", "vm1") == "cancelled"
+    assert vm_row(site) == ("host1", "running")
+
+
+# ---- recovery by a restarted controller -----------------------------------------------------
+
+def die_at(site: Site, phase: Phase, *, copying: bool = False) -> int:
+    """Drive a migration in this thread up to ``phase`` (acted, not recorded as ended), as a
+    controller that died there would leave it. ``copying``: die in precopy with QEMU still
+    copying (else, for precopy, QEMU completed while the controller was gone)."""
+    site.create_vm()
+    options = MigrationOptions.model_validate({"max_downtime_ms": 300})
+    with site.store.session() as session:
+        row = MigrationRow(vm="vm1", source="host1", destination="host3", state="running",
+                           phase=Phase.PRECHECK.value, options=options.model_dump(mode="json"),
+                           phases=[], result={})
+        session.add(row)
+        session.flush()
+        migration_id = row.id
+    run = Run(site.controller, migration_id, threading.Event(), lambda record: None)
+    for current in PHASES[:PHASES.index(phase) + 1]:
+        run.begin(current)
+        if current is Phase.PRECOPY and copying:
+            site.hold("host1", "vm1")
+            run.record_result(migrate_issued=True)
+            uri = run.dst.guest("vm1").incoming_uri
+            assert uri is not None
+            run.src.migrate("vm1", MigrateRequest(uri=uri, options=options))
+            site.wait_status("host1", "vm1", "active")
+            break
+        STEPS[current](run)
+        if current is not phase:
+            run.end(current, ok=True)
+    return migration_id
+
+
+@pytest.mark.parametrize(("phase", "copying", "outcome"), [
+    (Phase.PRECHECK, False, "rolled-back"),
+    (Phase.EXTEND_VLAN, False, "rolled-back"),
+    (Phase.PRESET_PORT, False, "rolled-back"),
+    (Phase.START_DESTINATION, False, "rolled-back"),
+    (Phase.PRECOPY, True, "rolled-back"),
+    (Phase.PRECOPY, False, "completed"),
+    (Phase.SWITCHOVER, False, "completed"),
+    (Phase.ANNOUNCE, False, "completed"),
+    (Phase.CLEAN_SOURCE, False, "completed"),
+    (Phase.PRUNE_VLAN, False, "completed"),
+    (Phase.VERIFY, False, "completed"),
+])
+def test_recovery_from_each_phase(site: Site, phase: Phase, copying: bool,
+                                  outcome: str) -> None:
+    migration_id = die_at(site, phase, copying=copying)
+    controller, migrations = site.new_controller()
+    try:
+        assert migrations.resume_unfinished() == [migration_id]
+        record = migrations.wait(migration_id, WAIT_S)
+    finally:
+        controller.close()
+    assert record.state == outcome, record.error
+    if outcome == "completed":
+        assert vm_row(site) == ("host3", "running")
+        assert site.hypervisors["host3"].state("vm1") is GuestState.RUNNING
+        assert site.hypervisors["host1"].state("vm1") is GuestState.ABSENT
+        assert site.agents["host1"].uplink_vlans() == []
+    else:
+        assert record.error is not None and "restarted" in record.error
+        stays_on_source(site, record)
+    assert no_switchover_rules(site)
+
+
+def test_audit_finds_switchover_rules_left_by_a_dead_migration(site: Site) -> None:
+    from vmferry.controller import audit
+    from vmferry.model.switchover import mbb_cookie
+    site.create_vm()
+    site.agents["host1"].open_switchover("vm1", mbb_cookie(77), 100, "52:54:00:00:00:01")
+    found = [(f.kind, f.where, f.what) for f in audit.audit(site.controller)]
+    assert found == [("switchover-flow", "host1", f"{mbb_cookie(77):#x}")]
+    assert audit.fix(site.controller, audit.audit(site.controller)) == []
+    assert no_switchover_rules(site)
