@@ -157,6 +157,11 @@ class _Follow:
         if self.done:
             return
         if run.dst.guest_state(run.vm) == "absent":
+            # QEMU's own verdict first: a broken stream also ends the destination's QEMU.
+            latest = run.src.migration(run.vm)
+            self.on_status(latest.status, latest)
+            if self.done:
+                return
             raise MigrationError(f"destination QEMU on {run.destination} died", vm=run.vm)
         status = progress.status
         elapsed = time.monotonic() - self.started
