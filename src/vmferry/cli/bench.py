@@ -76,7 +76,8 @@ def migration(
 
     with errors_to_exit(), console.status("bench") as status:
         document = run_benchmark(config, say=lambda m: status.update(f"bench: {m}"),
-                                 on_run=on_run)
+                                 on_run=on_run,
+                                 on_report=lambda partial: write_report(partial, output))
     write_report(document, output)
     # Wide tables: a narrow terminal (or a pipe's 80 columns) would truncate every figure.
     wide = Console(width=max(console.width, TABLE_WIDTH))

@@ -110,9 +110,12 @@ def measure(variant: Variant, run: int, source: str, destination: str,
 
 
 def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: None,
-                  on_run: Callable[[RunResult], None] = lambda _: None) -> dict[str, Any]:
+                  on_run: Callable[[RunResult], None] = lambda _: None,
+                  on_report: Callable[[dict[str, Any]], None] = lambda _: None,
+                  ) -> dict[str, Any]:
     """Bring a lab up, place every variant's guest, run the variants interleaved
-    ``config.runs`` times each, bring the lab down (also on failure); returns the report.
+    ``config.runs`` times each, bring the lab down (also on failure); returns the report,
+    also given to ``on_report`` after every run (a benchmark cut short keeps its runs).
     Raises ``VmferryError`` when the lab cannot be brought up."""
     topology = load_topology(config.topology or default_topology_path())
     topology = topology.model_copy(update={"name": config.lab_name})
@@ -144,6 +147,7 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
                 result = measure(variant, run, where, destination, link_mbps)
                 results[name].append(result)
                 on_run(result)
+                on_report(report(config, results, errors, started_at, (home, away)))
                 if not result.ok:
                     errors[name] = result.error or "failed"
                     continue
