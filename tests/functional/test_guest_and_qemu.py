@@ -288,6 +288,7 @@ from pathlib import Path
 from vmferry.drivers.hypervisor.qemu import QemuHypervisor
 from vmferry.image.builder import cached_image
 hv = QemuHypervisor(Path(sys.argv[1]), cached_image(), namespace=sys.argv[2])
+hv.connect()
 found = {n: [hv.state(n).value, hv.spec(n).ip_cidr] for n in hv.guests()}
 # Events still flow after the restart: the new connection records where things stand,
 # then what happens from now on.
