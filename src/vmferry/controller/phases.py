@@ -107,6 +107,7 @@ def switchover(run: Run) -> None:
     if completed is not None:
         run.record_result(completed_to_switchover_ms=round(
             (time.time() - float(completed)) * 1000, 1))
+    record_final_progress(run)
     state = _wait_destination_running(run)
     if state == "paused":
         run.dst.resume(run.vm)
@@ -118,6 +119,19 @@ def switchover(run: Run) -> None:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.host = run.destination
+
+
+def record_final_progress(run: Run) -> None:
+    """QEMU's final figures of the completed migration (downtime, total time), once."""
+    if run.result().get("qemu") is not None:
+        return
+    try:
+        final = run.src.migration(run.vm)
+    except VmferryError:
+        return                  # the source may be gone already (a recovered migration)
+    if final.status == "completed":
+        data = final.model_dump(mode="json")
+        run.record_result(qemu=data, progress=data)
 
 
 def _wait_destination_running(run: Run) -> str:

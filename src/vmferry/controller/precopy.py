@@ -136,9 +136,11 @@ class _Follow:
                 _switchover_step(run, self.mbb.open, "installed")
             run.src.continue_migration(run.vm)
         elif status == "completed":
-            final = progress or run.src.migration(run.vm)
-            run.record_result(qemu=final.model_dump(mode="json"),
-                              progress=final.model_dump(mode="json"))
+            # From the event the switchover starts at once; QEMU's final figures are read
+            # there (``phases.record_final_progress``), off this path.
+            if progress is not None:
+                run.record_result(qemu=progress.model_dump(mode="json"),
+                                  progress=progress.model_dump(mode="json"))
             self.done = True
         elif status in {"failed", "cancelled"}:
             error = (progress or run.src.migration(run.vm)).error
