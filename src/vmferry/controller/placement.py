@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from vmferry.api.agent import HostReport
+from vmferry.api.controller import VmCreate
 from vmferry.api.placement import BalanceOut, HostPlacementOut, MoveOut, ReasonOut, WhereOut
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
@@ -23,6 +24,7 @@ from vmferry.errors import ConflictError, NotFoundError, VmferryError
 from vmferry.model.migration import MigrationState
 from vmferry.model.placement import (
     Cluster,
+    Code,
     HostFacts,
     HostState,
     Verdict,
@@ -118,6 +120,18 @@ def refusal(verdict: Verdict) -> str:
     return "; ".join(f"{r.code.value}: {r.message}" for r in verdict.reasons)
 
 
+def _live_reports(controller: Controller, hosts: set[str]) -> dict[str, HostReport]:
+    """Reports read from these hosts' agents now; a host that does not answer keeps its last
+    heartbeat's report (and state)."""
+    live = {}
+    for host in hosts:
+        try:
+            live[host] = controller.agent(host).report()
+        except VmferryError:
+            pass
+    return live
+
+
 def refuse_move(controller: Controller, vm: str, destination: str,
                 migration_id: int | None = None) -> None:
     """The migration precheck: raise ``ConflictError`` (field ``to``) with every reason
@@ -125,12 +139,7 @@ def refuse_move(controller: Controller, vm: str, destination: str,
     with controller.store.session() as session:
         row = session.get(VmRow, vm)
         source = row.host if row else None
-    live = {}
-    for host in {source, destination} - {None}:
-        try:
-            live[str(host)] = controller.agent(str(host)).report()
-        except VmferryError:
-            pass      # its last heartbeat's report (and state) stand
+    live = _live_reports(controller, {destination} | ({source} if source else set()))
     cluster = snapshot(controller, skip_migration=migration_id, live=live)
     if vm not in cluster.vms:
         raise NotFoundError("vm", f"no placed VM named {vm!r}")
@@ -141,6 +150,32 @@ def refuse_move(controller: Controller, vm: str, destination: str,
         raise ConflictError("to", f"{vm} cannot go to {destination}: {refusal(verdict)}",
                             vm=vm, reasons=[{"code": r.code.value, "message": r.message}
                                             for r in verdict.reasons])
+
+
+def refuse_create(controller: Controller, body: VmCreate, vlan: int,
+                  profile: PortProfile | None) -> VmPolicy:
+    """A new VM's policy (its ``max_downtime_ms`` folded in), checked against the inventory,
+    and ``body.host`` checked as ``where`` would: raises ``ConflictError`` with every reason."""
+    policy = body.policy or VmPolicy()
+    if body.max_downtime_ms is not None:
+        if policy.max_downtime_ms not in (None, body.max_downtime_ms):
+            raise ConflictError("max_downtime_ms", "differs from policy.max_downtime_ms")
+        policy = policy.model_copy(update={"max_downtime_ms": body.max_downtime_ms})
+    check_policy_hosts(controller.topology(), policy)
+    cluster = snapshot(controller, live=_live_reports(controller, {body.host}))
+    if body.name in cluster.vms or body.host not in cluster.hosts:
+        return policy      # the controller's own checks name these
+    cluster.vms[body.name] = VmFacts(body.name, "", body.memory_mib, (vlan,), policy,
+                                     profile_needs(profile), body.workload_mibps)
+    verdict = cluster.verdict(body.name, body.host)
+    # A new VM comes from no host: the QEMU and migration-link checks do not apply to it.
+    reasons = [r for r in verdict.reasons if r.code not in (Code.DOWNTIME,)]
+    if reasons:
+        verdict = Verdict(body.host, False, reasons)
+        raise ConflictError("host", f"{body.name} cannot run on {body.host}: "
+                            f"{refusal(verdict)}", reasons=[
+                                {"code": r.code.value, "message": r.message} for r in reasons])
+    return policy
 
 
 class Placement:
