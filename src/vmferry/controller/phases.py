@@ -14,6 +14,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from vmferry.api.agent import HostReport
+from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
 from vmferry.controller.run import Run
 from vmferry.errors import (
@@ -32,7 +33,9 @@ SWITCHOVER_WAIT_S = 15.0
 
 
 def precheck(run: Run) -> None:
-    """Refuse with a reason before anything changes."""
+    """Refuse with a reason before anything changes: first every reason placement gives
+    (the same as ``vmferry where``), then the live reports of both hosts."""
+    refuse_move(run.controller, run.vm, run.destination, run.id)
     topology = run.controller.topology()
     with run.store.session() as session:
         vm = session.get(VmRow, run.vm)
