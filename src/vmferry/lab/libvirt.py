@@ -22,8 +22,11 @@ from pathlib import Path
 
 from vmferry import privileged
 from vmferry.errors import SetupError, WaitTimeout
+from vmferry.lab.names import LabLayout
+from vmferry.model.topology import Topology
 
-__all__ = ["PRIVATE_PATHS", "LibvirtDaemon", "stop_daemons"]
+__all__ = ["PRIVATE_PATHS", "LibvirtDaemon", "agent_args", "lab_daemon", "start_daemons",
+           "stop_daemons"]
 
 #: libvirt's fixed paths, each bound to a directory of the host's own (by role).
 PRIVATE_PATHS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",
@@ -138,6 +141,30 @@ class LibvirtDaemon:
     def stop(self) -> list[str]:
         """Stop the daemon and every QEMU it started; remove its socket directory."""
         return stop_daemons([self.root])
+
+
+def lab_daemon(layout: LabLayout, topology: Topology, host: str) -> LibvirtDaemon:
+    """The daemon of a lab host: under the host's directory, consoles in its guest dir."""
+    return LibvirtDaemon(host, layout.namespace(host), layout.host_dir(host) / "libvirt",
+                         console_dir=layout.guest_run_dir(host),
+                         listen_address=topology.migration_address(host).split("/")[0])
+
+
+def start_daemons(layout: LabLayout, topology: Topology) -> None:
+    """Start the daemon of every host with ``hypervisor: libvirt`` (after the migration
+    network: each listens on its host's address there)."""
+    for host in topology.hosts:
+        if host.hypervisor == "libvirt":
+            lab_daemon(layout, topology, host.name).start()
+
+
+def agent_args(layout: LabLayout, topology: Topology, host: str) -> list[str]:
+    """The agent's options that choose its hypervisor driver."""
+    if topology.host(host).hypervisor != "libvirt":
+        return []
+    daemon = lab_daemon(layout, topology, host)
+    return ["--hypervisor", "libvirt", "--libvirt-uri", daemon.uri,
+            "--libvirt-console-dir", str(daemon.console_dir)]
 
 
 def stop_daemons(roots: list[Path]) -> list[str]:

@@ -82,6 +82,14 @@ class Host(_Strict):
     migration_ip: InterfaceCidr | None = None
     agent_url: str | None = None   # site only; the lab derives a unix socket
     agent_token_file: str | None = None
+    # Who runs the host's guests: the agent's own QEMU (QMP) or the host's libvirt daemon.
+    hypervisor: Literal["qemu", "libvirt"] = "qemu"
+
+    @property
+    def pauses_before_switchover(self) -> bool:
+        """Whether the host's driver can hold a migration in "pre-switchover" (libvirt owns
+        migrate-continue: drivers/hypervisor/libvirt.py PAUSE_BEFORE_SWITCHOVER)."""
+        return self.hypervisor == "qemu"
 
     @model_validator(mode="after")
     def _name(self) -> Host:
