@@ -13,7 +13,7 @@ import logging
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -56,6 +56,9 @@ class AgentSettings(_Settings):
     shared_storage: Path | None = None
     memory_mib: int = Field(4096, ge=64)
     migration_ip: str | None = None
+    hypervisor: Literal["qemu", "libvirt"] = "qemu"
+    libvirt_uri: str = "qemu:///system"
+    libvirt_console_dir: Path = Path("/var/log/libvirt/qemu")
 
 
 S = TypeVar("S", bound=_Settings)
@@ -181,6 +184,13 @@ def agent_serve(
     memory_mib: int = typer.Option(AgentSettings.model_fields["memory_mib"].default,
                                    help="Memory guests may use on this host"),
     migration_ip: str | None = typer.Option(None, help="Address on the migration network"),
+    hypervisor: str = typer.Option(AgentSettings.model_fields["hypervisor"].default,
+                                   help="qemu (QMP) or libvirt"),
+    libvirt_uri: str = typer.Option(AgentSettings.model_fields["libvirt_uri"].default,
+                                    help="libvirt daemon of this host"),
+    libvirt_console_dir: Path = typer.Option(
+        AgentSettings.model_fields["libvirt_console_dir"].default,
+        help="Where that daemon's domain logs are"),
 ) -> None:
     """Serve a host agent (runs inside the host, or its namespace in the lab)."""
     with errors_to_exit():
@@ -188,13 +198,15 @@ def agent_serve(
             "host": host, "listen": listen, "token_file": token_file, "controller": controller,
             "ovsdb": ovsdb, "ovs_rundir": ovs_rundir, "ovs_ctl": ovs_ctl, "run_dir": run_dir,
             "shared_storage": shared_storage, "memory_mib": memory_mib,
-            "migration_ip": migration_ip})
+            "migration_ip": migration_ip, "hypervisor": hypervisor, "libvirt_uri": libvirt_uri,
+            "libvirt_console_dir": libvirt_console_dir})
     _run_agent(settings)
 
 
 def _run_agent(settings: AgentSettings) -> None:
     from vmferry.agent.app import run_agent
     from vmferry.agent.service import AgentConfig, HostAgent
+    from vmferry.drivers.hypervisor.base import Hypervisor
     from vmferry.drivers.hypervisor.qemu import QemuHypervisor
     from vmferry.drivers.softswitch.ovs import OvsSoftswitch
     from vmferry.image.builder import ensure_image
@@ -203,7 +215,14 @@ def _run_agent(settings: AgentSettings) -> None:
 
     def make() -> tuple[HostAgent, str]:
         token = read_token_file(settings.token_file)
-        hypervisor = QemuHypervisor(settings.run_dir, ensure_image())
+        hypervisor: Hypervisor
+        if settings.hypervisor == "libvirt":
+            from vmferry.drivers.hypervisor.libvirt import LibvirtHypervisor
+            hypervisor = LibvirtHypervisor(settings.run_dir, ensure_image(),
+                                           uri=settings.libvirt_uri, host=settings.host,
+                                           console_dir=settings.libvirt_console_dir)
+        else:
+            hypervisor = QemuHypervisor(settings.run_dir, ensure_image())
         softswitch = OvsSoftswitch(settings.ovsdb, rundir=settings.ovs_rundir,
                                    vswitchd_ctl=settings.ovs_ctl)
         address = settings.migration_ip or _migration_address()

@@ -45,7 +45,8 @@ def precopy(run: Run) -> None:
                                  "address", vm=run.vm)
         run.src.migrate(run.vm, MigrateRequest(
             uri=uri, options=run.options,
-            pause_before_switchover=bool(mbb and mbb.pause_before_switchover)))
+            pause_before_switchover=bool(mbb and mbb.pause_before_switchover and run.controller
+                                         .topology().host(run.source).pauses_before_switchover)))
     _Follow(run, mbb, int(run.result().get("source_event_seq") or 0)).until_completed()
 
 

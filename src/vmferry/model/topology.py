@@ -93,6 +93,14 @@ class Host(_Strict):
     uplink_vlans: list[VlanId] | None = None
     softswitch_features: list[Literal["meters"]] = Field(
         default_factory=lambda: list[Literal["meters"]](["meters"]))
+    # Who runs the host's guests: the agent's own QEMU (QMP) or the host's libvirt daemon.
+    hypervisor: Literal["qemu", "libvirt"] = "qemu"
+
+    @property
+    def pauses_before_switchover(self) -> bool:
+        """Whether the host's driver can hold a migration in "pre-switchover" (libvirt owns
+        migrate-continue: drivers/hypervisor/libvirt.py PAUSE_BEFORE_SWITCHOVER)."""
+        return self.hypervisor == "qemu"
 
     @model_validator(mode="after")
     def _name(self) -> Host:
