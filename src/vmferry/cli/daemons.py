@@ -9,6 +9,7 @@ naming the key, before anything starts. A relative path in the file is taken bes
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import tomllib
 import typing
@@ -206,18 +207,20 @@ def _run_agent(settings: AgentSettings) -> None:
         hypervisor = QemuHypervisor(settings.run_dir, ensure_image())
         softswitch = OvsSoftswitch(settings.ovsdb, rundir=settings.ovs_rundir,
                                    vswitchd_ctl=settings.ovs_ctl)
-        address = settings.migration_ip or _migration_address()
+        found = _migration_interface()
+        address = settings.migration_ip or (str(found.ip) if found else None)
         agent_config = AgentConfig(host=settings.host, run_dir=settings.run_dir,
                                    memory_mib=settings.memory_mib,
-                                   shared_storage=settings.shared_storage, migration_ip=address)
+                                   shared_storage=settings.shared_storage, migration_ip=address,
+                                   migration_network=str(found.network) if found else None)
         return HostAgent(agent_config, hypervisor, softswitch), token
 
     with errors_to_exit():
         run_agent(make, list(settings.listen), settings.controller)
 
 
-def _migration_address() -> str | None:
-    """This host's address on the migration interface, when it has one."""
+def _migration_interface() -> ipaddress.IPv4Interface | None:
+    """This host's address and network on the migration interface, when it has one."""
     from pyroute2 import IPRoute
 
     from vmferry.model.topology import MIGRATION_IFNAME
@@ -226,5 +229,5 @@ def _migration_address() -> str | None:
         if not found:
             return None
         for addr in ipr.get_addr(index=found[0], family=2):
-            return str(addr.get("IFA_ADDRESS"))
+            return ipaddress.IPv4Interface(f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}")
     return None

@@ -29,6 +29,7 @@ from vmferry.errors import (
 )
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.migration import PHASES, MigrationState, Phase
+from vmferry.model.names import check_unique
 from vmferry.model.network import mac_for
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Topology
@@ -200,6 +201,7 @@ class Controller:
             with self.store.session() as session:
                 if session.get(VmRow, body.name) is not None:
                     raise ConflictError("name", f"a VM named {body.name!r} exists")
+                check_unique(body.name, session.scalars(select(VmRow.name)))
                 self._check_memory(session, body.host, body.memory_mib)
                 mac = self._allocate_mac(session)
                 session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,
