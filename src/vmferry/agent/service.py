@@ -71,6 +71,8 @@ class AgentConfig:
     memory_mib: int
     shared_storage: Path | None
     migration_ip: str | None      # address on the migration network, without prefix
+    # The migration network (CIDR): outgoing streams may only go to another address in it.
+    migration_network: str | None = None
 
 
 class HostAgent:
@@ -118,7 +120,9 @@ class HostAgent:
                                  gateway=request.gateway, workload_mibps=request.workload_mibps)
                 self._guests[request.name] = request
                 self._save_request(request)
-                tuning = MigrationTuning(postcopy=request.postcopy) if incoming_uri else None
+                tuning = MigrationTuning(postcopy=request.postcopy,
+                                         tls_peer_name=request.migration_peer) \
+                    if incoming_uri else None
                 self.hypervisor.start(spec, incoming_uri=incoming_uri, tuning=tuning)
                 if incoming_uri:
                     self._incoming[request.name] = incoming_uri
@@ -265,7 +269,8 @@ class HostAgent:
         tuning: dict[str, Any] = dict(
             max_downtime_ms=options.max_downtime_ms or DEFAULT_MAX_DOWNTIME_MS,
             bandwidth_mbps=options.bandwidth_mbps,
-            postcopy=options.postcopy_allowed, auto_converge=options.auto_converge)
+            postcopy=options.postcopy_allowed, auto_converge=options.auto_converge,
+            tls_peer_name=request.peer)
         if request.pause_before_switchover:
             # MigrationTuning gains the field with contract H1 (b-hypervisor).
             tuning["pause_before_switchover"] = True

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from vmferry.api.agent import HostReport
+from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
 from vmferry.controller.run import Run
@@ -98,7 +99,9 @@ def start_destination(run: Run) -> None:
     if not info.incoming_uri and info.state != "inmigrate":
         raise MigrationError(f"destination QEMU on {run.destination} is not waiting for the "
                              f"stream (state {info.state})", vm=run.vm)
-    run.record_result(incoming_uri=info.incoming_uri)
+    # The URI is the inventory's address and the port the agent chose (migration_uri.py).
+    run.record_result(incoming_uri=incoming_uri(run.controller.topology(), run.destination,
+                                                info.incoming_uri, vm=run.vm))
 
 
 def switchover(run: Run) -> None:

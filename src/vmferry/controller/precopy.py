@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from vmferry.api.agent import GuestEvent, MigrateRequest, MigrationProgress
+from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.run import Cancelled, Run
 from vmferry.controller.switchover import MakeBeforeBreak
 from vmferry.errors import MigrationError, VmferryError, WaitTimeout
@@ -39,12 +40,11 @@ def precopy(run: Run) -> None:
     if not result.get("migrate_issued"):
         cursor = run.last_event_seq(run.source)
         run.record_result(migrate_issued=True, source_event_seq=cursor)
-        uri = result.get("incoming_uri") or run.dst.guest(run.vm).incoming_uri
-        if not uri:
-            raise MigrationError(f"the destination on {run.destination} has no incoming "
-                                 "address", vm=run.vm)
+        uri = incoming_uri(run.controller.topology(), run.destination,
+                           result.get("incoming_uri") or run.dst.guest(run.vm).incoming_uri,
+                           vm=run.vm)
         run.src.migrate(run.vm, MigrateRequest(
-            uri=uri, options=run.options,
+            uri=uri, peer=run.destination, options=run.options,
             pause_before_switchover=bool(mbb and mbb.pause_before_switchover and run.controller
                                          .topology().host(run.source).pauses_before_switchover)))
     _Follow(run, mbb, int(run.result().get("source_event_seq") or 0)).until_completed()

@@ -99,6 +99,7 @@ class Run:
         vm = self.vm_row()
         return GuestRequest(name=self.vm, memory_mib=vm.memory_mib, mac=vm.mac, ip=vm.ip,
                             vlan=vm.vlan, workload_mibps=vm.workload_mibps, incoming=incoming,
+                            migration_peer=self.source if incoming else None,
                             postcopy=self.options.postcopy_allowed,
                             profile=stored_profile(self.store, vm.profile))
 

@@ -27,8 +27,10 @@ from vmferry.errors import (
     NotFoundError,
     VmferryError,
 )
+from vmferry.http import ClientTls
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.migration import PHASES, MigrationState, Phase
+from vmferry.model.names import check_unique
 from vmferry.model.network import mac_for
 from vmferry.model.placement import VmPolicy
 from vmferry.model.profile import PortProfile
@@ -52,7 +54,7 @@ class Controller:
     real fabric driver (unit tests: in-process agents, a fake fabric)."""
 
     def __init__(self, store: Store, *, agent_transport: TransportFactory | None = None,
-                 fabric: Fabric | None = None) -> None:
+                 fabric: Fabric | None = None, agent_tls: ClientTls | None = None) -> None:
         self.store = store
         self._fabric_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
@@ -60,7 +62,7 @@ class Controller:
         self._fabric: Fabric | None = fabric
         self._fixed_fabric = fabric is not None
         self._fabric_driver_lock = threading.Lock()
-        self._agents = AgentClients(read_token_file, transport=agent_transport)
+        self._agents = AgentClients(read_token_file, transport=agent_transport, tls=agent_tls)
         self._topology: tuple[float, Topology] | None = None
         self._topology_lock = threading.Lock()
 
@@ -203,6 +205,7 @@ class Controller:
             with self.store.session() as session:
                 if session.get(VmRow, body.name) is not None:
                     raise ConflictError("name", f"a VM named {body.name!r} exists")
+                check_unique(body.name, session.scalars(select(VmRow.name)))
                 self._check_memory(session, body.host, body.memory_mib)
                 mac = self._allocate_mac(session)
                 session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,

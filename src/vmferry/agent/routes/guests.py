@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
+from vmferry.agent.checks import check_destination, check_tap_free
 from vmferry.agent.service import HostAgent
 from vmferry.api.agent import (
     MAX_EVENTS_WAIT_S,
@@ -28,6 +29,7 @@ def router(agent: HostAgent) -> APIRouter:
     def create_guest(name: str, body: GuestRequest) -> GuestInfo:
         if body.name != name:
             raise InputError("name", "does not match the URL")
+        check_tap_free(agent, name)
         return agent.create_guest(body)
 
     @api.get("/v1/guests/{name}", response_model=GuestInfo)
@@ -50,6 +52,7 @@ def router(agent: HostAgent) -> APIRouter:
 
     @api.post("/v1/guests/{name}/migrate", status_code=202, response_model=Accepted)
     def migrate(name: str, body: MigrateRequest) -> Accepted:
+        check_destination(agent, body.uri)
         agent.migrate(name, body)
         return Accepted(status="started")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from vmferry.agent.checks import check_tap_free
 from vmferry.agent.service import HostAgent
 from vmferry.api.agent import (
     GuestInfo,
@@ -28,6 +29,7 @@ def router(agent: HostAgent) -> APIRouter:
     def preset_port(name: str, body: GuestRequest) -> GuestInfo:
         if body.name != name:
             raise InputError("name", "does not match the URL")
+        check_tap_free(agent, name)
         return agent.preset_port(body)
 
     @api.get("/v1/ports/{name}", response_model=PortStatus)

@@ -15,6 +15,7 @@ from vmferry.controller.metrics import Metrics
 from vmferry.controller.routes import MAX_ID
 from vmferry.controller.stream import MEDIA_TYPE as SSE_MEDIA_TYPE
 from vmferry.controller.stream import EventHub
+from vmferry.web import parse_decimal
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
@@ -51,8 +52,8 @@ def router(metrics: Metrics, hub: EventHub) -> APIRouter:
                                                 "close the stream after this many events"),
                       ) -> StreamingResponse:
         auth.require(caller, auth.READ, "read events")
-        last = request.headers.get("last-event-id", "")
-        start = int(last) if last.isdigit() else after if after is not None \
+        last = parse_decimal(request.headers.get("last-event-id"))
+        start = last if last is not None else after if after is not None \
             else hub.latest_event_id()
         return StreamingResponse(
             hub.stream(request.is_disconnected, after=start, limit=limit),
