@@ -11,12 +11,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import venv
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+
+from labkit import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "vmferry"
@@ -100,3 +104,34 @@ def test_installed_package_data_works(installed: Path, tmp_path: Path) -> None:
     out = _run([str(installed / "python"), "-c", USE_DATA, str(tmp_path / "store.db")],
                cwd=tmp_path)
     assert out.strip() == "ok"
+
+
+def test_installed_controller_serves_from_its_config_file(installed: Path,
+                                                          tmp_path: Path) -> None:
+    """The daemon as its unit starts it: `controller serve --config FILE`, nothing else."""
+    port = free_port()
+    (tmp_path / "admin.token").write_text("packaging-test-admin-token\n")
+    config = tmp_path / "controller.toml"
+    config.write_text(f'db = "sqlite:///{tmp_path / "c.db"}"\nlisten = ["127.0.0.1:{port}"]\n'
+                      'bootstrap-token-file = "admin.token"\n')
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    daemon = subprocess.Popen([str(installed / "vmferry"), "controller", "serve", "--config",
+                               str(config)], cwd="/", env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert daemon.poll() is None, daemon.communicate()[1]
+            try:
+                tokens = httpx.get(f"http://127.0.0.1:{port}/v1/tokens", timeout=2, headers={
+                    "Authorization": "Bearer packaging-test-admin-token"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the controller never answered"
+                time.sleep(0.2)
+        # Only an admin may list tokens: the bootstrap token from the config was registered.
+        assert tokens.status_code == 200, tokens.text
+        assert [t["role"] for t in tokens.json()] == ["admin"]
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)

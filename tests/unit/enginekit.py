@@ -1,18 +1,17 @@
 """A whole site in memory for unit tests of the migration engine: a real ``Controller`` on a
 SQLite store, real ``HostAgent``s (their FastAPI apps reached through ``AgentClient`` over an
-in-process transport), and in-memory drivers.
+in-process transport), and the in-tree fake drivers (``FakeHypervisor`` on one
+``FakeNetwork``, ``FakeSoftswitch``, ``FakeFabric``).
 
-The drivers here follow the interface contracts of this round (H1 hypervisor events and
-pause-before-switchover, H2 softswitch, H3 fabric). They stand in until the in-tree fakes
-(``vmferry.drivers.*.fake``) land on main; then this module builds the site from those.
+Migrations of the fake hypervisors advance only when stepped: the site's pump steps every
+running migration every few milliseconds, except those a test holds (``hold``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,17 @@ from fastapi.testclient import TestClient
 
 from vmferry.agent.app import create_app as agent_app
 from vmferry.agent.service import AgentConfig, HostAgent
-from vmferry.api.controller import MigrationRecord
+from vmferry.api.controller import MigrationRecord, VmCreate
 from vmferry.controller import auth
 from vmferry.controller.migration import Migrations
 from vmferry.controller.service import Controller
-from vmferry.drivers.fabric.base import Fabric
-from vmferry.drivers.hypervisor.base import (
-    GuestSpec,
-    GuestState,
-    Hypervisor,
-    MigrationProgress,
-    MigrationTuning,
-    ProgressCallback,
-)
-from vmferry.drivers.softswitch.base import Flow, Meter, PortSpec, PortState, Softswitch
-from vmferry.errors import HypervisorError, NotFoundError
+from vmferry.drivers.fabric.fake import FakeFabric, FakeSwitch
+from vmferry.drivers.hypervisor.fake import FakeHypervisor, FakeNetwork
+from vmferry.drivers.softswitch.base import PortSpec
+from vmferry.drivers.softswitch.fake import FakeSoftswitch
+from vmferry.errors import VmferryError
+from vmferry.model.migration import MigrationOptions
+from vmferry.model.switchover import PortInfo
 from vmferry.model.topology import (
     HOST_BRIDGE,
     HOST_UPLINK_PORT,
@@ -45,311 +40,8 @@ from vmferry.model.topology import (
 )
 from vmferry.store.db import Store
 
-
-@dataclass(frozen=True)
-class Event:
-    """``vmferry.drivers.hypervisor.base.GuestEvent`` (contract H1)."""
-
-    seq: int
-    kind: str
-    status: str | None
-    timestamp: float
-
-
-@dataclass
-class Outgoing:
-    """One outgoing migration of a fake guest."""
-
-    destination: FakeHypervisor
-    status: str = "setup"
-    hold: bool = False               # stay "active" until the test lets go
-    pause: bool = False              # stop in "pre-switchover" until continue_migration
-    error: str | None = None
-    released: threading.Event = field(default_factory=threading.Event)
-    continued: threading.Event = field(default_factory=threading.Event)
-
-
-class Wire:
-    """Where incoming migration listeners are (uri -> hypervisor): the fakes' network."""
-
-    def __init__(self) -> None:
-        self.listeners: dict[str, tuple[FakeHypervisor, str]] = {}
-        self.lock = threading.Lock()
-
-
-class FakeHypervisor(Hypervisor):
-    """Guests as states; a migration runs in a thread: setup, active, (pre-switchover), STOP,
-    device, completed on the source; RESUME on the destination. ``hold_migrations`` keeps a
-    migration active until ``release``, ``break_link`` fails it, ``crash`` kills a guest."""
-
-    def __init__(self, host: str, wire: Wire) -> None:
-        self.host = host
-        self.wire = wire
-        self.states: dict[str, GuestState] = {}
-        self.outgoing: dict[str, Outgoing] = {}
-        self.hold_migrations = False
-        self._events: dict[str, list[Event]] = {}
-        self._seq: dict[str, int] = {}
-        self._cond = threading.Condition()
-
-    # ---- events (H1) --------------------------------------------------------------------------
-
-    def emit(self, name: str, kind: str, status: str | None = None) -> None:
-        with self._cond:
-            seq = self._seq[name] = self._seq.get(name, 0) + 1
-            self._events.setdefault(name, []).append(Event(seq, kind, status, time.time()))
-            self._cond.notify_all()
-
-    def events(self, name: str, *, after: int = 0, timeout: float = 0.0) -> list[Event]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [e for e in self._events.get(name, []) if e.seq > after]
-                left = deadline - time.monotonic()
-                if found or left <= 0:
-                    return found
-                self._cond.wait(left)
-
-    def continue_migration(self, name: str) -> None:
-        out = self.outgoing.get(name)
-        if out is None or out.status != "pre-switchover":
-            raise HypervisorError(f"{name} is not in pre-switchover")
-        out.continued.set()
-
-    # ---- the interface ------------------------------------------------------------------------
-
-    def version(self) -> str:
-        return "10.0.2"
-
-    def machine_types(self) -> list[str]:
-        return ["q35", "pc-q35-10.0"]
-
-    def start(self, spec: GuestSpec, *, incoming_uri: str | None = None,
-              tuning: MigrationTuning | None = None) -> int:
-        if self.state(spec.name) is not GuestState.ABSENT:
-            return 1
-        if incoming_uri:
-            self.states[spec.name] = GuestState.INMIGRATE
-            with self.wire.lock:
-                self.wire.listeners[incoming_uri] = (self, spec.name)
-        else:
-            self.states[spec.name] = GuestState.RUNNING
-            self.emit(spec.name, "RESUME")
-        return 1
-
-    def stop(self, name: str) -> None:
-        self.states.pop(name, None)
-        with self.wire.lock:
-            for uri, (hv, guest) in list(self.wire.listeners.items()):
-                if hv is self and guest == name:
-                    del self.wire.listeners[uri]
-
-    def crash(self, name: str) -> None:
-        """The guest's QEMU dies (the agent still knows the guest)."""
-        self.stop(name)
-
-    def state(self, name: str) -> GuestState:
-        return self.states.get(name, GuestState.ABSENT)
-
-    def guests(self) -> list[str]:
-        return sorted(self.states)
-
-    def migrate(self, name: str, uri: str, tuning: MigrationTuning) -> None:
-        with self.wire.lock:
-            listener = self.wire.listeners.pop(uri, None)
-        if listener is None:
-            raise HypervisorError(f"nothing listens on {uri}")
-        out = Outgoing(destination=listener[0], hold=self.hold_migrations,
-                       pause=bool(getattr(tuning, "pause_before_switchover", False)))
-        self.outgoing[name] = out
-        self.emit(name, "MIGRATION", "setup")
-        threading.Thread(target=self._migrate, args=(name, listener[1], out),
-                         daemon=True).start()
-
-    def _migrate(self, name: str, remote: str, out: Outgoing) -> None:
-        out.status = "active"
-        self.emit(name, "MIGRATION", "active")
-        if out.hold:
-            out.released.wait(60)
-        if out.status != "active":
-            return                    # failed or cancelled meanwhile
-        if out.destination.state(remote) is not GuestState.INMIGRATE:
-            self._fail(name, out, "connection reset by peer")
-            return
-        self.states[name] = GuestState.PAUSED
-        self.emit(name, "STOP")
-        if out.pause:
-            out.status = "pre-switchover"
-            self.emit(name, "MIGRATION", "pre-switchover")
-            out.continued.wait(60)
-        out.status = "device"
-        self.emit(name, "MIGRATION", "device")
-        out.status = "completed"
-        self.states[name] = GuestState.POSTMIGRATE
-        self.emit(name, "MIGRATION", "completed")
-        time.sleep(0.01)             # the destination resumes a little after
-        out.destination.states[remote] = GuestState.RUNNING
-        out.destination.emit(remote, "RESUME")
-
-    def _fail(self, name: str, out: Outgoing, error: str) -> None:
-        out.status, out.error = "failed", error
-        self.states[name] = GuestState.RUNNING
-        self.emit(name, "MIGRATION", "failed")
-
-    def break_link(self, name: str) -> None:
-        """The migration stream breaks: QEMU reports the migration failed."""
-        out = self.outgoing[name]
-        self._fail(name, out, "Unable to write to socket: Broken pipe")
-        out.released.set()
-
-    def release(self, name: str) -> None:
-        self.outgoing[name].released.set()
-
-    def migration_progress(self, name: str) -> MigrationProgress:
-        if self.state(name) is GuestState.ABSENT:
-            raise NotFoundError("vm", f"no guest {name}")
-        out = self.outgoing.get(name)
-        if out is None:
-            return MigrationProgress(status="none")
-        return MigrationProgress(status=out.status, total_bytes=256 << 20,
-                                 remaining_bytes=0 if out.status == "completed" else 1 << 20,
-                                 mbps=800.0, error=out.error,
-                                 downtime_ms=12 if out.status == "completed" else None,
-                                 total_time_ms=150 if out.status == "completed" else None)
-
-    def wait_migration(self, name: str, *, timeout: float,
-                       on_progress: ProgressCallback | None = None,
-                       postcopy_after_s: float | None = None) -> MigrationProgress:
-        raise NotImplementedError("the engine follows events, it does not wait")
-
-    def start_postcopy(self, name: str) -> None:
-        self.outgoing[name].status = "postcopy-active"
-
-    def cancel_migration(self, name: str) -> None:
-        out = self.outgoing.get(name)
-        if out is not None and out.status in {"setup", "active"}:
-            out.status = "cancelled"
-            self.emit(name, "MIGRATION", "cancelled")
-            out.released.set()
-
-    def resume(self, name: str) -> None:
-        if self.state(name) is GuestState.ABSENT:
-            raise HypervisorError(f"no guest {name}")
-        self.states[name] = GuestState.RUNNING
-        self.emit(name, "RESUME")
-
-    def announce(self, name: str) -> None:
-        self.emit(name, "ANNOUNCE")
-
-
-class FakeSoftswitch(Softswitch):
-    """Bridges of ports, flows by cookie, meters; every port gets an OpenFlow number."""
-
-    def __init__(self) -> None:
-        self.bridges: dict[str, dict[str, PortState]] = {}
-        self.flows: dict[str, dict[int, list[Flow]]] = {}
-        self.meters: dict[str, list[Meter]] = {}
-        self._ofport = 0
-
-    def ensure_bridge(self, bridge: str, *, datapath_type: str = "netdev",
-                      fail_mode: str | None = None) -> None:
-        self.bridges.setdefault(bridge, {})
-        self.flows.setdefault(bridge, {})
-        self.meters.setdefault(bridge, [])
-
-    def delete_bridge(self, bridge: str) -> None:
-        self.bridges.pop(bridge, None)
-
-    def ensure_port(self, bridge: str, port: PortSpec) -> None:
-        ports = self.bridges[bridge]
-        old = ports.get(port.name)
-        if old is None:
-            self._ofport += 1
-        ports[port.name] = PortState(
-            name=port.name, tag=port.tag, trunks=port.trunks, vlan_mode=port.vlan_mode,
-            iface_type=port.iface_type, ofport=old.ofport if old else self._ofport,
-            mac_in_use=None, external_ids=dict(port.external_ids))
-
-    def delete_port(self, bridge: str, port: str) -> None:
-        self.bridges[bridge].pop(port, None)
-
-    def ports(self, bridge: str, names: Collection[str] | None = None) -> dict[str, PortState]:
-        return {n: p for n, p in self.bridges[bridge].items() if names is None or n in names}
-
-    def set_trunks(self, bridge: str, port: str, vlans: frozenset[int]) -> None:
-        state = self.bridges[bridge][port]
-        self.bridges[bridge][port] = PortState(
-            name=port, tag=state.tag, trunks=vlans, vlan_mode=state.vlan_mode,
-            iface_type=state.iface_type, ofport=state.ofport, mac_in_use=None,
-            external_ids=state.external_ids)
-
-    def replace_flows(self, bridge: str, cookie: int, flows: list[Flow]) -> None:
-        if flows:
-            self.flows[bridge][cookie] = list(flows)
-        else:
-            self.flows[bridge].pop(cookie, None)
-
-    def dump_flows(self, bridge: str, cookie: int | None = None) -> list[Flow]:
-        return [f for c, fs in self.flows[bridge].items() if cookie in (None, c) for f in fs]
-
-    def flow_cookies(self, bridge: str) -> set[int]:
-        return set(self.flows[bridge])
-
-    def replace_meters(self, bridge: str, meters: list[Meter], owned: Collection[int],
-                       actual: list[Meter] | None = None) -> list[Meter]:
-        kept = [m for m in self.meters[bridge] if m.meter_id not in owned]
-        self.meters[bridge] = kept + list(meters)
-        return self.meters[bridge]
-
-    def dump_meters(self, bridge: str) -> list[Meter]:
-        return list(self.meters[bridge])
-
-    def flush_fdb(self, bridge: str, mac: str | None = None) -> None:
-        pass
-
-
-@dataclass
-class SwitchPort:
-    ofport: int
-    vlan_mode: str | None
-    tag: int | None
-
-
-class FakeFabric(Fabric):
-    """The fabric switches of a topology: trunk VLANs per port, flows by cookie."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.trunks: dict[tuple[str, str], frozenset[int]] = {}
-        self.switch_ports: dict[str, dict[str, SwitchPort]] = {s.name: {} for s in
-                                                               topology.switches}
-        self.flows: dict[str, dict[int, list[Flow]]] = {s.name: {} for s in topology.switches}
-        self.forgotten: list[tuple[str, str]] = []
-        for trunk in topology.trunks():
-            for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
-                if node in self.switch_ports:
-                    ports = self.switch_ports[node]
-                    ports[port] = SwitchPort(len(ports) + 1, "trunk", None)
-
-    def trunk_vlans(self, switch: str, port: str) -> frozenset[int]:
-        return self.trunks.get((switch, port), frozenset())
-
-    def set_trunk_vlans(self, switch: str, port: str, vlans: frozenset[int]) -> None:
-        self.trunks[(switch, port)] = vlans
-
-    def forget_mac(self, switch: str, mac: str) -> None:
-        self.forgotten.append((switch, mac))
-
-    def ports(self, switch: str) -> dict[str, SwitchPort]:
-        return dict(self.switch_ports[switch])
-
-    def replace_flows(self, switch: str, cookie: int, flows: list[Flow]) -> None:
-        if flows:
-            self.flows[switch][cookie] = list(flows)
-        else:
-            self.flows[switch].pop(cookie, None)
-
-    def flow_cookies(self, switch: str) -> set[int]:
-        return set(self.flows[switch])
+PUMP_S = 0.005
+STEPPING = {"setup", "active", "device", "postcopy-active"}
 
 
 class FakeLinks:
@@ -379,7 +71,7 @@ class Site:
         data = base.model_dump(mode="json")
         shared = tmp / "shared"
         shared.mkdir()
-        self.wire = Wire()
+        self.network = FakeNetwork()
         self.hypervisors: dict[str, FakeHypervisor] = {}
         self.softswitches: dict[str, FakeSoftswitch] = {}
         self.agents: dict[str, HostAgent] = {}
@@ -391,7 +83,8 @@ class Site:
             token_file.write_text(f"token-{name}\n")
             host["agent_url"] = f"http://{name}.agent"
             host["agent_token_file"] = str(token_file)
-            self.hypervisors[name] = FakeHypervisor(name, self.wire)
+            self.hypervisors[name] = FakeHypervisor(name, network=self.network,
+                                                    auto_step=False)
             switch = self.softswitches[name] = FakeSoftswitch()
             switch.ensure_bridge(HOST_BRIDGE)
             switch.ensure_port(HOST_BRIDGE, PortSpec(name=HOST_UPLINK_PORT, vlan_mode="trunk"))
@@ -402,7 +95,11 @@ class Site:
             self.clients[name] = TestClient(agent_app(self.agents[name], f"token-{name}"),
                                             raise_server_exceptions=False)
         self.topology = Topology.model_validate(data)
-        self.fabric = FakeFabric(self.topology)
+        self.fabric = fake_fabric(self.topology)
+        self.held: dict[tuple[str, str], str] = {}
+        self._stop = threading.Event()
+        self._pump = threading.Thread(target=self._step_migrations, daemon=True)
+        self._pump.start()
         self.controller, self.migrations = self.new_controller()
         self.controller.set_inventory(self.topology, self.actor())
 
@@ -427,26 +124,50 @@ class Site:
                                   content=answer.content)
         return httpx.MockTransport(handle)
 
+    def _step_migrations(self) -> None:
+        """Advance every running migration that no test holds."""
+        while not self._stop.wait(PUMP_S):
+            for host, hv in self.hypervisors.items():
+                for vm in hv.guests():
+                    try:
+                        status = hv.migration_progress(vm).status
+                        if status in STEPPING and self.held.get((host, vm)) != status:
+                            hv.step(vm)
+                    except VmferryError:
+                        continue        # the guest went meanwhile
+
+    def hold(self, host: str, vm: str, at: str = "active") -> None:
+        """Keep the migration of ``vm`` from ``host`` at status ``at`` until ``release``."""
+        self.held[(host, vm)] = at
+
+    def release(self, host: str, vm: str) -> None:
+        self.held.pop((host, vm), None)
+
+    def status(self, host: str, vm: str) -> str:
+        return self.hypervisors[host].migration_progress(vm).status
+
     def create_vm(self, name: str = "vm1", host: str = "host1") -> None:
-        from vmferry.api.controller import VmCreate
         self.controller.create_vm(VmCreate(name=name, host=host, vlan=100,
                                            ip="192.0.2.10/24", memory_mib=256), self.actor())
 
     def migrate(self, vm: str = "vm1", to: str = "host3", **options: Any) -> MigrationRecord:
-        from vmferry.model.migration import MigrationOptions
         return self.migrations.start(vm, to, MigrationOptions.model_validate(options),
                                      self.actor())
 
     def wait_status(self, host: str, vm: str, status: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.hypervisors[host].outgoing.get(vm)
-            if out is not None and out.status == status:
-                return
+            try:
+                if self.status(host, vm) == status:
+                    return
+            except VmferryError:
+                pass
             time.sleep(0.01)
         raise AssertionError(f"{vm} on {host} never reached {status}")
 
     def close(self) -> None:
+        self._stop.set()
+        self._pump.join()
         self.controller.close()
         self.store.dispose()
 
@@ -457,3 +178,17 @@ def site_at(tmp: Path) -> Iterator[Site]:
         yield site
     finally:
         site.close()
+
+
+def fake_fabric(topology: Topology) -> FakeFabric:
+    """The topology's fabric switches with their trunk and access ports."""
+    switches = {s.name: FakeSwitch() for s in topology.switches}
+    for trunk in topology.trunks():
+        for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
+            if node in switches:
+                ports = switches[node].ports
+                ports[port] = PortInfo(len(ports) + 1, trunk_vlans=frozenset())
+    for client in topology.clients:
+        ports = switches[client.switch].ports
+        ports[f"a-{client.name}"] = PortInfo(len(ports) + 1, access_vlan=client.vlan)
+    return FakeFabric(switches)

@@ -109,3 +109,24 @@ def test_unreadable_config_names_the_file(tmp_path: Path, started: list[Any]) ->
 def test_shipped_examples_are_valid(name: str, model: type[daemons._Settings]) -> None:
     values = daemons.read_config(DEPLOY / "config" / name, model)
     model.model_validate(values)
+
+
+def test_shipped_site_inventory_is_valid() -> None:
+    import yaml
+
+    from vmferry.model.topology import Topology
+    site = Topology.model_validate(yaml.safe_load((DEPLOY / "config" / "site.yaml").read_text()))
+    assert site.kind == "site" and all(h.agent_url for h in site.hosts)
+    agent = daemons.read_config(DEPLOY / "config" / "agent-host1.toml", daemons.AgentSettings)
+    host1 = next(h for h in site.hosts if h.name == agent["host"])
+    assert host1.agent_url == f"http://{agent['listen'][0]}"
+
+
+def test_relative_paths_in_a_config_are_beside_it(tmp_path: Path, started: list[Any]) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('host = "h1"\nlisten = ["unix:run/agent.sock"]\ntoken-file = "h1.token"\n'
+                      'run-dir = "/var/lib/vmferry/guests"\n')
+    assert run("agent", "serve", "--config", str(config)).exit_code == 0
+    assert started[0].token_file == tmp_path / "h1.token"
+    assert started[0].run_dir == Path("/var/lib/vmferry/guests")
+    assert started[0].listen == ["unix:run/agent.sock"]      # addresses are not paths

@@ -16,7 +16,7 @@ from vmferry.api.agent import MigrateRequest
 from vmferry.api.controller import MigrationRecord
 from vmferry.controller.phases import STEPS
 from vmferry.controller.run import Run
-from vmferry.drivers.hypervisor.base import GuestState, MigrationTuning
+from vmferry.drivers.hypervisor.base import GuestState
 from vmferry.model.migration import PHASES, MigrationOptions, Phase
 from vmferry.model.switchover import is_mbb_cookie
 from vmferry.store.schema import HostRow, MigrationRow, VmRow
@@ -41,8 +41,10 @@ def vm_row(site: Site, name: str = "vm1") -> tuple[str, str]:
 
 
 def no_switchover_rules(site: Site) -> bool:
-    fabric = any(is_mbb_cookie(c) for flows in site.fabric.flows.values() for c in flows)
-    hosts = any(is_mbb_cookie(c) for s in site.softswitches.values() for c in s.flows["br-vm"])
+    fabric = any(is_mbb_cookie(c) for switch in site.fabric.switches.values()
+                 for c in switch.rules)
+    hosts = any(is_mbb_cookie(f.cookie) for s in site.softswitches.values()
+                for f in s.flow_stats("br-vm"))
     return not fabric and not hosts
 
 
@@ -81,25 +83,22 @@ def test_completed_move_follows_events_and_records_them(site: Site) -> None:
     assert site.agents["host1"].uplink_vlans() == []
 
 
-@pytest.mark.skipif("pause_before_switchover" not in MigrationTuning.__dataclass_fields__,
-                    reason="MigrationTuning.pause_before_switchover comes with contract H1")
-def test_pause_before_switchover_opens_the_window_then_continues(site: Site,
-                                                                  monkeypatch: pytest.MonkeyPatch
-                                                                  ) -> None:
+def test_window_opens_once_the_source_stopped_the_guest(site: Site,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from vmferry.controller import switchover
-    opened: list[str] = []
-    monkeypatch.setattr(switchover.MakeBeforeBreak, "pause_before_switchover", True)
-    monkeypatch.setattr(switchover.MakeBeforeBreak, "prepare", lambda self: None)
+    seen: list[tuple[str, str]] = []
     real_open = switchover.MakeBeforeBreak.open
 
     def open_(self: switchover.MakeBeforeBreak) -> None:
-        opened.append(site.hypervisors["host1"].outgoing["vm1"].status)
+        seen.append((site.status("host1", "vm1"),
+                     site.hypervisors["host1"].state("vm1").value))
         real_open(self)
     monkeypatch.setattr(switchover.MakeBeforeBreak, "open", open_)
     site.create_vm()
     record = finish(site, site.migrate())
     assert record.state == "completed", record.error
-    assert opened == ["pre-switchover"]
+    assert seen == [("pre-switchover", "paused")]
+    assert record.result.make_before_break == "removed"
     assert no_switchover_rules(site)
 
 
@@ -128,7 +127,7 @@ def test_precheck_refusal_changes_nothing(site: Site) -> None:
 def held(site: Site, **options: object) -> MigrationRecord:
     """A migration whose QEMU copy stays active until the test acts."""
     site.create_vm()
-    site.hypervisors["host1"].hold_migrations = True
+    site.hold("host1", "vm1")
     record = site.migrate(**options)
     site.wait_status("host1", "vm1", "active")
     return record
@@ -136,7 +135,7 @@ def held(site: Site, **options: object) -> MigrationRecord:
 
 def test_destination_qemu_dies_during_precopy(site: Site) -> None:
     record = held(site)
-    site.hypervisors["host3"].crash("vm1")
+    site.hypervisors["host3"].kill("vm1")
     record = finish(site, record)
     assert record.state == "rolled-back"
     assert record.error is not None and "died" in record.error
@@ -145,11 +144,14 @@ def test_destination_qemu_dies_during_precopy(site: Site) -> None:
 
 def test_qemu_migration_fails_when_the_link_breaks(site: Site) -> None:
     record = held(site)
-    site.hypervisors["host1"].break_link("vm1")
+    uri = site.migrations.get(record.id).result.incoming_uri
+    assert uri is not None
+    site.network.break_link(uri)
+    site.release("host1", "vm1")
     record = finish(site, record)
     assert record.state == "rolled-back"
     assert record.error is not None and "QEMU migration failed" in record.error
-    assert "Broken pipe" in record.error
+    assert "Connection reset by peer" in record.error
     stays_on_source(site, record)
 
 
@@ -157,7 +159,7 @@ def test_convergence_timeout(site: Site) -> None:
     record = finish(site, held(site, timeout_s=1))
     assert record.state == "rolled-back"
     assert record.error is not None and "converge" in record.error
-    assert site.hypervisors["host1"].outgoing["vm1"].status == "cancelled"
+    assert site.status("host1", "vm1") == "cancelled"
     stays_on_source(site, record)
 
 
@@ -179,7 +181,7 @@ def test_destination_agent_unreachable(site: Site) -> None:
     assert record.error is not None and "host3" in record.error
     assert "does not answer" in record.error
     assert site.hypervisors["host1"].state("vm1") is GuestState.RUNNING
-    assert site.hypervisors["host1"].outgoing["vm1"].status == "cancelled"
+    assert site.status("host1", "vm1") == "cancelled"
     assert vm_row(site) == ("host1", "running")
 
 
@@ -202,7 +204,7 @@ def die_at(site: Site, phase: Phase, *, copying: bool = False) -> int:
     for current in PHASES[:PHASES.index(phase) + 1]:
         run.begin(current)
         if current is Phase.PRECOPY and copying:
-            site.hypervisors["host1"].hold_migrations = True
+            site.hold("host1", "vm1")
             run.record_result(migrate_issued=True)
             uri = run.dst.guest("vm1").incoming_uri
             assert uri is not None
@@ -246,4 +248,15 @@ def test_recovery_from_each_phase(site: Site, phase: Phase, copying: bool,
     else:
         assert record.error is not None and "restarted" in record.error
         stays_on_source(site, record)
+    assert no_switchover_rules(site)
+
+
+def test_audit_finds_switchover_rules_left_by_a_dead_migration(site: Site) -> None:
+    from vmferry.controller import audit
+    from vmferry.model.switchover import mbb_cookie
+    site.create_vm()
+    site.agents["host1"].open_switchover("vm1", mbb_cookie(77), 100, "52:54:00:00:00:01")
+    found = [(f.kind, f.where, f.what) for f in audit.audit(site.controller)]
+    assert found == [("switchover-flow", "host1", f"{mbb_cookie(77):#x}")]
+    assert audit.fix(site.controller, audit.audit(site.controller)) == []
     assert no_switchover_rules(site)

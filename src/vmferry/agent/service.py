@@ -40,11 +40,8 @@ from vmferry.errors import (
     VmferryError,
 )
 from vmferry.model.fabric import carried_vlans, trunk_column
-
-# tap_name is re-exported for the benchmark until it imports vmferry.model.names itself.
 from vmferry.model.migration import DEFAULT_MAX_DOWNTIME_MS
-from vmferry.model.names import TAP_PREFIX
-from vmferry.model.names import tap_name as tap_name
+from vmferry.model.names import TAP_PREFIX, tap_name
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import HOST_BRIDGE, HOST_UPLINK_PORT
 

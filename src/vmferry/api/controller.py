@@ -6,9 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vmferry.api.agent import GuestInfo, MigrationProgress
+from vmferry.api.agent import GuestInfo, MigrationProgress, PortStatus
 from vmferry.model.migration import MigrationOptions
 from vmferry.model.network import InterfaceCidr, IpAddress, VlanId
+from vmferry.model.placement import VmPolicy
+from vmferry.model.profile import PortProfile
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -27,6 +29,7 @@ class VmCreate(_Body):
     gateway: IpAddress | None = None
     workload_mibps: int = Field(0, ge=0, le=10_000)
     max_downtime_ms: int | None = Field(None, ge=1, le=600_000)
+    policy: VmPolicy | None = None      # placement policy (controller.placement)
 
 
 class VmOut(BaseModel):
@@ -43,6 +46,7 @@ class VmOut(BaseModel):
     created_at: str
     runtime: GuestInfo | None = None
     runtime_error: str | None = None
+    policy: VmPolicy | None = None
 
 
 class HostOut(BaseModel):
@@ -190,3 +194,46 @@ class FindingOut(BaseModel):
     where: str
     what: str
     detail: str
+
+
+class PortRealizationOut(BaseModel):
+    """The outcome of realizing a profile on one VM's port, as recorded."""
+
+    vm: str
+    host: str
+    profile: str
+    version: int | None
+    wanted: int
+    ok: bool | None
+    error: str | None = None
+
+
+class ProfileOut(PortProfile):
+    """A stored profile and the VMs that use it."""
+
+    vms: list[str]
+
+
+class ProfileDetail(ProfileOut):
+    ports: list[PortRealizationOut]
+
+
+class ProfileApplied(BaseModel):
+    name: str
+    version: int
+    changed: bool
+    ports: list[PortRealizationOut]
+
+
+class VmProfileBody(_Body):
+    profile: str = Field(min_length=1, max_length=64)
+
+
+class PortView(PortStatus):
+    """A VM's port as its host sees it (desired vs actual) and the profile version realized."""
+
+    vm: str
+    host: str
+    profile: str | None
+    latest_version: int | None
+    realized: PortRealizationOut | None

@@ -4,15 +4,16 @@ Each reads its settings from the command line and, with ``--config FILE``, from 
 whose keys are the long option names (``token-file = "/etc/vmferry/agent.token"``). A value
 given on the command line (or in its environment variable) wins over the file; the file wins
 over the built-in default. An unknown key or a value of the wrong type in the file is refused,
-naming the key, before anything starts.
+naming the key, before anything starts. A relative path in the file is taken beside the file.
 """
 
 from __future__ import annotations
 
 import logging
 import tomllib
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,6 +56,9 @@ class AgentSettings(_Settings):
     shared_storage: Path | None = None
     memory_mib: int = Field(4096, ge=64)
     migration_ip: str | None = None
+    hypervisor: Literal["qemu", "libvirt"] = "qemu"
+    libvirt_uri: str = "qemu:///system"
+    libvirt_console_dir: Path = Path("/var/log/libvirt/qemu")
 
 
 S = TypeVar("S", bound=_Settings)
@@ -80,8 +84,17 @@ def read_config(path: Path, model: type[_Settings]) -> dict[str, Any]:
         if key not in names:
             raise InputError(key, f"unknown setting in {path}; known: {', '.join(sorted(names))}",
                              config=str(path))
-        values[names[key]] = value
+        name = names[key]
+        # A relative path in a file means beside that file, wherever the daemon was started.
+        if isinstance(value, str) and _is_path(model, name) and not Path(value).is_absolute():
+            value = str(path.parent / value)
+        values[name] = value
     return values
+
+
+def _is_path(model: type[_Settings], name: str) -> bool:
+    annotation = model.model_fields[name].annotation
+    return annotation is Path or Path in typing.get_args(annotation)
 
 
 def resolve_settings(model: type[S], ctx: typer.Context, config: Path | None,
@@ -171,6 +184,13 @@ def agent_serve(
     memory_mib: int = typer.Option(AgentSettings.model_fields["memory_mib"].default,
                                    help="Memory guests may use on this host"),
     migration_ip: str | None = typer.Option(None, help="Address on the migration network"),
+    hypervisor: str = typer.Option(AgentSettings.model_fields["hypervisor"].default,
+                                   help="qemu (QMP) or libvirt"),
+    libvirt_uri: str = typer.Option(AgentSettings.model_fields["libvirt_uri"].default,
+                                    help="libvirt daemon of this host"),
+    libvirt_console_dir: Path = typer.Option(
+        AgentSettings.model_fields["libvirt_console_dir"].default,
+        help="Where that daemon's domain logs are"),
 ) -> None:
     """Serve a host agent (runs inside the host, or its namespace in the lab)."""
     with errors_to_exit():
@@ -178,13 +198,15 @@ def agent_serve(
             "host": host, "listen": listen, "token_file": token_file, "controller": controller,
             "ovsdb": ovsdb, "ovs_rundir": ovs_rundir, "ovs_ctl": ovs_ctl, "run_dir": run_dir,
             "shared_storage": shared_storage, "memory_mib": memory_mib,
-            "migration_ip": migration_ip})
+            "migration_ip": migration_ip, "hypervisor": hypervisor, "libvirt_uri": libvirt_uri,
+            "libvirt_console_dir": libvirt_console_dir})
     _run_agent(settings)
 
 
 def _run_agent(settings: AgentSettings) -> None:
     from vmferry.agent.app import run_agent
     from vmferry.agent.service import AgentConfig, HostAgent
+    from vmferry.drivers.hypervisor.base import Hypervisor
     from vmferry.drivers.hypervisor.qemu import QemuHypervisor
     from vmferry.drivers.softswitch.ovs import OvsSoftswitch
     from vmferry.image.builder import ensure_image
@@ -193,7 +215,14 @@ def _run_agent(settings: AgentSettings) -> None:
 
     def make() -> tuple[HostAgent, str]:
         token = read_token_file(settings.token_file)
-        hypervisor = QemuHypervisor(settings.run_dir, ensure_image())
+        hypervisor: Hypervisor
+        if settings.hypervisor == "libvirt":
+            from vmferry.drivers.hypervisor.libvirt import LibvirtHypervisor
+            hypervisor = LibvirtHypervisor(settings.run_dir, ensure_image(),
+                                           uri=settings.libvirt_uri, host=settings.host,
+                                           console_dir=settings.libvirt_console_dir)
+        else:
+            hypervisor = QemuHypervisor(settings.run_dir, ensure_image())
         softswitch = OvsSoftswitch(settings.ovsdb, rundir=settings.ovs_rundir,
                                    vswitchd_ctl=settings.ovs_ctl)
         address = settings.migration_ip or _migration_address()

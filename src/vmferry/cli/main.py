@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from vmferry.cli import admin, bench, daemons, lab, migrate, profile, vm
+from vmferry.cli import admin, bench, daemons, lab, migrate, pki, placement, profile, vm
 from vmferry.cli.common import target
 
 app = typer.Typer(help="vmferry: live-migrate VMs and carry their network with them.",
@@ -31,9 +31,11 @@ app.add_typer(daemons.controller_app, name="controller")
 app.add_typer(daemons.agent_app, name="agent")
 app.add_typer(migrate.migration_app, name="migration")
 app.add_typer(bench.bench_app, name="bench")
+app.add_typer(pki.app, name="pki")
 app.command("migrate")(migrate.migrate)
 app.command("events")(admin.events)
 profile.register(app, vm.app)
+placement.register(app, vm.app)
 app.command("audit")(admin.audit)
 
 

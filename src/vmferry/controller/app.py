@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from vmferry.controller import events, profiles
 from vmferry.controller.metrics import Metrics
 from vmferry.controller.migration import Migrations
-from vmferry.controller.routes import admin, inventory, vms, watch
+from vmferry.controller.routes import admin, inventory, placement, vms, watch
 from vmferry.controller.service import Controller
 from vmferry.controller.stream import EventHub
 from vmferry.errors import AuthError, ForbiddenError
@@ -42,4 +42,5 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     app.include_router(vms.router(controller, migrations, port_profiles))
     app.include_router(profiles.router(port_profiles))
     app.include_router(admin.router(controller, metrics))
+    app.include_router(placement.router(migrations))
     return app

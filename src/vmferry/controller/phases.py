@@ -14,6 +14,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from vmferry.api.agent import HostReport
+from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
 from vmferry.controller.run import Run
 from vmferry.errors import (
@@ -32,7 +33,9 @@ SWITCHOVER_WAIT_S = 15.0
 
 
 def precheck(run: Run) -> None:
-    """Refuse with a reason before anything changes."""
+    """Refuse with a reason before anything changes: first every reason placement gives
+    (the same as ``vmferry where``), then the live reports of both hosts."""
+    refuse_move(run.controller, run.vm, run.destination, run.id)
     topology = run.controller.topology()
     with run.store.session() as session:
         vm = session.get(VmRow, run.vm)
@@ -107,6 +110,7 @@ def switchover(run: Run) -> None:
     if completed is not None:
         run.record_result(completed_to_switchover_ms=round(
             (time.time() - float(completed)) * 1000, 1))
+    record_final_progress(run)
     state = _wait_destination_running(run)
     if state == "paused":
         run.dst.resume(run.vm)
@@ -118,6 +122,19 @@ def switchover(run: Run) -> None:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.host = run.destination
+
+
+def record_final_progress(run: Run) -> None:
+    """QEMU's final figures of the completed migration (downtime, total time), once."""
+    if run.result().get("qemu") is not None:
+        return
+    try:
+        final = run.src.migration(run.vm)
+    except VmferryError:
+        return                  # the source may be gone already (a recovered migration)
+    if final.status == "completed":
+        data = final.model_dump(mode="json")
+        run.record_result(qemu=data, progress=data)
 
 
 def _wait_destination_running(run: Run) -> str:

@@ -45,7 +45,8 @@ def precopy(run: Run) -> None:
                                  "address", vm=run.vm)
         run.src.migrate(run.vm, MigrateRequest(
             uri=uri, options=run.options,
-            pause_before_switchover=bool(mbb and mbb.pause_before_switchover)))
+            pause_before_switchover=bool(mbb and mbb.pause_before_switchover and run.controller
+                                         .topology().host(run.source).pauses_before_switchover)))
     _Follow(run, mbb, int(run.result().get("source_event_seq") or 0)).until_completed()
 
 
@@ -136,9 +137,11 @@ class _Follow:
                 _switchover_step(run, self.mbb.open, "installed")
             run.src.continue_migration(run.vm)
         elif status == "completed":
-            final = progress or run.src.migration(run.vm)
-            run.record_result(qemu=final.model_dump(mode="json"),
-                              progress=final.model_dump(mode="json"))
+            # From the event the switchover starts at once; QEMU's final figures are read
+            # there (``phases.record_final_progress``), off this path.
+            if progress is not None:
+                run.record_result(qemu=progress.model_dump(mode="json"),
+                                  progress=progress.model_dump(mode="json"))
             self.done = True
         elif status in {"failed", "cancelled"}:
             error = (progress or run.src.migration(run.vm)).error
@@ -157,6 +160,11 @@ class _Follow:
         if self.done:
             return
         if run.dst.guest_state(run.vm) == "absent":
+            # QEMU's own verdict first: a broken stream also ends the destination's QEMU.
+            latest = run.src.migration(run.vm)
+            self.on_status(latest.status, latest)
+            if self.done:
+                return
             raise MigrationError(f"destination QEMU on {run.destination} died", vm=run.vm)
         status = progress.status
         elapsed = time.monotonic() - self.started

@@ -19,7 +19,15 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from vmferry.api.controller import VmCreate
+from vmferry.api.controller import (
+    PortRealizationOut,
+    PortView,
+    ProfileApplied,
+    ProfileDetail,
+    ProfileOut,
+    VmCreate,
+    VmProfileBody,
+)
 from vmferry.controller import auth, events
 from vmferry.controller.auth import Principal
 from vmferry.controller.deps import Caller
@@ -302,22 +310,22 @@ def router(profiles: Profiles) -> APIRouter:
     """Routes: /v1/profiles, /v1/vms/{name}/profile, /v1/ports/{vm}."""
     api = APIRouter()
 
-    @api.get("/v1/profiles")
+    @api.get("/v1/profiles", response_model=list[ProfileOut])
     def list_profiles(caller: Caller) -> list[dict[str, Any]]:
         auth.require(caller, auth.READ, "list profiles")
         return profiles.all()
 
-    @api.get("/v1/profiles/{name}")
+    @api.get("/v1/profiles/{name}", response_model=ProfileDetail)
     def show_profile(name: str, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.READ, "read profiles")
         return profiles.show(name)
 
-    @api.post("/v1/profiles", status_code=201)
+    @api.post("/v1/profiles", status_code=201, response_model=ProfileApplied)
     def create_profile(body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.NETWORK, "create profiles")
         return profiles.create(body, caller)
 
-    @api.put("/v1/profiles")
+    @api.put("/v1/profiles", response_model=list[ProfileApplied])
     def apply_profiles(body: dict[str, Any], caller: Caller) -> list[dict[str, Any]]:
         auth.require(caller, auth.NETWORK, "change profiles")
         if set(body) != {"profiles"}:
@@ -330,15 +338,12 @@ def router(profiles: Profiles) -> APIRouter:
         profiles.delete(name, caller)
         return Response(status_code=204)
 
-    @api.put("/v1/vms/{name}/profile")
-    def set_vm_profile(name: str, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    @api.put("/v1/vms/{name}/profile", response_model=PortRealizationOut)
+    def set_vm_profile(name: str, body: VmProfileBody, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.NETWORK, "change a VM's profile")
-        profile = body.get("profile")
-        if not isinstance(profile, str) or set(body) != {"profile"}:
-            raise InputError("profile", "give {\"profile\": NAME}")
-        return profiles.set_vm_profile(name, profile, caller)
+        return profiles.set_vm_profile(name, body.profile, caller)
 
-    @api.get("/v1/ports/{vm}")
+    @api.get("/v1/ports/{vm}", response_model=PortView)
     def port(vm: str, caller: Caller) -> dict[str, Any]:
         auth.require(caller, auth.READ, "read ports")
         return profiles.port(vm)

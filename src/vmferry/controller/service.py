@@ -30,6 +30,7 @@ from vmferry.errors import (
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.model.network import mac_for
+from vmferry.model.placement import VmPolicy
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Topology
 from vmferry.store.db import Store
@@ -193,6 +194,8 @@ class Controller:
         if vlan is None:
             raise InputError("vlan", "give a VLAN or a profile")
         self._check_vlan_and_ip(topology, vlan, body.ip)
+        from vmferry.controller.placement import refuse_create  # placement imports this module
+        policy = refuse_create(self, body, vlan, profile)
         lock = self.vm_lock(body.name)
         if not lock.acquire(blocking=False):
             raise ConflictError("name", f"VM {body.name!r} is being changed right now")
@@ -205,7 +208,8 @@ class Controller:
                 session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,
                                   vlan=vlan, ip=body.ip, mac=mac, profile=body.profile,
                                   workload_mibps=body.workload_mibps,
-                                  max_downtime_ms=body.max_downtime_ms, state="creating"))
+                                  max_downtime_ms=policy.max_downtime_ms, state="creating",
+                                  policy=policy.model_dump(mode="json")))
             try:
                 self.reconcile_fabric()
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
@@ -410,6 +414,7 @@ def _vm_out(row: VmRow) -> VmOut:
     return VmOut(name=row.name, host=row.host, memory_mib=row.memory_mib, vlan=row.vlan,
                  ip=row.ip, mac=row.mac, profile=row.profile, workload_mibps=row.workload_mibps,
                  max_downtime_ms=row.max_downtime_ms, state=row.state,
+                 policy=VmPolicy.model_validate(row.policy) if row.policy else None,
                  created_at=(_aware(row.created_at) or datetime.now(UTC)).isoformat())
 
 

@@ -28,6 +28,7 @@ from vmferry.drivers.hypervisor.qemu import guest_files
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
 from vmferry.http import client_for
+from vmferry.lab import libvirt as lab_libvirt
 from vmferry.lab.names import MIGRATION_BRIDGE, LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.model.fabric import NO_VLANS
@@ -91,6 +92,7 @@ class Lab:
         self._clients()
         say("migration network")
         self._migration_network()
+        lab_libvirt.start_daemons(layout, self.topology)
         inventory = self.inventory()
         layout.inventory_file.write_text(yaml.safe_dump(inventory.model_dump(mode="json"),
                                                         sort_keys=False))
@@ -220,7 +222,8 @@ class Lab:
                 "--ovs-ctl", str(ovs.vswitchd_ctl),
                 "--run-dir", str(layout.guest_run_dir(host)),
                 "--shared-storage", str(layout.shared_storage),
-                "--memory-mib", str(self.topology.host(host).memory_mib)]
+                "--memory-mib", str(self.topology.host(host).memory_mib),
+                *lab_libvirt.agent_args(layout, self.topology, host)]
         proc = privileged.spawn_in_namespace(layout.namespace(host), argv,
                                              log_path=layout.log_dir / f"agent-{host}.log")
         state["pids"][f"agent-{host}"] = proc.pid
@@ -298,6 +301,8 @@ def teardown(lab: str) -> list[str]:
             if sockets != guests and sockets.exists():
                 shutil.rmtree(sockets, ignore_errors=True)
                 removed.append(f"directory {sockets}")
+    if hosts_dir.is_dir():
+        removed += lab_libvirt.stop_daemons(sorted(hosts_dir.glob("*/libvirt")))
     ovs_root = layout.root / "ovs"
     if ovs_root.is_dir():
         for node_dir in sorted(p for p in ovs_root.iterdir() if p.is_dir()):

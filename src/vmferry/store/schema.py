@@ -34,6 +34,9 @@ class HostRow(Base):
     last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     maintenance: Mapped[bool] = mapped_column(default=False)
+    # Host failure handling (controller/hostwatch.py): suspected, fenced, cleaning; None: fine.
+    failure_state: Mapped[str | None] = mapped_column(String(16))
+    failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class VmRow(Base):
@@ -48,6 +51,8 @@ class VmRow(Base):
     workload_mibps: Mapped[int] = mapped_column(default=0)
     max_downtime_ms: Mapped[int | None]
     state: Mapped[str] = mapped_column(String(32), default="creating")
+    # The placement policy (model.placement.VmPolicy as JSON); None: the default policy.
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

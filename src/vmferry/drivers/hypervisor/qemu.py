@@ -181,28 +181,29 @@ class QemuHypervisor(Hypervisor):
         """Start QEMU in its own session (it outlives this process) and wait, bounded, until
         it answers on QMP; the connection made here records the guest's events from now on.
         Not ``-daemonize``: its fork and setsid are what ``-sandbox`` denies."""
-        files = self.files(name)
-        proc = privileged.spawn_in_namespace(self.namespace, argv, log_path=files["log"])
+        proc = privileged.spawn_in_namespace(self.namespace, argv,
+                                             log_path=self.files(name)["log"])
         deadline = time.monotonic() + START_TIMEOUT
-        while not files["qmp"].exists() and proc.poll() is None:
-            if time.monotonic() >= deadline:
-                self._kill_and_clean(name)
-                raise WaitTimeout(f"QEMU of guest {name} to open QMP", START_TIMEOUT,
-                                  host=self.host, vm=name)
-            # QEMU creates the socket during its init; there is nothing to wait on but that.
-            time.sleep(0.02)
-        pid = self.pid(name)
         try:
-            if proc.poll() is not None or pid is None:
-                raise HypervisorError(f"QEMU failed to start guest {name}", host=self.host,
-                                      vm=name, cause=self._log_tail(name)
-                                      or f"exit status {proc.returncode}",
-                                      argv=shlex.join(argv))
-            self.qmp.connect(name)
+            while True:
+                if proc.poll() is not None:
+                    raise HypervisorError(f"QEMU failed to start guest {name}",
+                                          host=self.host, vm=name, cause=self._log_tail(name)
+                                          or f"exit status {proc.returncode}",
+                                          argv=shlex.join(argv))
+                pid = self.pid(name)
+                if pid is not None and self.files(name)["qmp"].exists():
+                    with contextlib.suppress(HypervisorError):  # bound, not yet listening
+                        self.qmp.connect(name)
+                        return pid
+                if time.monotonic() >= deadline:
+                    raise WaitTimeout(f"QEMU of guest {name} to answer on QMP", START_TIMEOUT,
+                                      host=self.host, vm=name)
+                # QEMU opens the socket during its init; nothing to wait on but the clock.
+                time.sleep(0.02)
         except Exception:
             self._kill_and_clean(name)
             raise
-        return pid
 
     def _log_tail(self, name: str) -> str:
         try:
@@ -213,6 +214,13 @@ class QemuHypervisor(Hypervisor):
     def stop(self, name: str) -> None:
         """Stop the guest's QEMU (SIGTERM, then SIGKILL) and remove its files (idempotent)."""
         self._kill_and_clean(name)
+
+    def connect(self, name: str | None = None) -> None:
+        """Connect to a guest's QMP (None: to every guest of ``run_dir``), so its events are
+        recorded from now on: what a restarted agent calls first. Each connection records a
+        VMFERRY_RESYNC event with the migration status. Raises HypervisorError."""
+        for guest in [name] if name is not None else self.guests():
+            self.qmp.connect(guest)
 
     def disconnect(self, name: str | None = None) -> None:
         """Close this process's QMP connection to a guest (None: to all of ``run_dir``'s).
