@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from enginekit import Site, site_at
+
 from vmferry.api.controller import VmCreate
 from vmferry.controller.hostwatch import FENCE_AFTER_S, SUSPECT_AFTER_S, HostWatch
 from vmferry.errors import PrivilegedError

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from enginekit import Site, site_at
+
 from vmferry.api.controller import VmCreate
 from vmferry.controller.drain import Mover
 from vmferry.controller.placement import Placement
@@ -36,8 +36,9 @@ def beat(site: Site) -> None:
 
 
 def create(site: Site, name: str, host: str, ip: str, **policy: Any) -> None:
-    site.controller.create_vm(VmCreate(name=name, host=host, vlan=100, ip=f"192.0.2.{ip}/24",
-                                       memory_mib=256, policy=VmPolicy(**policy)), site.actor())
+    site.controller.create_vm(VmCreate.model_validate(
+        {"name": name, "host": host, "vlan": 100, "ip": f"192.0.2.{ip}/24", "memory_mib": 256,
+         "policy": VmPolicy(**policy)}), site.actor())
 
 
 def reasons(site: Site, vm: str) -> dict[str, list[str]]:
@@ -52,7 +53,7 @@ def test_policy_enforced_at_create_and_where_lists_reasons(site: Site) -> None:
     assert "anti_affinity" in info.value.message
     with pytest.raises(ConflictError, match="zone"):
         create(site, "c", "host4", "13")
-    with pytest.raises(NotFoundError, match="policy.forbidden_hosts"):
+    with pytest.raises(NotFoundError, match=r"policy\.forbidden_hosts"):
         create(site, "d", "host2", "14", forbidden_hosts=["nohost"])
     assert [v.name for v in site.controller.vms()] == ["a"]
     assert reasons(site, "a") == {"host1": ["current"], "host2": [], "host3": ["forbidden"],
@@ -75,7 +76,7 @@ def test_migrate_to_refused_host_fails_with_where_reason_and_changes_nothing(sit
 def test_policy_changed_live_and_bad_policy_refused(site: Site) -> None:
     create(site, "a", "host1", "11")
     placement = Placement(site.controller)
-    with pytest.raises(InputError, match="policy.tier"):
+    with pytest.raises(InputError, match=r"policy\.tier"):
         placement.set_policy("a", {"tier": 42}, site.actor())
     assert placement.policy("a") == VmPolicy()
     placement.set_policy("a", {"allowed_hosts": ["host1", "host2"]}, site.actor())
