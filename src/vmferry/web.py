@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vmferry.errors import InputError, VmferryError
+from vmferry.errors import InputError, TooManyRequests, VmferryError
 from vmferry.model.validation import field_path
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,41 @@ class RateLimitedLog:
 
 
 refusals = RateLimitedLog(log)
+
+
+class ConcurrencyCap:
+    """At most ``per_key`` concurrent uses per caller and ``total`` in all (long waits, event
+    streams): one more is refused with 429 naming ``field`` instead of queueing, so no caller
+    can hold every worker (heartbeats included). Thread-safe."""
+
+    def __init__(self, field: str, *, per_key: int, total: int) -> None:
+        self.field = field
+        self.per_key = per_key
+        self.total = total
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> None:
+        """Take a slot for ``key``; raises TooManyRequests when none is free."""
+        with self._lock:
+            mine = self._used.get(key, 0)
+            if mine >= self.per_key:
+                raise TooManyRequests(self.field, f"at most {self.per_key} at once per caller")
+            if sum(self._used.values()) >= self.total:
+                raise TooManyRequests(self.field, f"at most {self.total} at once; try later")
+            self._used[key] = mine + 1
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            left = self._used.get(key, 0) - 1
+            if left > 0:
+                self._used[key] = left
+            else:
+                self._used.pop(key, None)
+
+    def in_use(self, key: str | None = None) -> int:
+        with self._lock:
+            return self._used.get(key, 0) if key is not None else sum(self._used.values())
 
 
 def bearer_token(request: Request) -> str | None:
