@@ -215,7 +215,7 @@ def peer_common_name(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
-def _peer_checking_protocol(peers: frozenset[str]) -> type[asyncio.Protocol]:
+def peer_checking_protocol(peers: frozenset[str]) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol that drops a connection whose certificate names another peer
     (asyncio calls ``connection_made`` once the TLS handshake has verified the chain)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -241,7 +241,7 @@ def serve(app: FastAPI, listens: list[str], *, tls: ServerTls | None = None,
         context = tls.context()
         options["ssl_context_factory"] = lambda _config, _default: context
         if tls.peers is not None:
-            options["http"] = _peer_checking_protocol(tls.peers)
+            options["http"] = peer_checking_protocol(tls.peers)
     groups.append(([make_socket(listen) for listen in listens], options))
     if plain:
         groups.append(([make_socket(listen) for listen in plain], {}))
