@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from vmferry import pki
 from vmferry.http import ClientTls, client_for
-from vmferry.web import ServerTls, peer_checking_protocol, make_socket
+from vmferry.web import ServerTls, make_socket, peer_checking_protocol
 
 
 @pytest.fixture
