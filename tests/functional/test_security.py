@@ -416,3 +416,13 @@ def test_ps_shows_qemu_sandboxed_and_no_secret_in_any_argv(lab: LabRun) -> None:
     for key in keys:
         body = "".join(key.splitlines()[1:-1])[:40]
         assert body not in ps
+
+
+def test_the_labs_state_and_secrets_are_roots_alone(lab: LabRun) -> None:
+    import stat
+    loose = []
+    for path in [lab_dir(lab), *lab_dir(lab).rglob("*")]:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode) and mode & 0o077:
+            loose.append(f"{oct(mode & 0o777)} {path}")
+    assert not loose, "\n".join(loose[:30])
