@@ -214,3 +214,19 @@ def placement(
                   f"{result['drain_stuck']} had nowhere to go")
     console.print(table)
     console.print(f"written to {output}")
+
+
+@bench_app.command("tls")
+def tls(
+    rounds: int = typer.Option(5, "--rounds", min=1, max=100, help="Migrations per mode"),
+    memory: int = typer.Option(256, "--memory", min=64, help="Guest memory (MiB)"),
+    workload: int = typer.Option(0, "--workload", min=0, help="Guest dirtying rate (MiB/s)"),
+) -> None:
+    """Migration time with TLS (HTTPS + QEMU migration TLS) and without, on two labs one after
+    the other; prints JSON with the medians and the ratio TLS / plain."""
+    import json
+
+    from vmferry.bench.tls import run
+    with errors_to_exit():
+        document = run(rounds, memory, workload, say=lambda line: console.print(line))
+    console.print_json(json.dumps(document))
