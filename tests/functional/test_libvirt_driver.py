@@ -139,6 +139,12 @@ def test_start_migrate_and_events(hosts: dict[str, Host]) -> None:
         assert b.migration_progress(vm.name).status == "cancelled"
         assert b.state(vm.name) is GuestState.RUNNING
         assert ("MIGRATION", "cancelled") in [(e.kind, e.status) for e in b.events(vm.name)]
+
+        # And back for real: a guest that arrived by migration leaves by migration too.
+        b.migrate(vm.name, f"tcp:{MIG_A}:49153", MigrationTuning())
+        assert b.wait_migration(vm.name, timeout=180).status == "completed"
+        assert b.state(vm.name) is GuestState.POSTMIGRATE
+        assert a.state(vm.name) is GuestState.RUNNING
     finally:
         a.stop(vm.name)
         b.stop(vm.name)
