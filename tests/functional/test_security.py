@@ -111,7 +111,8 @@ class LyingAgent:
         tls = ServerTls(certs(lab, "host2"))
         context = tls.context()
         self.server = uvicorn.Server(uvicorn.Config(
-            self.app, log_level="warning", ssl_context_factory=lambda _c, _d: context))
+            self.app, log_level="warning", interface="asgi3",
+            ssl_context_factory=lambda _c, _d: context))
         self.sock = make_socket(f"unix:{self.path}")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)

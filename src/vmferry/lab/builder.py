@@ -274,7 +274,7 @@ class Lab:
         state["pids"][f"agent-{host}"] = proc.pid
         self._write_state(state)
 
-    def _wait_agents(self, admin_token: str, timeout: float = 60) -> None:
+    def _wait_agents(self, admin_token: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         waiting: set[str] = {h.name for h in self.topology.hosts}
         with client_for(self.controller_url, token=admin_token) as api:
