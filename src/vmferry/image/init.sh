@@ -11,7 +11,7 @@
 # TCP 9 a control port that makes the guest itself open a session to a client (the guest as
 # the connection's originator, for tests of firewall state that moves); send one line:
 #   "tcp HOST PORT"   connect, say "VMFERRY-HELLO NAME", then echo what arrives, for ever
-#   "udp HOST PORT"   TFTP-read the file NAME from HOST:PORT into /dev/null (UDP lockstep:
+#   "udp HOST PORT"   TFTP-read the file NAME from HOST:PORT, discarded (UDP lockstep:
 #                     a server that never ends the file keeps the exchange going)
 #   "icmp HOST"       ping HOST 5 times a second
 # and it answers "VMFERRY-TALK started ..." or "VMFERRY-TALK error ...".
@@ -125,7 +125,8 @@ talk() {
     case "$proto" in
         tcp) setsid nc "$host" "$port" -e sh -c "echo VMFERRY-HELLO $me; exec cat" \
                  </dev/null >/dev/null 2>&1 & ;;
-        udp) setsid tftp -g -r "$me" -l /dev/null "$host" "$port" </dev/null >/dev/null 2>&1 & ;;
+        # "-l -": a failed get unlinks its local file, and that must not be /dev/null.
+        udp) setsid tftp -g -r "$me" -l - "$host" "$port" </dev/null >/dev/null 2>&1 & ;;
         icmp) setsid ping -i 0.2 "$host" </dev/null >/dev/null 2>&1 & ;;
         *) echo "VMFERRY-TALK error bad protocol '$proto'"; return ;;
     esac
