@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,10 @@ from vmferry.store.schema import MigrationRow, VmRow
 log = logging.getLogger(__name__)
 
 __all__ = ["Cancelled", "Migrations"]
+# A run that breaks (not a phase failing: its bookkeeping, e.g. the store down) is resumed
+# from the store this many times, the n-th after n * CRASH_BACKOFF_S seconds.
+CRASH_RETRIES = 5
+CRASH_BACKOFF_S = 1.0
 LIVE = [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]
 
 
@@ -140,18 +145,36 @@ class Migrations:
         thread.start()
 
     def _run(self, migration_id: int, actor: str, recovering: bool) -> None:
-        run = Run(self.controller, migration_id, self._cancel[migration_id], self.notify)
-        try:
-            if recovering:
-                recover(run)
-            else:
-                forward(run, from_phase=Phase.PRECHECK)
-        except Exception as exc:  # the thread must record every ending
-            log.exception("migration %s crashed", migration_id)
-            run.finish(MigrationState.FAILED, f"internal error: {exc}")
+        for attempt in range(CRASH_RETRIES + 1):
+            try:
+                # A fresh run each time: what the store says is where the last try got to.
+                run = Run(self.controller, migration_id, self._cancel[migration_id],
+                          self.notify)
+                if recovering:
+                    recover(run)
+                else:
+                    forward(run, from_phase=Phase.PRECHECK)
+                break
+            except Exception:  # e.g. the store down: never leave the migration running
+                log.exception("migration %s: the run broke (try %d)", migration_id,
+                              attempt + 1)
+                time.sleep(CRASH_BACKOFF_S * (attempt + 1))
+                recovering = True     # whatever was done, the truth decides the way now
+        else:
+            self._give_up(migration_id)
         final = self.get(migration_id)
         events.record(self.store, actor, "migration.end", final.vm, final.state,
                       migration=migration_id, error=final.error)
+
+    def _give_up(self, migration_id: int) -> None:
+        """The last resort after every retry broke: failed, for an operator."""
+        try:
+            run = Run(self.controller, migration_id, self._cancel[migration_id], self.notify)
+            if run.record["state"] in LIVE:
+                run.finish(MigrationState.FAILED, "needs-operator: the run kept breaking "
+                           "(see the controller log)")
+        except Exception:
+            log.exception("migration %s: could not record its failure", migration_id)
 
     def notify(self, record: dict[str, Any]) -> None:
         for listener in list(self.listeners):
