@@ -17,6 +17,7 @@ from sqlalchemy import select
 from vmferry.api.controller import MigrationRecord
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
+from vmferry.controller.leader import Fenced, LeaderLease
 from vmferry.controller.recovery import forward, recover
 from vmferry.controller.run import Cancelled, Run, load, record_of
 from vmferry.controller.service import Controller
@@ -43,8 +44,11 @@ LIVE = [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]
 class Migrations:
     """Starts migrations, runs their phases in threads, rolls back or completes them."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, lease: LeaderLease | None = None) -> None:
         self.controller = controller
+        # With a lease, every write of a run is fenced by its epoch (controller.leader).
+        self.lease = lease
+        self.fence = lease.check if lease is not None else None
         self.store = controller.store
         self._cancel: dict[int, threading.Event] = {}
         self._threads: dict[int, threading.Thread] = {}
@@ -62,6 +66,8 @@ class Migrations:
         if destination not in {h.name for h in topology.hosts}:
             raise NotFoundError("to", f"unknown host {destination!r}")
         with self._lock, self.store.session() as session:
+            if self.fence is not None:
+                self.fence(session)
             row = session.get(VmRow, vm)
             if row is None:
                 raise NotFoundError("vm", f"no VM named {vm!r}")
@@ -149,12 +155,15 @@ class Migrations:
             try:
                 # A fresh run each time: what the store says is where the last try got to.
                 run = Run(self.controller, migration_id, self._cancel[migration_id],
-                          self.notify)
+                          self.notify, self.fence)
                 if recovering:
                     recover(run)
                 else:
                     forward(run, from_phase=Phase.PRECHECK)
                 break
+            except Fenced as exc:
+                log.error("migration %s: stopped, %s", migration_id, exc)
+                return          # the new leader resumes it
             except Exception:  # e.g. the store down: never leave the migration running
                 log.exception("migration %s: the run broke (try %d)", migration_id,
                               attempt + 1)
@@ -169,7 +178,8 @@ class Migrations:
     def _give_up(self, migration_id: int) -> None:
         """The last resort after every retry broke: failed, for an operator."""
         try:
-            run = Run(self.controller, migration_id, self._cancel[migration_id], self.notify)
+            run = Run(self.controller, migration_id, self._cancel[migration_id], self.notify,
+                      self.fence)
             if run.record["state"] in LIVE:
                 run.finish(MigrationState.FAILED, "needs-operator: the run kept breaking "
                            "(see the controller log)")

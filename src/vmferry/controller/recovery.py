@@ -10,6 +10,7 @@ import time
 
 from vmferry import failpoints
 from vmferry.controller import truth as truths
+from vmferry.controller.leader import Fenced
 from vmferry.controller.phases import STEPS
 from vmferry.controller.run import Cancelled, Run
 from vmferry.controller.truth import (
@@ -49,6 +50,8 @@ def forward(run: Run, from_phase: Phase, turns: int = 0) -> None:
             failpoints.reached(f"hold-before:{phase.value}")
             _step(run, phase)
             failpoints.reached(f"hold-after:{phase.value}")
+        except Fenced:
+            raise               # not the leader any more: stop at once, decide nothing
         except Exception as exc:  # every error, not only ours, goes through the decision
             message = exc.message if isinstance(exc, VmferryError) else \
                 f"internal error: {type(exc).__name__}: {exc}"
@@ -172,7 +175,7 @@ def rollback(run: Run, reason: str, turns: int = 0) -> None:
         run.controller.reconcile_fabric()
     except VmferryError as exc:
         problems.append(f"fabric: {exc.message}")
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.state = "running"
