@@ -186,7 +186,7 @@ def _run_controller(settings: ControllerSettings) -> None:
         lease.start_renewing()
         tls = settings.tls_dir
         controller = Controller(store, agent_tls=ClientTls(tls) if tls else None)
-        migrations = Migrations(controller)
+        migrations = Migrations(controller, lease=lease)
         # Finish or undo whatever a previous controller left half-done.
         migrations.resume_unfinished()
         app = create_app(controller, migrations)

@@ -38,7 +38,7 @@ def precheck(run: Run) -> None:
     (the same as ``vmferry where``), then the live reports of both hosts."""
     refuse_move(run.controller, run.vm, run.destination, run.id)
     topology = run.controller.topology()
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is None:
             raise NotFoundError("vm", f"no VM named {run.vm!r}")
@@ -124,7 +124,7 @@ def switchover(run: Run) -> None:
     if state not in {"running", "postmigrate"}:
         raise MigrationError(f"destination guest is {state}, not running "
                              f"(waited {SWITCHOVER_WAIT_S:g}s)", vm=run.vm)
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.host = run.destination
@@ -188,7 +188,7 @@ def clean_source(run: Run) -> None:
 
 def prune_vlan(run: Run) -> None:
     """The source is no endpoint any more (the VM's host changed at switchover)."""
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.state = "running"

@@ -19,6 +19,7 @@ from vmferry.api.agent import GuestEvent, MigrateRequest, MigrationProgress
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.run import Cancelled, Run
 from vmferry.controller.switchover import MakeBeforeBreak
+from vmferry.controller.truth import POSTCOPY, POSTCOPY_STUCK
 from vmferry.errors import MigrationError, VmferryError, WaitTimeout
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,10 @@ class _Follow:
                 run.record_result(qemu=progress.model_dump(mode="json"),
                                   progress=progress.model_dump(mode="json"))
             self.done = True
+        elif status in POSTCOPY_STUCK:
+            # Both ends hold parts of the memory: the decision (recovery.settle) recovers
+            # or holds it; nothing here may cancel or delete.
+            raise MigrationError(f"QEMU migration {status}", vm=run.vm)
         elif status in {"failed", "cancelled"}:
             error = (progress or run.src.migration(run.vm)).error
             raise MigrationError(f"QEMU migration {status}: {error or 'no reason given'}",
@@ -168,14 +173,14 @@ class _Follow:
             raise MigrationError(f"destination QEMU on {run.destination} died", vm=run.vm)
         status = progress.status
         elapsed = time.monotonic() - self.started
-        if run.cancelled.is_set() and status != "postcopy-active":
+        if run.cancelled.is_set() and status not in POSTCOPY:
             raise Cancelled("cancelled by the operator", vm=run.vm, phase="precopy")
         options = run.options
         if (options.postcopy_allowed and not self.postcopy_requested
                 and elapsed > options.postcopy_after() and status == "active"):
             run.src.start_postcopy(run.vm)
             self.postcopy_requested = True
-        if elapsed > options.timeout_s and status != "postcopy-active":
+        if elapsed > options.timeout_s and status not in POSTCOPY:
             raise WaitTimeout(f"the migration of {run.vm} to converge (dirty rate "
                               f"{progress.dirty_pages_rate} pages/s, {progress.remaining_bytes} "
                               "bytes left)", options.timeout_s)

@@ -50,7 +50,9 @@ FINAL_STATES = {MigrationState.COMPLETED, MigrationState.ROLLED_BACK, MigrationS
 _LEGAL: dict[MigrationState, set[MigrationState]] = {
     MigrationState.RUNNING: {MigrationState.ROLLING_BACK, MigrationState.COMPLETED,
                              MigrationState.FAILED},
-    MigrationState.ROLLING_BACK: {MigrationState.ROLLED_BACK, MigrationState.FAILED},
+    # Back to running: the rollback found QEMU completed (a cancel that came too late).
+    MigrationState.ROLLING_BACK: {MigrationState.ROLLED_BACK, MigrationState.FAILED,
+                                  MigrationState.RUNNING},
     MigrationState.COMPLETED: set(),
     MigrationState.ROLLED_BACK: set(),
     MigrationState.FAILED: set(),

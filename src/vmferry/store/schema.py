@@ -41,6 +41,8 @@ class HostRow(Base):
 
 class VmRow(Base):
     __tablename__ = "vms"
+    # One address per VLAN (0007): two concurrent creates cannot take the same IP.
+    __table_args__ = (UniqueConstraint("vlan", "ip", name="uq_vms_vlan_ip"),)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     host: Mapped[str] = mapped_column(String(64), ForeignKey("hosts.name"))
     memory_mib: Mapped[int]
@@ -112,3 +114,5 @@ class LeaderRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The fencing token: raised at every change of holder; a write by an older epoch is refused.
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -10,8 +10,9 @@ destination: MIGRATION active, completed, RESUME).
 
 Failures a test can inject: ``kill`` a guest (a destination dying fails the migration at its
 next step), ``FakeNetwork.break_link`` (the source fails; the destination, sent nothing,
-keeps waiting in inmigrate), a script that ends in "failed", or one that never converges
-(``converge=False``: active until cancelled or timed out), and ``fail_next_start``.
+keeps waiting in inmigrate; a postcopy pauses in "postcopy-paused"), a script that ends in
+"failed", or one that never converges (``converge=False``: active until cancelled or timed
+out), and ``fail_next_start``.
 """
 
 from __future__ import annotations
@@ -422,10 +423,15 @@ class FakeHypervisor(Hypervisor):
         return None
 
     def _advance(self, name: str, migration: FakeMigration, *, release: bool = False) -> None:
-        if migration.status in _TERMINAL or (migration.status == "pre-switchover"
-                                             and not release):
+        if migration.status in _TERMINAL or migration.status == "postcopy-paused" or (
+                migration.status == "pre-switchover" and not release):
             return
         cause = self._broken_because(migration)
+        if cause is not None and migration.status == "postcopy-active":
+            # As QEMU's: a postcopy that loses its stream pauses (both ends keep their pages).
+            migration.error = cause
+            self._set_status(name, migration, "postcopy-paused")
+            return
         if cause is not None:
             # A broken link sends the destination nothing: it keeps waiting, as QEMU does.
             self._end(name, migration, "failed", error=cause,
