@@ -24,6 +24,7 @@ Rules (each a ``Code``):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -236,6 +237,18 @@ def network_view(topology: Topology) -> NetworkView:
 
 
 @dataclass(slots=True)
+class _Index:
+    """Per snapshot: host names in order, hosts per kind, (free MiB, host) ascending, and
+    one shared yes-verdict per host (verdicts are not changed by their readers)."""
+
+    size: int
+    names: list[str]
+    by_kind: dict[int, list[str]]
+    ok: dict[str, Verdict]
+    by_free: list[tuple[int, str]]
+
+
+@dataclass(slots=True)
 class _VmContext:
     """What one VM's verdicts share: its policy's host sets, its VLANs' components, and
     reasons already worked out per host kind and per VLAN component."""
@@ -282,7 +295,9 @@ class Cluster:
         self.used: dict[str, int] = defaultdict(int)
         self.members: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.on_host: dict[str, set[str]] = defaultdict(set)
-        self._sorted: list[str] | None = None
+        self._cached_index: _Index | None = None
+        self._free_dirty = True
+        self._component_hosts: dict[int, dict[int | None, list[str]]] = {}
         self._kind_of: dict[str, int] = {}
         self._kinds: dict[tuple[object, ...], int] = {}
         for vm in self.vms.values():
@@ -303,6 +318,7 @@ class Cluster:
 
     def place(self, vm: str, host: str) -> None:
         """Tentatively move ``vm`` to ``host`` (plans build on their earlier moves)."""
+        self._free_dirty = True
         facts = self.vms[vm]
         self._occupy(facts, facts.host, -1)
         facts.host = host
@@ -439,35 +455,72 @@ class Cluster:
     # ---- all hosts --------------------------------------------------------------------------
 
     def where(self, vm_name: str) -> list[Verdict]:
-        """Every host, yes or no, with every reason; hosts in name order."""
+        """Every host, yes or no, with every reason; hosts in name order.
+
+        A data center has many hosts and few kinds of them: the hosts some rule might refuse
+        are found with set operations over indexes (hosts per kind, per VLAN component, by
+        free memory, ...); only those are examined one by one, the rest are a plain yes."""
         ctx = self._context(vm_name)
-        if self._sorted is None or len(self._sorted) != len(self.hosts):
-            self._sorted = sorted(self.hosts)
-            self._kind_of = {n: self._kind_key(self.hosts[n]) for n in self._sorted}
+        index = self._index()
         vm = ctx.vm
-        # Hosts a per-host rule may refuse go the full way; the rest (most of a data center)
-        # only need their kind's reasons, their state, free memory and VLAN component.
-        special = {vm.host} | ctx.forbidden
+        suspect = {vm.host} | ctx.forbidden
         for group in vm.policy.anti_affinity:
-            special.update(h for h, n in self.members[group].items() if n > 0)
-        kinds = ctx.kinds
-        kind_of, hosts, used, memory = self._kind_of, self.hosts, self.used, vm.memory_mib
-        allowed, peers = ctx.allowed, [p for _, p in ctx.affinity_peers]
-        up = HostState.UP
-        result = []
-        for name in self._sorted:
-            host = hosts[name]
-            kind = kinds.get(kind_of[name])
-            if kind is None or kind or host.state is not up or name in special or \
-                    host.memory_mib - used[name] < memory or \
-                    (allowed is not None and name not in allowed) or \
-                    any(name not in p for p in peers) or \
-                    any(ctx.vlan_reasons.get((v, c.get(name)), "") is not None
-                        for v, c in ctx.components):
-                result.append(self._verdict(ctx, name, False))
-            else:
-                result.append(Verdict(name, True, []))
-        return result
+            suspect.update(h for h, n in self.members[group].items() if n > 0)
+        suspect.update(n for n, h in self.hosts.items() if h.state is not HostState.UP)
+        refused_kinds = []
+        for kind, names in index.by_kind.items():
+            reasons = ctx.kinds.get(kind)
+            if reasons is None:
+                reasons = ctx.kinds[kind] = self._kind_reasons(vm, self.hosts[names[0]],
+                                                               ctx.source)
+            if reasons:
+                refused_kinds.append((names, reasons))
+        short = bisect.bisect_left(index.by_free, (vm.memory_mib, ""))
+        suspect.update(name for _, name in index.by_free[:short])
+        if ctx.allowed is not None:
+            suspect.update(self.hosts.keys() - ctx.allowed)
+        for _, peers in ctx.affinity_peers:
+            suspect.update(self.hosts.keys() - peers)
+        for vlan, component in ctx.components:
+            for names in self._hosts_by_component(vlan, component).values():
+                if self.network.blocked(vlan, vm.host if ctx.source else "", names[0]):
+                    suspect.update(names)
+        # A host refused for its kind alone gets its kind's reasons as they are.
+        answers: dict[str, Verdict] = {}
+        for names, reasons in refused_kinds:
+            for name in names:
+                if name not in suspect:
+                    answers[name] = Verdict(name, False, list(reasons))
+        ok = index.ok
+        return [answers.get(name) or (self._verdict(ctx, name, False) if name in suspect
+                                      else ok[name]) for name in index.names]
+
+    def _index(self) -> _Index:
+        """Hosts sorted by name, by kind and by free memory; rebuilt after ``place``."""
+        if self._cached_index is None or self._cached_index.size != len(self.hosts):
+            names = sorted(self.hosts)
+            by_kind: dict[int, list[str]] = defaultdict(list)
+            for name in names:
+                by_kind[self._kind_key(self.hosts[name])].append(name)
+            self._cached_index = _Index(
+                size=len(names), names=names, by_kind=dict(by_kind),
+                ok={n: Verdict(n, True, []) for n in names}, by_free=[])
+        index = self._cached_index
+        if self._free_dirty or not index.by_free:
+            index.by_free = sorted((h.memory_mib - self.used[n], n)
+                                   for n, h in self.hosts.items())
+            self._free_dirty = False
+        return index
+
+    def _hosts_by_component(self, vlan: int, component: dict[str, int]
+                            ) -> dict[int | None, list[str]]:
+        found = self._component_hosts.get(vlan)
+        if found is None:
+            found = defaultdict(list)
+            for name in self.hosts:
+                found[component.get(name)].append(name)
+            self._component_hosts[vlan] = found = dict(found)
+        return found
 
     def candidates(self) -> list[tuple[int, str]]:
         """A heap of the up hosts by free memory (most first), for ``best_host``."""
