@@ -14,7 +14,7 @@ import pytest
 from labkit import LabRun, default_topology, running_lab
 from vmferry import privileged
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 VMS = {"crit": ("192.0.2.21", "0"), "bulk": ("192.0.2.22", "5")}
 # Heartbeats every 2 s; suspected after 6 s, fenced after 12 s (controller/hostwatch.py); a
