@@ -17,11 +17,9 @@ from vmferry.model.placement import (
     VmFacts,
     VmPolicy,
     network_view,
-    plan_balance,
-    plan_drain,
-    plan_restart,
     profile_needs,
 )
+from vmferry.model.placement_plans import plan_balance, plan_drain, plan_restart
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import load_topology
 
