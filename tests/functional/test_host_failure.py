@@ -45,7 +45,7 @@ def live_copies(lab: LabRun, vm: str) -> list[str]:
 
 def kill_host(lab: LabRun, host: str) -> None:
     """What a dead host looks like: no agent, no QEMUs, no links."""
-    state = json.loads((lab.state_dir / "labs" / lab.name / "state.json").read_text())
+    state = json.loads((lab.state_dir / "labs" / lab.name / "lab.json").read_text())
     privileged.stop_pid(int(state["pids"][f"agent-{host}"]))
     for pidfile in (lab.state_dir / "labs" / lab.name / "hosts" / host / "guests").glob("*.pid"):
         pid = privileged.read_pidfile(pidfile)
