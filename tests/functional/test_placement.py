@@ -12,7 +12,7 @@ import pytest
 
 from labkit import LabRun, running_lab
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Three racks behind a spine. rack3 is the secure zone, and its ToR link may carry only VLAN
 # 300; host3's softswitch is declared without meters (so it cannot realize rate limits).

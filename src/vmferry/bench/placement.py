@@ -25,8 +25,8 @@ from vmferry.model.placement import (
     VmFacts,
     VmPolicy,
     network_view,
-    plan_drain,
 )
+from vmferry.model.placement_plans import plan_drain
 from vmferry.model.topology import Topology
 
 VLANS = list(range(100, 164))

@@ -23,7 +23,8 @@ from vmferry.controller.migration import LIVE, Migrations
 from vmferry.controller.placement import Placement, snapshot, verdict_out
 from vmferry.errors import ConflictError, NotFoundError, VmferryError
 from vmferry.model.migration import MigrationOptions, MigrationState
-from vmferry.model.placement import HostState, plan_drain
+from vmferry.model.placement import HostState
+from vmferry.model.placement_plans import plan_drain
 from vmferry.store.schema import HostRow, MigrationRow
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,8 @@ from vmferry.controller.profiles import Profiles, stored_profile
 from vmferry.controller.service import Controller
 from vmferry.errors import HostUnavailableError, PrivilegedError, VmferryError
 from vmferry.lab.names import LabLayout
-from vmferry.model.placement import HostState, plan_restart
+from vmferry.model.placement import HostState
+from vmferry.model.placement_plans import plan_restart
 from vmferry.model.topology import HOST_UPLINK_PORT, MIGRATION_IFNAME
 from vmferry.store.schema import HostRow, VmRow
 

@@ -31,9 +31,9 @@ from vmferry.model.placement import (
     VmFacts,
     VmPolicy,
     network_view,
-    plan_balance,
     profile_needs,
 )
+from vmferry.model.placement_plans import plan_balance
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Topology
 from vmferry.model.validation import input_error_from

@@ -24,6 +24,7 @@ Rules (each a ``Code``):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -236,6 +237,18 @@ def network_view(topology: Topology) -> NetworkView:
 
 
 @dataclass(slots=True)
+class _Index:
+    """Per snapshot: host names in order, hosts per kind, (free MiB, host) ascending, and
+    one shared yes-verdict per host (verdicts are not changed by their readers)."""
+
+    size: int
+    names: list[str]
+    by_kind: dict[int, list[str]]
+    ok: dict[str, Verdict]
+    by_free: list[tuple[int, str]]
+
+
+@dataclass(slots=True)
 class _VmContext:
     """What one VM's verdicts share: its policy's host sets, its VLANs' components, and
     reasons already worked out per host kind and per VLAN component."""
@@ -248,24 +261,6 @@ class _VmContext:
     affinity_peers: list[tuple[str, frozenset[str]]]
     kinds: dict[int, list[Reason]] = field(default_factory=dict)
     vlan_reasons: dict[tuple[int, int | None], str | None] = field(default_factory=dict)
-
-
-@dataclass
-class Move:
-    vm: str
-    source: str
-    destination: str
-    memory_mib: int
-
-
-@dataclass
-class Plan:
-    """Moves to make (in order) and, for VMs that have nowhere to go, every host's refusal."""
-
-    moves: list[Move] = field(default_factory=list)
-    stuck: dict[str, list[Verdict]] = field(default_factory=dict)
-    load_before: dict[str, float] = field(default_factory=dict)
-    load_after: dict[str, float] = field(default_factory=dict)
 
 
 class Cluster:
@@ -282,7 +277,9 @@ class Cluster:
         self.used: dict[str, int] = defaultdict(int)
         self.members: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.on_host: dict[str, set[str]] = defaultdict(set)
-        self._sorted: list[str] | None = None
+        self._cached_index: _Index | None = None
+        self._free_dirty = True
+        self._component_hosts: dict[int, dict[int | None, list[str]]] = {}
         self._kind_of: dict[str, int] = {}
         self._kinds: dict[tuple[object, ...], int] = {}
         for vm in self.vms.values():
@@ -303,6 +300,7 @@ class Cluster:
 
     def place(self, vm: str, host: str) -> None:
         """Tentatively move ``vm`` to ``host`` (plans build on their earlier moves)."""
+        self._free_dirty = True
         facts = self.vms[vm]
         self._occupy(facts, facts.host, -1)
         facts.host = host
@@ -439,35 +437,72 @@ class Cluster:
     # ---- all hosts --------------------------------------------------------------------------
 
     def where(self, vm_name: str) -> list[Verdict]:
-        """Every host, yes or no, with every reason; hosts in name order."""
+        """Every host, yes or no, with every reason; hosts in name order.
+
+        A data center has many hosts and few kinds of them: the hosts some rule might refuse
+        are found with set operations over indexes (hosts per kind, per VLAN component, by
+        free memory, ...); only those are examined one by one, the rest are a plain yes."""
         ctx = self._context(vm_name)
-        if self._sorted is None or len(self._sorted) != len(self.hosts):
-            self._sorted = sorted(self.hosts)
-            self._kind_of = {n: self._kind_key(self.hosts[n]) for n in self._sorted}
+        index = self._index()
         vm = ctx.vm
-        # Hosts a per-host rule may refuse go the full way; the rest (most of a data center)
-        # only need their kind's reasons, their state, free memory and VLAN component.
-        special = {vm.host} | ctx.forbidden
+        suspect = {vm.host} | ctx.forbidden
         for group in vm.policy.anti_affinity:
-            special.update(h for h, n in self.members[group].items() if n > 0)
-        kinds = ctx.kinds
-        kind_of, hosts, used, memory = self._kind_of, self.hosts, self.used, vm.memory_mib
-        allowed, peers = ctx.allowed, [p for _, p in ctx.affinity_peers]
-        up = HostState.UP
-        result = []
-        for name in self._sorted:
-            host = hosts[name]
-            kind = kinds.get(kind_of[name])
-            if kind is None or kind or host.state is not up or name in special or \
-                    host.memory_mib - used[name] < memory or \
-                    (allowed is not None and name not in allowed) or \
-                    any(name not in p for p in peers) or \
-                    any(ctx.vlan_reasons.get((v, c.get(name)), "") is not None
-                        for v, c in ctx.components):
-                result.append(self._verdict(ctx, name, False))
-            else:
-                result.append(Verdict(name, True, []))
-        return result
+            suspect.update(h for h, n in self.members[group].items() if n > 0)
+        suspect.update(n for n, h in self.hosts.items() if h.state is not HostState.UP)
+        refused_kinds = []
+        for kind, names in index.by_kind.items():
+            reasons = ctx.kinds.get(kind)
+            if reasons is None:
+                reasons = ctx.kinds[kind] = self._kind_reasons(vm, self.hosts[names[0]],
+                                                               ctx.source)
+            if reasons:
+                refused_kinds.append((names, reasons))
+        short = bisect.bisect_left(index.by_free, (vm.memory_mib, ""))
+        suspect.update(name for _, name in index.by_free[:short])
+        if ctx.allowed is not None:
+            suspect.update(self.hosts.keys() - ctx.allowed)
+        for _, peers in ctx.affinity_peers:
+            suspect.update(self.hosts.keys() - peers)
+        for vlan, component in ctx.components:
+            for names in self._hosts_by_component(vlan, component).values():
+                if self.network.blocked(vlan, vm.host if ctx.source else "", names[0]):
+                    suspect.update(names)
+        # A host refused for its kind alone gets its kind's reasons as they are.
+        answers: dict[str, Verdict] = {}
+        for names, reasons in refused_kinds:
+            for name in names:
+                if name not in suspect:
+                    answers[name] = Verdict(name, False, list(reasons))
+        ok = index.ok
+        return [answers.get(name) or (self._verdict(ctx, name, False) if name in suspect
+                                      else ok[name]) for name in index.names]
+
+    def _index(self) -> _Index:
+        """Hosts sorted by name, by kind and by free memory; rebuilt after ``place``."""
+        if self._cached_index is None or self._cached_index.size != len(self.hosts):
+            names = sorted(self.hosts)
+            by_kind: dict[int, list[str]] = defaultdict(list)
+            for name in names:
+                by_kind[self._kind_key(self.hosts[name])].append(name)
+            self._cached_index = _Index(
+                size=len(names), names=names, by_kind=dict(by_kind),
+                ok={n: Verdict(n, True, []) for n in names}, by_free=[])
+        index = self._cached_index
+        if self._free_dirty or not index.by_free:
+            index.by_free = sorted((h.memory_mib - self.used[n], n)
+                                   for n, h in self.hosts.items())
+            self._free_dirty = False
+        return index
+
+    def _hosts_by_component(self, vlan: int, component: dict[str, int]
+                            ) -> dict[int | None, list[str]]:
+        found = self._component_hosts.get(vlan)
+        if found is None:
+            found = defaultdict(list)
+            for name in self.hosts:
+                found[component.get(name)].append(name)
+            self._component_hosts[vlan] = found = dict(found)
+        return found
 
     def candidates(self) -> list[tuple[int, str]]:
         """A heap of the up hosts by free memory (most first), for ``best_host``."""
@@ -522,90 +557,3 @@ def _major(version: str) -> int:
         return int(str(version).split(".")[0])
     except ValueError:
         return 0
-
-
-# ---- plans ----------------------------------------------------------------------------------
-
-def _hard_first(cluster: Cluster, names: Iterable[str]) -> list[str]:
-    """VMs with the most constraints and the most memory first: they are the hardest to fit."""
-    def key(name: str) -> tuple[int, int, str]:
-        p = cluster.vms[name].policy
-        constraints = len(p.anti_affinity) + len(p.affinity) + (p.zone is not None) + \
-            (p.allowed_hosts is not None)
-        return (-constraints, -cluster.vms[name].memory_mib, name)
-    return sorted(names, key=key)
-
-
-def plan_drain(cluster: Cluster, host: str) -> Plan:
-    """Moves that empty ``host`` (which the caller has put in maintenance in ``cluster``),
-    each to the feasible host with the most free memory at that point of the plan. A VM with
-    nowhere to go is in ``stuck`` with every host's reasons; the caller refuses the drain."""
-    plan = Plan()
-    heap = cluster.candidates()
-    for name in _hard_first(cluster, cluster.on_host.get(host, set())):
-        target = cluster.best_host(name, heap)
-        if target is None:
-            plan.stuck[name] = cluster.where(name)
-            continue
-        plan.moves.append(Move(name, host, target, cluster.vms[name].memory_mib))
-        cluster.place(name, target)
-    return plan
-
-
-def plan_restart(cluster: Cluster, host: str) -> Plan:
-    """Where the VMs of a failed (fenced) ``host`` restart: by tier (0 first), then the
-    hardest to fit first; ``stuck`` for those with nowhere to go."""
-    plan = Plan()
-    names = cluster.on_host.get(host, set())
-    by_tier = sorted(_hard_first(cluster, names), key=lambda n: cluster.vms[n].policy.tier)
-    heap = cluster.candidates()
-    for name in by_tier:
-        target = cluster.best_host(name, heap)
-        if target is None:
-            plan.stuck[name] = cluster.where(name)
-            continue
-        plan.moves.append(Move(name, host, target, cluster.vms[name].memory_mib))
-        cluster.place(name, target)
-    return plan
-
-
-def plan_balance(cluster: Cluster, max_moves: int, *, tolerance: float = 0.05) -> Plan:
-    """At most ``max_moves`` moves that even out memory load (used / capacity) over the up
-    hosts: each takes a VM from the most loaded host to the least loaded feasible one, when
-    that lowers the larger of the two loads. Stops when the spread is within ``tolerance``."""
-    up = [n for n, h in cluster.hosts.items() if h.state is HostState.UP]
-    plan = Plan(load_before={n: round(cluster.load(n), 4) for n in sorted(up)})
-    moved: set[str] = set()
-    while len(plan.moves) < max_moves and len(up) > 1:
-        ranked = sorted(up, key=cluster.load)
-        hot = ranked[-1]
-        if cluster.load(hot) - cluster.load(ranked[0]) <= tolerance:
-            break
-        move = _best_balancing_move(cluster, hot, ranked[:-1], moved)
-        if move is None:
-            break
-        plan.moves.append(move)
-        moved.add(move.vm)
-        cluster.place(move.vm, move.destination)
-    plan.load_after = {n: round(cluster.load(n), 4) for n in sorted(up)}
-    return plan
-
-
-def _best_balancing_move(cluster: Cluster, hot: str, cold_first: list[str],
-                         moved: set[str]) -> Move | None:
-    hot_spec = cluster.hosts[hot]
-    before = cluster.load(hot)
-    best: tuple[float, Move] | None = None
-    for name in sorted(cluster.on_host.get(hot, set()) - moved):
-        vm = cluster.vms[name]
-        for cold in cold_first:
-            spec = cluster.hosts[cold]
-            after = max((cluster.used[hot] - vm.memory_mib) / hot_spec.memory_mib,
-                        (cluster.used[cold] + vm.memory_mib) / spec.memory_mib)
-            if after >= before - 1e-9:
-                continue
-            if cluster.verdict(name, cold, first_only=True).ok:
-                if best is None or after < best[0]:
-                    best = (after, Move(name, hot, cold, vm.memory_mib))
-                break       # colder hosts come first: the first feasible one is this VM's best
-    return best[1] if best else None
