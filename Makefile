@@ -37,6 +37,7 @@ lint: venv
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy src/vmferry
 	$(VENV)/bin/lint-imports
+	$(PY) scripts/check_sizes.py src
 
 bench: install
 	$(VMFERRY) bench migration

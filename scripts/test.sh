@@ -4,10 +4,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 status=0
-echo "== lint (ruff, mypy --strict, import layers)"
+echo "== lint (ruff, mypy --strict, import layers, file and function sizes)"
 .venv/bin/ruff check src tests || status=$?
 .venv/bin/mypy src/vmferry || status=$?
 .venv/bin/lint-imports || status=$?
+$PY scripts/check_sizes.py src || status=$?
 echo "== unit tests"
 $PY -m pytest -q -p no:cacheprovider tests/unit || status=$?
 echo "== functional tests"

@@ -77,6 +77,9 @@ class Site:
         self.agents: dict[str, HostAgent] = {}
         self.clients: dict[str, TestClient] = {}
         self.unreachable: set[str] = set()
+        # Loopback addresses a migration URI can name (the controller builds the URI from
+        # the inventory's migration address; the agent binds its incoming port there).
+        data["migration_network"] = "127.0.0.0/24"
         for host in data["hosts"]:
             name = host["name"]
             token_file = tmp / f"{name}.token"
@@ -90,7 +93,9 @@ class Site:
             switch.ensure_port(HOST_BRIDGE, PortSpec(name=HOST_UPLINK_PORT, vlan_mode="trunk"))
             self.agents[name] = HostAgent(
                 AgentConfig(host=name, run_dir=tmp / "run" / name, memory_mib=4096,
-                            shared_storage=shared, migration_ip="127.0.0.1"),
+                            shared_storage=shared,
+                            migration_ip=f"127.0.0.{len(self.agents) + 1}",
+                            migration_network="127.0.0.0/24"),
                 self.hypervisors[name], switch, links=FakeLinks())
             self.clients[name] = TestClient(agent_app(self.agents[name], f"token-{name}"),
                                             raise_server_exceptions=False)

@@ -6,6 +6,7 @@ restarted controller from each phase. No root, seconds."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from enginekit import Site, site_at
 
 from vmferry.api.agent import MigrateRequest
 from vmferry.api.controller import MigrationRecord
+from vmferry.controller import truth
 from vmferry.controller.phases import STEPS
 from vmferry.controller.run import Run
 from vmferry.drivers.hypervisor.base import GuestState
@@ -172,17 +174,98 @@ def test_operator_cancel(site: Site) -> None:
     stays_on_source(site, record)
 
 
-def test_destination_agent_unreachable(site: Site) -> None:
+def test_destination_agent_unreachable(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(truth, "UNREACHABLE_WAIT_S", 1.0)
     record = held(site)
     site.unreachable.add("host3")
     record = finish(site, record)
     # The source is safe; the destination could not be cleaned: an operator must look.
     assert record.state == "failed"
-    assert record.error is not None and "host3" in record.error
-    assert "does not answer" in record.error
+    assert record.error is not None and "needs-operator" in record.error
+    assert "host3" in record.error and "does not answer" in record.error
     assert site.hypervisors["host1"].state("vm1") is GuestState.RUNNING
     assert site.status("host1", "vm1") == "cancelled"
     assert vm_row(site) == ("host1", "running")
+
+
+def test_destination_agent_back_lets_the_rollback_finish(site: Site) -> None:
+    record = held(site)
+    site.unreachable.add("host3")
+    site.wait_status("host1", "vm1", "cancelled")
+    time.sleep(0.5)                       # the engine keeps asking host3 meanwhile
+    assert site.migrations.get(record.id).state == "rolling-back"
+    site.unreachable.discard("host3")     # the agent restarted
+    record = finish(site, record)
+    assert record.state == "rolled-back", record.error
+    stays_on_source(site, record)
+
+
+def test_timeout_landing_after_qemu_completed_goes_forward(site: Site) -> None:
+    record = held(site, timeout_s=1, make_before_break=False)
+    hv = site.hypervisors["host1"]
+    real_cancel = hv.cancel_migration
+
+    def late_cancel(name: str) -> None:   # QEMU completed before the cancel reached it
+        site.release("host1", name)
+        hv.run_migration(name)
+        real_cancel(name)
+    hv.cancel_migration = late_cancel     # type: ignore[method-assign]
+    record = finish(site, record)
+    assert record.state == "completed", record.error
+    assert "converge" in (record.result.model_extra or {})["turned_forward"]
+    moved(site)
+
+
+def test_agent_call_failing_right_after_completion(site: Site) -> None:
+    record = held(site, make_before_break=False)
+    site.unreachable.add("host3")
+    site.release("host1", "vm1")
+    site.wait_status("host1", "vm1", "completed")
+    time.sleep(0.5)
+    site.unreachable.discard("host3")
+    record = finish(site, record)
+    assert record.state == "completed", record.error
+    moved(site)
+
+
+def test_postcopy_paused_is_held_never_deleted(site: Site) -> None:
+    site.create_vm()
+    hv = site.hypervisors["host1"]
+    hv.script_migration("vm1", ["setup", "active"], converge=False)
+    site.hold("host1", "vm1", "postcopy-active")
+    record = site.migrate(postcopy="auto", postcopy_after_s=0.2, make_before_break=False)
+    site.wait_status("host1", "vm1", "postcopy-active")
+    uri = site.migrations.get(record.id).result.incoming_uri
+    assert uri is not None
+    site.network.break_link(uri)
+    hv.step("vm1")
+    assert site.status("host1", "vm1") == "postcopy-paused"
+    record = finish(site, record)
+    assert record.state == "failed"
+    assert record.error is not None and "needs-operator" in record.error
+    assert "postcopy-paused" in record.error
+    # Both halves of the guest are kept: the destination runs, the source holds pages.
+    assert site.hypervisors["host3"].state("vm1") is GuestState.RUNNING
+    assert hv.state("vm1") is GuestState.PAUSED
+    assert site.status("host1", "vm1") == "postcopy-paused"
+
+
+def test_unexpected_error_in_a_phase_rolls_back(site: Site,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(run: Run) -> None:
+        raise KeyError("surprise")
+    monkeypatch.setitem(STEPS, Phase.START_DESTINATION, broken)
+    site.create_vm()
+    record = finish(site, site.migrate())
+    assert record.state == "rolled-back", record.error
+    assert record.error is not None and "KeyError" in record.error
+    stays_on_source(site, record)
+
+
+def moved(site: Site) -> None:
+    assert vm_row(site) == ("host3", "running")
+    assert site.hypervisors["host3"].state("vm1") is GuestState.RUNNING
+    assert site.hypervisors["host1"].state("vm1") is GuestState.ABSENT
 
 
 # ---- recovery by a restarted controller -----------------------------------------------------
@@ -260,3 +343,40 @@ def test_audit_finds_switchover_rules_left_by_a_dead_migration(site: Site) -> No
     assert found == [("switchover-flow", "host1", f"{mbb_cookie(77):#x}")]
     assert audit.fix(site.controller, audit.audit(site.controller)) == []
     assert no_switchover_rules(site)
+
+
+def test_recovery_resumes_a_finished_source_when_the_destination_died(site: Site) -> None:
+    migration_id = die_at(site, Phase.PRECOPY)
+    assert site.hypervisors["host1"].state("vm1") is GuestState.POSTMIGRATE
+    site.hypervisors["host3"].kill("vm1")
+    controller, migrations = site.new_controller()
+    try:
+        migrations.resume_unfinished()
+        record = migrations.wait(migration_id, WAIT_S)
+    finally:
+        controller.close()
+    assert record.state == "rolled-back", record.error
+    stays_on_source(site, record)
+
+
+@pytest.mark.parametrize(("source", "destination", "issued", "way"), [
+    (("running", "active"), ("inmigrate", "none"), True, "rollback"),
+    (("postmigrate", "completed"), ("running", "none"), True, "forward"),
+    (("postmigrate", "completed"), ("inmigrate", "none"), True, "forward"),
+    (("postmigrate", "completed"), ("absent", "none"), True, "rollback"),
+    (("postmigrate", "completed"), ("unreachable", "unknown"), True, "unknown"),
+    (("running", "completed"), ("absent", "none"), False, "rollback"),
+    (("paused", "postcopy-active"), ("running", "none"), True, "follow"),
+    (("paused", "postcopy-paused"), ("running", "none"), True, "hold"),
+    (("running", "cancelled"), ("running", "none"), True, "hold"),
+    (("absent", "none"), ("running", "none"), True, "forward"),
+    (("absent", "none"), ("absent", "none"), True, "hold"),
+    (("unreachable", "unknown"), ("running", "none"), True, "unknown"),
+    (("running", "active"), ("unreachable", "unknown"), True, "rollback"),
+])
+def test_the_way_out_comes_from_both_qemus(source: tuple[str, str],
+                                           destination: tuple[str, str], issued: bool,
+                                           way: str) -> None:
+    decision = truth.decide(truth.Truth(truth.End(*source), truth.End(*destination)),
+                            issued=issued)
+    assert decision.way.value == way, decision.reason

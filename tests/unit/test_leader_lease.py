@@ -37,3 +37,11 @@ def test_lease_of_a_dead_local_process_is_taken_at_once(store: Store) -> None:
     import socket
     LeaderLease(store, holder=f"{socket.gethostname()}:999999999", ttl=300).acquire()
     LeaderLease(store, ttl=30).acquire()
+
+
+def test_holder_names_are_unique_per_lease(store: Store) -> None:
+    first, second = LeaderLease(store), LeaderLease(store)
+    assert first.holder != second.holder         # not only hostname:pid
+    first.acquire()
+    with pytest.raises(ConflictError):
+        second.acquire()

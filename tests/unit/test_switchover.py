@@ -260,3 +260,21 @@ def test_overlap_mode_returns_at_once_and_close_waits_for_the_install(
     assert all(not s.rules for s in fabric.switches.values())
     assert recorded["make_before_break_mode"] == "overlap"
     assert recorded["make_before_break"] == "removed"
+
+
+def test_a_fake_fabric_of_the_default_topology_opens_a_window(topology: Topology) -> None:
+    fabric = FakeFabric.of(topology)
+    for switch, port in (("tor1", "h-host1"), ("tor1", "t-spine"), ("spine", "t-tor1"),
+                         ("spine", "t-tor2"), ("tor2", "t-spine"), ("tor2", "h-host3")):
+        fabric.set_trunk_vlans(switch, port, frozenset({100}))
+    calls: list[tuple[str, str, int]] = []
+    mbb = MakeBeforeBreak(SwitchoverContext(
+        migration_id=9, vm="vm1", mac=MAC, vlan=100, source="host1", destination="host3",
+        has_profile=False, topology=topology, fabric=fabric,
+        agent=lambda host: FakeAgent(host, calls)))
+    mbb.open()
+    assert {n for n, s in fabric.switches.items() if s.rules} == {"tor1", "spine", "tor2"}
+    assert leftovers(fabric, list(fabric.switches), live=set()) == [
+        (n, mbb_cookie(9)) for n in sorted(fabric.switches)]
+    mbb.close()
+    assert leftovers(fabric, list(fabric.switches), live=set()) == []

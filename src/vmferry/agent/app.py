@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI, Request
@@ -12,10 +13,13 @@ from fastapi import Depends, FastAPI, Request
 from vmferry.agent.routes import guests, host, ports
 from vmferry.agent.service import HostAgent
 from vmferry.errors import AuthError, VmferryError
-from vmferry.http import client_for
+from vmferry.http import ClientTls, client_for
 from vmferry.web import bearer_token, install_error_handlers, tokens_equal
 
 log = logging.getLogger(__name__)
+
+#: The certificate name (CN) an agent accepts calls from, unless configured otherwise.
+CONTROLLER_NAME = "controller"
 
 
 def create_app(agent: HostAgent, token: str) -> FastAPI:
@@ -38,10 +42,13 @@ class Heartbeat:
     """Reports the host to the controller every ``interval`` seconds, in a daemon thread."""
 
     def __init__(self, agent: HostAgent, controller: str, token: str,
-                 interval: float = 2.0) -> None:
+                 interval: float = 2.0, *, tls: ClientTls | None = None,
+                 controller_name: str = CONTROLLER_NAME) -> None:
         self.agent = agent
         self.controller = controller
         self.token = token
+        self.tls = tls
+        self.controller_name = controller_name
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -58,7 +65,8 @@ class Heartbeat:
     def beat(self) -> None:
         report = self.agent.report()
         if self._api is None:       # one connection for every beat, opened on the first
-            self._api = client_for(self.controller, token=self.token, timeout=5)
+            self._api = client_for(self.controller, token=self.token, timeout=5,
+                                   tls=self.tls, server_name=self.controller_name)
         self._api.post(f"/v1/agents/{self.agent.config.host}/heartbeat",
                        content=report.model_dump_json(),
                        headers={"content-type": "application/json"}).raise_for_status()
@@ -77,14 +85,21 @@ class Heartbeat:
 
 
 def run_agent(make: Callable[[], tuple[HostAgent, str]], listens: list[str],
-              controller: str | None) -> None:
-    from vmferry.web import serve
+              controller: str | None, *, tls_dir: Path | None = None,
+              controller_name: str = CONTROLLER_NAME) -> None:
+    """Serve the agent; with ``tls_dir`` over HTTPS, accepting only the controller's
+    certificate (CN ``controller_name``), and heartbeats go over HTTPS too."""
+    from vmferry.web import ServerTls, serve
     agent, token = make()
-    heartbeat = Heartbeat(agent, controller, token) if controller else None
+    client_tls = ClientTls(tls_dir) if tls_dir is not None else None
+    heartbeat = Heartbeat(agent, controller, token, tls=client_tls,
+                          controller_name=controller_name) if controller else None
     if heartbeat:
         heartbeat.start()
+    server_tls = ServerTls(tls_dir, peers=frozenset({controller_name})) \
+        if tls_dir is not None else None
     try:
-        serve(create_app(agent, token), listens)
+        serve(create_app(agent, token), listens, tls=server_tls)
     finally:
         if heartbeat:
             heartbeat.stop()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Literal
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from vmferry.drivers.hypervisor.uri import validate_migration_uri
+from vmferry.errors import InputError
 from vmferry.model.migration import MigrationOptions
 from vmferry.model.network import InterfaceCidr, IpAddress, MacAddress, VlanId
 from vmferry.model.profile import PortProfile
@@ -11,6 +15,19 @@ from vmferry.model.profile import PortProfile
 # Longest an events long poll may wait (seconds).
 MAX_EVENTS_WAIT_S = 30.0
 GUEST_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+HOST_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+def _tcp_uri(uri: str) -> str:
+    # pydantic reports ValueErrors as the field's reason; QEMU would run exec: as a shell.
+    try:
+        return validate_migration_uri(uri)
+    except InputError as exc:
+        raise ValueError(exc.reason) from None
+
+
+#: A QEMU migration URI: ``tcp:ADDR:PORT`` and nothing else.
+MigrationUri = Annotated[str, Field(min_length=1, max_length=300), AfterValidator(_tcp_uri)]
 
 
 class _Body(BaseModel):
@@ -26,6 +43,8 @@ class GuestRequest(_Body):
     vlan: VlanId
     workload_mibps: int = Field(0, ge=0, le=10_000)
     incoming: bool = False          # start paused, waiting for a migration stream
+    # With TLS: the only source host (certificate name) the incoming stream may come from.
+    migration_peer: str | None = Field(default=None, pattern=HOST_NAME)
     postcopy: bool = False          # the incoming stream may switch to postcopy
     profile: PortProfile | None = None
 
@@ -47,7 +66,9 @@ class UplinkVlans(_Body):
 class MigrateRequest(_Body):
     """Start the outgoing migration of a guest to ``uri`` with the migration's options."""
 
-    uri: str = Field(min_length=1, max_length=300)
+    uri: MigrationUri
+    # The destination host: with TLS its certificate must carry this name.
+    peer: str | None = Field(default=None, pattern=HOST_NAME)
     options: MigrationOptions = Field(default_factory=lambda: MigrationOptions.model_validate({}))
     # Stop in QEMU's "pre-switchover" until continue_migration (make-before-break).
     pause_before_switchover: bool = False
@@ -197,3 +218,35 @@ class HostLeftovers(BaseModel):
     ports: list[str]
     taps: list[str]
     requests: list[str]
+    carried: list[str] = Field(default_factory=list)   # VMs whose port has carry flows
+
+
+class ConnTuple(_Body):
+    """One direction of a tracked connection (ICMP: ``sport`` the echo id, ``dport`` the
+    type << 8 | code)."""
+
+    src: IpAddress
+    dst: IpAddress
+    sport: int = Field(0, ge=0, le=65535)
+    dport: int = Field(0, ge=0, le=65535)
+
+
+class ConnEntryBody(_Body):
+    """A connection-tracking entry of a guest's port, as read on its host."""
+
+    protocol: Literal["tcp", "udp", "icmp"]
+    orig: ConnTuple
+    reply: ConnTuple
+    zone: int = Field(ge=0, le=65535)
+    state: str | None = Field(None, max_length=40)
+
+
+class ConnState(_Body):
+    """The entries of a guest port's conntrack zone (read on the source, carried to the
+    destination)."""
+
+    entries: list[ConnEntryBody] = Field(default_factory=list, max_length=65536)
+
+
+class ConnCarried(BaseModel):
+    flows: int

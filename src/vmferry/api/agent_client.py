@@ -17,6 +17,8 @@ from pydantic import BaseModel, TypeAdapter
 
 from vmferry.api.agent import (
     MAX_EVENTS_WAIT_S,
+    ConnCarried,
+    ConnState,
     GuestEvent,
     GuestInfo,
     GuestRequest,
@@ -36,7 +38,7 @@ from vmferry.api.agent import (
     UplinkVlans,
 )
 from vmferry.errors import AgentError, HostUnavailableError
-from vmferry.http import client_for, raise_for_agent
+from vmferry.http import ClientTls, client_for, raise_for_agent
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Host, Topology
 
@@ -55,7 +57,7 @@ class AgentClient:
 
     def __init__(self, host: str, address: str, token: str | None, *,
                  transport: httpx.BaseTransport | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, tls: ClientTls | None = None) -> None:
         self.host = host
         self.address = address
         if transport is not None:
@@ -63,7 +65,9 @@ class AgentClient:
             self._http = httpx.Client(transport=transport, base_url="http://vmferry.agent",
                                       headers=headers, timeout=timeout)
         else:
-            self._http = client_for(address, token=token, timeout=timeout)
+            # With TLS the agent's certificate must name its host.
+            self._http = client_for(address, token=token, timeout=timeout, tls=tls,
+                                    server_name=host)
 
     def close(self) -> None:
         self._http.close()
@@ -194,6 +198,18 @@ class AgentClient:
     def close_switchover(self, cookie: int) -> None:
         self.request("DELETE", f"/v1/make-before-break/{cookie}", timeout=15)
 
+    def conntrack(self, vm: str) -> ConnState:
+        """The tracked connections of the guest's port on this host."""
+        return self._get(ConnState, "GET", f"/v1/ports/{vm}/conntrack", timeout=15)
+
+    def carry_conntrack(self, vm: str, state: ConnState) -> int:
+        """Carry ``state`` to the guest's port here; returns the number of carry flows."""
+        return self._get(ConnCarried, "PUT", f"/v1/ports/{vm}/conntrack", body=state,
+                         timeout=30).flows
+
+    def drop_carried_conntrack(self, vm: str) -> None:
+        self.request("DELETE", f"/v1/ports/{vm}/conntrack", timeout=15)
+
     def switchover_cookies(self) -> list[int]:
         return self._get(SwitchoverCookies, "GET", "/v1/make-before-break", timeout=15).cookies
 
@@ -203,9 +219,11 @@ class AgentClients:
     until the host's address or token file changes (``refresh``). Thread-safe."""
 
     def __init__(self, read_token: Callable[[str], str], *,
-                 transport: TransportFactory | None = None) -> None:
+                 transport: TransportFactory | None = None,
+                 tls: ClientTls | None = None) -> None:
         self._read_token = read_token
         self._transport = transport
+        self._tls = tls
         self._clients: dict[str, tuple[tuple[str, str | None], AgentClient]] = {}
         self._specs: dict[str, Host] = {}
         self._lock = threading.Lock()
@@ -233,7 +251,7 @@ class AgentClients:
                 return known[1]
             token = self._read_token(spec.agent_token_file) if spec.agent_token_file else None
             client = AgentClient(host, spec.agent_url, token, transport=(
-                self._transport(host) if self._transport else None))
+                self._transport(host) if self._transport else None), tls=self._tls)
             self._clients[host] = (key, client)
             return client
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vmferry.api.agent import GuestInfo, MigrationProgress, PortStatus
 from vmferry.model.migration import MigrationOptions
 from vmferry.model.network import InterfaceCidr, IpAddress, VlanId
+from vmferry.model.placement import VmPolicy
 from vmferry.model.profile import PortProfile
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -28,6 +29,7 @@ class VmCreate(_Body):
     gateway: IpAddress | None = None
     workload_mibps: int = Field(0, ge=0, le=10_000)
     max_downtime_ms: int | None = Field(None, ge=1, le=600_000)
+    policy: VmPolicy | None = None      # placement policy (controller.placement)
 
 
 class VmOut(BaseModel):
@@ -44,6 +46,7 @@ class VmOut(BaseModel):
     created_at: str
     runtime: GuestInfo | None = None
     runtime_error: str | None = None
+    policy: VmPolicy | None = None
 
 
 class HostOut(BaseModel):

@@ -9,7 +9,9 @@ naming the key, before anything starts. A relative path in the file is taken bes
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -42,6 +44,15 @@ class ControllerSettings(_Settings):
     db: str = Field(min_length=1, description="Store URL: sqlite:///PATH or postgresql://...")
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8470"], min_length=1)
     bootstrap_token_file: Path | None = None
+    # HTTPS with client certificates on every ``listen`` (a `vmferry pki issue` directory);
+    # ``plain-listen`` addresses stay plain HTTP (a loopback address for users' tokens).
+    tls_dir: Path | None = None
+    plain_listen: list[str] = Field(default_factory=list)
+    # Inventory confinement: agent token files only from here, unix: agent URLs only here.
+    secrets_dir: Path = Path("/etc/vmferry/secrets")
+    run_dir: Path = Path("/run/vmferry")
+    # The store URL's password, read from this file (never in argv, the config or logs).
+    db_password_file: Path | None = None
 
 
 class AgentSettings(_Settings):
@@ -59,6 +70,10 @@ class AgentSettings(_Settings):
     hypervisor: Literal["qemu", "libvirt"] = "qemu"
     libvirt_uri: str = "qemu:///system"
     libvirt_console_dir: Path = Path("/var/log/libvirt/qemu")
+    # HTTPS with client certificates (a `vmferry pki issue` directory named after this host);
+    # the same directory is QEMU's migration TLS credentials.
+    tls_dir: Path | None = None
+    controller_name: str = Field("controller", min_length=1, max_length=63)
 
 
 S = TypeVar("S", bound=_Settings)
@@ -129,11 +144,23 @@ def controller_serve(
     listen: list[str] | None = typer.Option(
         None, help="HOST:PORT or unix:/PATH (repeat) [default: 127.0.0.1:8470]"),
     bootstrap_token_file: Path | None = typer.Option(None, help="Admin token to register"),
+    tls_dir: Path | None = typer.Option(None, help="HTTPS with client certificates on every "
+                                        "--listen (a `vmferry pki issue` directory)"),
+    plain_listen: list[str] | None = typer.Option(
+        None, help="Plain-HTTP listener besides the HTTPS ones (loopback, for users' tokens)"),
+    secrets_dir: Path | None = typer.Option(None, help="Agent token files must be inside it "
+                                            "[default: /etc/vmferry/secrets]"),
+    run_dir: Path | None = typer.Option(None, help="unix: agent URLs must be inside it "
+                                        "[default: /run/vmferry]"),
+    db_password_file: Path | None = typer.Option(
+        None, help="The store's password (else $VMFERRY_DB_PASSWORD); never put it in --db"),
 ) -> None:
     """Serve the controller's HTTP API."""
     with errors_to_exit():
         settings = resolve_settings(ControllerSettings, ctx, config, {
-            "db": db, "listen": listen, "bootstrap_token_file": bootstrap_token_file})
+            "db": db, "listen": listen, "bootstrap_token_file": bootstrap_token_file,
+            "tls_dir": tls_dir, "plain_listen": plain_listen, "secrets_dir": secrets_dir,
+            "run_dir": run_dir, "db_password_file": db_password_file})
     _run_controller(settings)
 
 
@@ -143,23 +170,30 @@ def _run_controller(settings: ControllerSettings) -> None:
     from vmferry.controller.leader import LeaderLease
     from vmferry.controller.migration import Migrations
     from vmferry.controller.service import Controller
-    from vmferry.store.db import Store
     from vmferry.web import read_token_file, serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from vmferry.controller.inventory_rules import Confinement
+    from vmferry.http import ClientTls
+    from vmferry.web import ServerTls
+    restrict_umask()
     with errors_to_exit():
-        store = Store(settings.db)
+        store = open_store(settings)
         store.create_schema()
         if settings.bootstrap_token_file:
             ensure_bootstrap_token(store, read_token_file(settings.bootstrap_token_file))
         lease = LeaderLease(store)
         lease.acquire()
         lease.start_renewing()
-        controller = Controller(store)
-        migrations = Migrations(controller)
+        tls = settings.tls_dir
+        controller = Controller(store, agent_tls=ClientTls(tls) if tls else None)
+        migrations = Migrations(controller, lease=lease)
         # Finish or undo whatever a previous controller left half-done.
         migrations.resume_unfinished()
+        app = create_app(controller, migrations)
+        app.state.confinement = Confinement(settings.secrets_dir, settings.run_dir)
         try:
-            serve(create_app(controller, migrations), list(settings.listen))
+            serve(app, list(settings.listen), tls=ServerTls(tls) if tls else None,
+                  plain=list(settings.plain_listen))
         finally:
             lease.release()
 
@@ -191,6 +225,10 @@ def agent_serve(
     libvirt_console_dir: Path = typer.Option(
         AgentSettings.model_fields["libvirt_console_dir"].default,
         help="Where that daemon's domain logs are"),
+    tls_dir: Path | None = typer.Option(None, help="HTTPS with client certificates and QEMU "
+                                        "migration TLS (a `vmferry pki issue` directory)"),
+    controller_name: str = typer.Option(AgentSettings.model_fields["controller_name"].default,
+                                        help="The only certificate name (CN) served"),
 ) -> None:
     """Serve a host agent (runs inside the host, or its namespace in the lab)."""
     with errors_to_exit():
@@ -199,7 +237,8 @@ def agent_serve(
             "ovsdb": ovsdb, "ovs_rundir": ovs_rundir, "ovs_ctl": ovs_ctl, "run_dir": run_dir,
             "shared_storage": shared_storage, "memory_mib": memory_mib,
             "migration_ip": migration_ip, "hypervisor": hypervisor, "libvirt_uri": libvirt_uri,
-            "libvirt_console_dir": libvirt_console_dir})
+            "libvirt_console_dir": libvirt_console_dir, "tls_dir": tls_dir,
+            "controller_name": controller_name})
     _run_agent(settings)
 
 
@@ -222,21 +261,65 @@ def _run_agent(settings: AgentSettings) -> None:
                                            uri=settings.libvirt_uri, host=settings.host,
                                            console_dir=settings.libvirt_console_dir)
         else:
-            hypervisor = QemuHypervisor(settings.run_dir, ensure_image())
+            hypervisor = QemuHypervisor(settings.run_dir, ensure_image(),
+                                        tls_dir=settings.tls_dir)
         softswitch = OvsSoftswitch(settings.ovsdb, rundir=settings.ovs_rundir,
                                    vswitchd_ctl=settings.ovs_ctl)
-        address = settings.migration_ip or _migration_address()
+        found = _migration_interface()
+        address = settings.migration_ip or (str(found.ip) if found else None)
         agent_config = AgentConfig(host=settings.host, run_dir=settings.run_dir,
                                    memory_mib=settings.memory_mib,
-                                   shared_storage=settings.shared_storage, migration_ip=address)
+                                   shared_storage=settings.shared_storage, migration_ip=address,
+                                   migration_network=str(found.network) if found else None)
         return HostAgent(agent_config, hypervisor, softswitch), token
 
+    restrict_umask()
     with errors_to_exit():
-        run_agent(make, list(settings.listen), settings.controller)
+        run_agent(make, list(settings.listen), settings.controller, tls_dir=settings.tls_dir,
+                  controller_name=settings.controller_name)
 
 
-def _migration_address() -> str | None:
-    """This host's address on the migration interface, when it has one."""
+def restrict_umask() -> None:
+    """Whatever a daemon creates (state, requests, sockets, QEMU's files) is its own: files
+    0600, directories 0700."""
+    os.umask(0o077)
+
+
+def open_store(settings: ControllerSettings) -> Any:
+    """The store, with the password from a file or $VMFERRY_DB_PASSWORD added to the URL here
+    (so it is in no argv, config or log); an error names the URL with the password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from vmferry.store.db import Store
+    try:
+        url = make_url(settings.db)
+    except ArgumentError:
+        raise InputError("db", "not a database URL") from None
+    password = os.environ.get("VMFERRY_DB_PASSWORD")
+    if settings.db_password_file is not None:
+        password = read_secret(settings.db_password_file, "db-password-file")
+    if password:
+        url = url.set(password=password)
+    try:
+        return Store(url.render_as_string(hide_password=False))
+    except InputError:
+        raise InputError("db", f"cannot use database URL "
+                         f"{url.render_as_string(hide_password=True)}") from None
+
+
+def read_secret(path: Path, field: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise InputError(field, f"cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise InputError(field, f"{path} is empty")
+    return value
+
+
+def _migration_interface() -> ipaddress.IPv4Interface | None:
+    """This host's address and network on the migration interface, when it has one."""
     from pyroute2 import IPRoute
 
     from vmferry.model.topology import MIGRATION_IFNAME
@@ -245,5 +328,5 @@ def _migration_address() -> str | None:
         if not found:
             return None
         for addr in ipr.get_addr(index=found[0], family=2):
-            return str(addr.get("IFA_ADDRESS"))
+            return ipaddress.IPv4Interface(f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}")
     return None

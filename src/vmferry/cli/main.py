@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from vmferry.cli import admin, bench, daemons, lab, migrate, pki, profile, vm
+from vmferry.cli import admin, bench, daemons, lab, migrate, pki, placement, profile, vm
 from vmferry.cli.common import target
 
 app = typer.Typer(help="vmferry: live-migrate VMs and carry their network with them.",
@@ -35,6 +35,7 @@ app.add_typer(pki.app, name="pki")
 app.command("migrate")(migrate.migrate)
 app.command("events")(admin.events)
 profile.register(app, vm.app)
+placement.register(app, vm.app)
 app.command("audit")(admin.audit)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from vmferry.controller import events, profiles
+from vmferry.controller import profiles
+from vmferry.controller.auth import RefusalLog
 from vmferry.controller.metrics import Metrics
 from vmferry.controller.migration import Migrations
-from vmferry.controller.routes import admin, inventory, vms, watch
+from vmferry.controller.routes import admin, inventory, placement, vms, watch
 from vmferry.controller.service import Controller
 from vmferry.controller.stream import EventHub
 from vmferry.errors import AuthError, ForbiddenError
@@ -28,13 +29,16 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     hub = app.state.event_hub = EventHub(store)
     migrations.listeners.extend([metrics.on_migration, hub.publish_migration])
 
+    refusals = app.state.refusals = RefusalLog(store)
+
     @app.exception_handler(AuthError)
     async def _refused(request: Request, exc: AuthError) -> JSONResponse:
-        """Every refusal is in the audit log: who tried what, and why not."""
+        """Refusals go to the audit log: who tried what, and why not (rate-limited, written
+        by a worker thread, never on the event loop)."""
         outcome = "forbidden" if isinstance(exc, ForbiddenError) else "unauthorized"
-        events.record(store, str(exc.fields.get("actor", "anonymous")),
-                      f"{request.method} {request.url.path}", request.url.path, outcome,
-                      reason=exc.message)
+        refusals.submit(str(exc.fields.get("actor", "anonymous")),
+                        f"{request.method} {request.url.path[:200]}", request.url.path[:200],
+                        outcome, exc.message)
         return JSONResponse(status_code=exc.http_status, content={"detail": exc.to_dict()})
 
     app.include_router(watch.router(metrics, hub))
@@ -42,4 +46,5 @@ def create_app(controller: Controller, migrations: Migrations | None = None) -> 
     app.include_router(vms.router(controller, migrations, port_profiles))
     app.include_router(profiles.router(port_profiles))
     app.include_router(admin.router(controller, metrics))
+    app.include_router(placement.router(migrations))
     return app

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import queue
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -13,6 +17,9 @@ from sqlalchemy import select
 from vmferry.errors import AuthError, ConflictError, ForbiddenError, InputError, NotFoundError
 from vmferry.store.db import Store
 from vmferry.store.schema import HostRow, TokenRow
+from vmferry.web import RateLimitedLog
+
+log = logging.getLogger(__name__)
 
 
 class Role(str, Enum):
@@ -123,3 +130,47 @@ def list_tokens(store: Store) -> list[dict[str, object]]:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class RefusalLog:
+    """Records refused requests (401/403) in the audit log from a worker thread, at most
+    ``burst`` rows per ``period`` seconds (the rest are counted and summarized in one row):
+    a flood of bad tokens must not block the event loop on store writes or grow the log
+    without bound. ``submit`` never blocks; a full queue drops (and counts) the refusal."""
+
+    def __init__(self, store: Store, *, burst: int = 20, period: float = 10.0,
+                 queue_size: int = 1000) -> None:
+        self.store = store
+        self._queue: queue.Queue[tuple[str, str, str, str, str]] = queue.Queue(queue_size)
+        self._limit = RateLimitedLog(log, burst=burst, period=period)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="refusal-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, actor: str, action: str, target: str, outcome: str, reason: str) -> None:
+        if not self._limit.allow():
+            self.dropped += 1
+            return
+        try:
+            self._queue.put_nowait((actor, action, target, outcome, reason))
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every submitted refusal is written (tests)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        from vmferry.controller import events
+        while True:
+            actor, action, target, outcome, reason = self._queue.get()
+            try:
+                dropped, self.dropped = self.dropped, 0
+                events.record(self.store, actor, action, target, outcome, reason=reason,
+                              **({"not_recorded_before": dropped} if dropped else {}))
+            except Exception:   # the store may be down: refusals are not worth a crash
+                log.warning("could not record a refused request", exc_info=True)
+            finally:
+                self._queue.task_done()

@@ -1,8 +1,13 @@
-"""One controller acts at a time: a lease row in the store, renewed while the controller lives.
+"""One controller acts at a time, fenced.
 
-A second controller on the same store refuses to start while the lease is fresh. A controller
-that was killed leaves a lease that expires after ``ttl`` seconds -- at once when the holder was
-a process on this machine that no longer exists, so a restart need not wait."""
+The lease is a row in the store, timed by the store's own clock (never a controller's wall
+clock, which may be skewed). Every change of holder raises the row's ``epoch``: the fencing
+token. A controller's migration writes check, in the same transaction, that the epoch is still
+theirs (``LeaderLease.check``), so a deposed leader that did not notice yet cannot write. The
+renewal notices a lost lease (someone else's epoch, or no renewal within the lease's time) and
+stops the controller acting (``lost``). On PostgreSQL the leader also holds a session advisory
+lock, which the database drops with the connection of a dead controller.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,14 @@ import logging
 import os
 import socket
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from vmferry import privileged
 from vmferry.errors import ConflictError
@@ -22,72 +31,185 @@ from vmferry.store.schema import LeaderRow
 
 log = logging.getLogger(__name__)
 
+# The advisory lock's key on PostgreSQL ("vmferry" in ASCII, as a 64-bit number).
+ADVISORY_KEY = 0x766D6665727279
+
+
+# Not a VmferryError on purpose: nothing that handles errors may catch it.
+class Fenced(Exception):
+    """This controller is not the leader any more: it must stop acting at once."""
+
 
 def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # The random part: a reused pid on the same host is not the same controller.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _holder_gone(holder: str) -> bool:
-    host, _, pid = holder.rpartition(":")
+    host, _, rest = holder.partition(":")
+    pid = rest.split(":")[0]
     return host == socket.gethostname() and pid.isdigit() and not privileged.pid_alive(int(pid))
 
 
+def store_now(session: Session) -> datetime:
+    """The store's clock (aware, UTC): the only clock the lease is timed by."""
+    if session.get_bind().dialect.name == "sqlite":
+        value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+    moment = session.execute(text("SELECT clock_timestamp()")).scalar_one()
+    assert isinstance(moment, datetime)
+    return _aware(moment)
+
+
 class LeaderLease:
-    def __init__(self, store: Store, *, holder: str | None = None, ttl: float = 10.0) -> None:
+    def __init__(self, store: Store, *, holder: str | None = None, ttl: float = 10.0,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.store = store
         self.holder = holder or this_process()
         self.ttl = ttl
+        self.epoch = 0
+        self.on_lost = on_lost
+        self.lost = threading.Event()
+        self._renewed_at = 0.0          # monotonic: our own time since the last renewal
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._advisory: Connection | None = None
+
+    # ---- taking it ----------------------------------------------------------------------------
 
     def acquire(self) -> None:
         """Take the lease or raise ConflictError naming who holds it."""
-        now = datetime.now(UTC)
-        expires = now + timedelta(seconds=self.ttl)
+        self._take_advisory_lock()
+        try:
+            self._acquire_row()
+        except BaseException:
+            self._drop_advisory_lock()
+            raise
+        self.lost.clear()
+        self._renewed_at = time.monotonic()
+
+    def _acquire_row(self) -> None:
         with self.store.session() as session:
+            now = store_now(session)
+            expires = now + timedelta(seconds=self.ttl)
             row = session.get(LeaderRow, 1)
             if row is None:
                 try:
-                    session.add(LeaderRow(id=1, holder=self.holder, expires_at=expires))
+                    session.add(LeaderRow(id=1, holder=self.holder, expires_at=expires, epoch=1))
                     session.flush()
+                    self.epoch = 1
                     return
                 except IntegrityError:
                     session.rollback()
                     row = session.get(LeaderRow, 1)
                     assert row is not None
-            current, current_expiry = row.holder, _aware(row.expires_at)
-            takeable = current == self.holder or current_expiry < now or _holder_gone(current)
+            current, current_expiry, epoch = row.holder, _aware(row.expires_at), row.epoch
+            ours = current == self.holder and epoch == self.epoch
+            takeable = ours or current_expiry < now or _holder_gone(current) \
+                or self._advisory is not None
             if not takeable:
                 raise ConflictError("leader", f"another controller ({current}) leads this store "
                                     f"until {current_expiry.isoformat()}")
+            new_epoch = epoch if ours else epoch + 1
             # Conditional on what we read, so two contenders cannot both win.
             result = session.execute(update(LeaderRow).where(
-                LeaderRow.id == 1, LeaderRow.holder == current,
-                LeaderRow.expires_at == row.expires_at).values(holder=self.holder,
-                                                                expires_at=expires))
+                LeaderRow.id == 1, LeaderRow.holder == current, LeaderRow.epoch == epoch)
+                .values(holder=self.holder, expires_at=expires, epoch=new_epoch))
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 raise ConflictError("leader", "another controller took the lease just now")
+            self.epoch = new_epoch
+
+    def _take_advisory_lock(self) -> None:
+        """PostgreSQL: a session advisory lock, held on a connection of its own for as long as
+        this controller leads; a dead controller's connection (and lock) goes with it."""
+        if self.store.engine.dialect.name != "postgresql" or self._advisory is not None:
+            return
+        connection = self.store.engine.connect()
+        got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                 {"key": ADVISORY_KEY}).scalar_one()
+        connection.commit()
+        if not got:
+            connection.close()
+            raise ConflictError("leader", "another controller holds this store's leader lock")
+        self._advisory = connection
+
+    def _drop_advisory_lock(self) -> None:
+        connection, self._advisory = self._advisory, None
+        if connection is None:
+            return
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})
+            connection.commit()
+        except SQLAlchemyError:
+            pass            # the lock goes with the connection anyway
+        finally:
+            connection.close()
+
+    # ---- keeping it ---------------------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        """Leader as far as this controller can tell: not lost, renewed within the lease."""
+        return not self.lost.is_set() and time.monotonic() - self._renewed_at < self.ttl
+
+    def check(self, session: Session) -> None:
+        """Fence a write: raises ``Fenced`` unless the store still names this controller's
+        epoch. Call it inside the transaction of the write it guards."""
+        if not self.is_leader():
+            raise Fenced(f"controller {self.holder} lost the leader lease")
+        row = session.execute(select(LeaderRow.holder, LeaderRow.epoch)
+                              .where(LeaderRow.id == 1).with_for_update(read=True)).first()
+        if row is None or row.holder != self.holder or row.epoch != self.epoch:
+            self._lose("the store names another leader")
+            raise Fenced(f"controller {self.holder} (epoch {self.epoch}) was deposed")
+
+    def renew(self) -> bool:
+        """One renewal; False (and ``lost`` set) when the lease is not ours any more."""
+        try:
+            with self.store.session() as session:
+                now = store_now(session)
+                result = session.execute(update(LeaderRow).where(
+                    LeaderRow.id == 1, LeaderRow.holder == self.holder,
+                    LeaderRow.epoch == self.epoch).values(
+                    expires_at=now + timedelta(seconds=self.ttl)))
+                if result.rowcount != 1:  # type: ignore[attr-defined]
+                    self._lose("another controller took the lease")
+                    return False
+            if self._advisory is not None:
+                self._advisory.execute(text("SELECT 1"))
+            self._renewed_at = time.monotonic()
+            return True
+        except SQLAlchemyError as exc:
+            # Not renewed: once the lease's time is over by our own clock, we stop.
+            log.warning("renewing the leader lease failed: %s", exc)
+            if time.monotonic() - self._renewed_at >= self.ttl:
+                self._lose("the lease could not be renewed in time")
+            return False
+
+    def _lose(self, why: str) -> None:
+        if self.lost.is_set():
+            return
+        log.error("leader lease lost (%s): this controller stops acting", why)
+        self.lost.set()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew, name="leader-lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                with self.store.session() as session:
-                    session.execute(update(LeaderRow).where(
-                        LeaderRow.id == 1, LeaderRow.holder == self.holder).values(
-                        expires_at=datetime.now(UTC) + timedelta(seconds=self.ttl)))
-            except Exception:  # a store hiccup must not kill the renewer; retry next round
-                log.exception("renewing the leader lease failed")
+        while not self._stop.wait(self.ttl / 3) and not self.lost.is_set():
+            self.renew()
 
     def release(self) -> None:
         self._stop.set()
-        with self.store.session() as session:
-            session.execute(update(LeaderRow).where(
-                LeaderRow.id == 1, LeaderRow.holder == self.holder).values(
-                expires_at=datetime.now(UTC)))
+        try:
+            with self.store.session() as session:
+                session.execute(update(LeaderRow).where(
+                    LeaderRow.id == 1, LeaderRow.holder == self.holder,
+                    LeaderRow.epoch == self.epoch).values(expires_at=store_now(session)))
+        finally:
+            self._drop_advisory_lock()
 
 
 def _aware(moment: datetime) -> datetime:

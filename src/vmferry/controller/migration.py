@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy import select
 from vmferry.api.controller import MigrationRecord
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
+from vmferry.controller.leader import Fenced, LeaderLease
 from vmferry.controller.recovery import forward, recover
 from vmferry.controller.run import Cancelled, Run, load, record_of
 from vmferry.controller.service import Controller
@@ -32,14 +34,21 @@ from vmferry.store.schema import MigrationRow, VmRow
 log = logging.getLogger(__name__)
 
 __all__ = ["Cancelled", "Migrations"]
+# A run that breaks (not a phase failing: its bookkeeping, e.g. the store down) is resumed
+# from the store this many times, the n-th after n * CRASH_BACKOFF_S seconds.
+CRASH_RETRIES = 5
+CRASH_BACKOFF_S = 1.0
 LIVE = [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]
 
 
 class Migrations:
     """Starts migrations, runs their phases in threads, rolls back or completes them."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, lease: LeaderLease | None = None) -> None:
         self.controller = controller
+        # With a lease, every write of a run is fenced by its epoch (controller.leader).
+        self.lease = lease
+        self.fence = lease.check if lease is not None else None
         self.store = controller.store
         self._cancel: dict[int, threading.Event] = {}
         self._threads: dict[int, threading.Thread] = {}
@@ -57,6 +66,8 @@ class Migrations:
         if destination not in {h.name for h in topology.hosts}:
             raise NotFoundError("to", f"unknown host {destination!r}")
         with self._lock, self.store.session() as session:
+            if self.fence is not None:
+                self.fence(session)
             row = session.get(VmRow, vm)
             if row is None:
                 raise NotFoundError("vm", f"no VM named {vm!r}")
@@ -140,18 +151,40 @@ class Migrations:
         thread.start()
 
     def _run(self, migration_id: int, actor: str, recovering: bool) -> None:
-        run = Run(self.controller, migration_id, self._cancel[migration_id], self.notify)
-        try:
-            if recovering:
-                recover(run)
-            else:
-                forward(run, from_phase=Phase.PRECHECK)
-        except Exception as exc:  # the thread must record every ending
-            log.exception("migration %s crashed", migration_id)
-            run.finish(MigrationState.FAILED, f"internal error: {exc}")
+        for attempt in range(CRASH_RETRIES + 1):
+            try:
+                # A fresh run each time: what the store says is where the last try got to.
+                run = Run(self.controller, migration_id, self._cancel[migration_id],
+                          self.notify, self.fence)
+                if recovering:
+                    recover(run)
+                else:
+                    forward(run, from_phase=Phase.PRECHECK)
+                break
+            except Fenced as exc:
+                log.error("migration %s: stopped, %s", migration_id, exc)
+                return          # the new leader resumes it
+            except Exception:  # e.g. the store down: never leave the migration running
+                log.exception("migration %s: the run broke (try %d)", migration_id,
+                              attempt + 1)
+                time.sleep(CRASH_BACKOFF_S * (attempt + 1))
+                recovering = True     # whatever was done, the truth decides the way now
+        else:
+            self._give_up(migration_id)
         final = self.get(migration_id)
         events.record(self.store, actor, "migration.end", final.vm, final.state,
                       migration=migration_id, error=final.error)
+
+    def _give_up(self, migration_id: int) -> None:
+        """The last resort after every retry broke: failed, for an operator."""
+        try:
+            run = Run(self.controller, migration_id, self._cancel[migration_id], self.notify,
+                      self.fence)
+            if run.record["state"] in LIVE:
+                run.finish(MigrationState.FAILED, "needs-operator: the run kept breaking "
+                           "(see the controller log)")
+        except Exception:
+            log.exception("migration %s: could not record its failure", migration_id)
 
     def notify(self, record: dict[str, Any]) -> None:
         for listener in list(self.listeners):

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from sqlalchemy import select
 
 from vmferry.api.agent import HostReport
+from vmferry.controller.migration_uri import incoming_uri
+from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
 from vmferry.controller.run import Run
 from vmferry.errors import (
@@ -32,9 +34,11 @@ SWITCHOVER_WAIT_S = 15.0
 
 
 def precheck(run: Run) -> None:
-    """Refuse with a reason before anything changes."""
+    """Refuse with a reason before anything changes: first every reason placement gives
+    (the same as ``vmferry where``), then the live reports of both hosts."""
+    refuse_move(run.controller, run.vm, run.destination, run.id)
     topology = run.controller.topology()
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is None:
             raise NotFoundError("vm", f"no VM named {run.vm!r}")
@@ -82,8 +86,11 @@ def extend_vlan(run: Run) -> None:
 
 
 def preset_port(run: Run) -> None:
-    """The destination port exists, with the VM's VLAN, before the VM does."""
+    """The destination port exists, with the VM's VLAN, before the VM does; under a stateful
+    profile it knows the connections the VM has open on the source (agent.conntrack)."""
     run.dst.preset_port(run.guest_request(incoming=True))
+    if run.options.carry_conntrack:
+        run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
 
 
 def start_destination(run: Run) -> None:
@@ -95,7 +102,9 @@ def start_destination(run: Run) -> None:
     if not info.incoming_uri and info.state != "inmigrate":
         raise MigrationError(f"destination QEMU on {run.destination} is not waiting for the "
                              f"stream (state {info.state})", vm=run.vm)
-    run.record_result(incoming_uri=info.incoming_uri)
+    # The URI is the inventory's address and the port the agent chose (migration_uri.py).
+    run.record_result(incoming_uri=incoming_uri(run.controller.topology(), run.destination,
+                                                info.incoming_uri, vm=run.vm))
 
 
 def switchover(run: Run) -> None:
@@ -107,6 +116,7 @@ def switchover(run: Run) -> None:
     if completed is not None:
         run.record_result(completed_to_switchover_ms=round(
             (time.time() - float(completed)) * 1000, 1))
+    record_final_progress(run)
     state = _wait_destination_running(run)
     if state == "paused":
         run.dst.resume(run.vm)
@@ -114,10 +124,23 @@ def switchover(run: Run) -> None:
     if state not in {"running", "postmigrate"}:
         raise MigrationError(f"destination guest is {state}, not running "
                              f"(waited {SWITCHOVER_WAIT_S:g}s)", vm=run.vm)
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.host = run.destination
+
+
+def record_final_progress(run: Run) -> None:
+    """QEMU's final figures of the completed migration (downtime, total time), once."""
+    if run.result().get("qemu") is not None:
+        return
+    try:
+        final = run.src.migration(run.vm)
+    except VmferryError:
+        return                  # the source may be gone already (a recovered migration)
+    if final.status == "completed":
+        data = final.model_dump(mode="json")
+        run.record_result(qemu=data, progress=data)
 
 
 def _wait_destination_running(run: Run) -> str:
@@ -165,7 +188,7 @@ def clean_source(run: Run) -> None:
 
 def prune_vlan(run: Run) -> None:
     """The source is no endpoint any more (the VM's host changed at switchover)."""
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.state = "running"

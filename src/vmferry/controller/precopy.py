@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 
 from vmferry.api.agent import GuestEvent, MigrateRequest, MigrationProgress
+from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.run import Cancelled, Run
 from vmferry.controller.switchover import MakeBeforeBreak
+from vmferry.controller.truth import POSTCOPY, POSTCOPY_STUCK
 from vmferry.errors import MigrationError, VmferryError, WaitTimeout
 
 log = logging.getLogger(__name__)
@@ -39,12 +41,11 @@ def precopy(run: Run) -> None:
     if not result.get("migrate_issued"):
         cursor = run.last_event_seq(run.source)
         run.record_result(migrate_issued=True, source_event_seq=cursor)
-        uri = result.get("incoming_uri") or run.dst.guest(run.vm).incoming_uri
-        if not uri:
-            raise MigrationError(f"the destination on {run.destination} has no incoming "
-                                 "address", vm=run.vm)
+        uri = incoming_uri(run.controller.topology(), run.destination,
+                           result.get("incoming_uri") or run.dst.guest(run.vm).incoming_uri,
+                           vm=run.vm)
         run.src.migrate(run.vm, MigrateRequest(
-            uri=uri, options=run.options,
+            uri=uri, peer=run.destination, options=run.options,
             pause_before_switchover=bool(mbb and mbb.pause_before_switchover and run.controller
                                          .topology().host(run.source).pauses_before_switchover)))
     _Follow(run, mbb, int(run.result().get("source_event_seq") or 0)).until_completed()
@@ -137,10 +138,16 @@ class _Follow:
                 _switchover_step(run, self.mbb.open, "installed")
             run.src.continue_migration(run.vm)
         elif status == "completed":
-            final = progress or run.src.migration(run.vm)
-            run.record_result(qemu=final.model_dump(mode="json"),
-                              progress=final.model_dump(mode="json"))
+            # From the event the switchover starts at once; QEMU's final figures are read
+            # there (``phases.record_final_progress``), off this path.
+            if progress is not None:
+                run.record_result(qemu=progress.model_dump(mode="json"),
+                                  progress=progress.model_dump(mode="json"))
             self.done = True
+        elif status in POSTCOPY_STUCK:
+            # Both ends hold parts of the memory: the decision (recovery.settle) recovers
+            # or holds it; nothing here may cancel or delete.
+            raise MigrationError(f"QEMU migration {status}", vm=run.vm)
         elif status in {"failed", "cancelled"}:
             error = (progress or run.src.migration(run.vm)).error
             raise MigrationError(f"QEMU migration {status}: {error or 'no reason given'}",
@@ -158,17 +165,22 @@ class _Follow:
         if self.done:
             return
         if run.dst.guest_state(run.vm) == "absent":
+            # QEMU's own verdict first: a broken stream also ends the destination's QEMU.
+            latest = run.src.migration(run.vm)
+            self.on_status(latest.status, latest)
+            if self.done:
+                return
             raise MigrationError(f"destination QEMU on {run.destination} died", vm=run.vm)
         status = progress.status
         elapsed = time.monotonic() - self.started
-        if run.cancelled.is_set() and status != "postcopy-active":
+        if run.cancelled.is_set() and status not in POSTCOPY:
             raise Cancelled("cancelled by the operator", vm=run.vm, phase="precopy")
         options = run.options
         if (options.postcopy_allowed and not self.postcopy_requested
                 and elapsed > options.postcopy_after() and status == "active"):
             run.src.start_postcopy(run.vm)
             self.postcopy_requested = True
-        if elapsed > options.timeout_s and status != "postcopy-active":
+        if elapsed > options.timeout_s and status not in POSTCOPY:
             raise WaitTimeout(f"the migration of {run.vm} to converge (dirty rate "
                               f"{progress.dirty_pages_rate} pages/s, {progress.remaining_bytes} "
                               "bytes left)", options.timeout_s)

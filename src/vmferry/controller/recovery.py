@@ -1,107 +1,228 @@
-"""Driving a run: forward through the phases, back (rollback) before the point of no
-return, and the decision a restarted controller makes about a migration a dead one left."""
+"""Driving a run: forward through the phases, and -- when a phase fails before switchover, or a
+restarted controller finds a migration a dead one left -- the way out the two QEMUs' own state
+decides (``controller.truth``): forward, follow the postcopy, roll back, or hold for an
+operator. Never from the recorded phase alone: a rollback must not delete the running VM."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from vmferry import failpoints
+from vmferry.controller import truth as truths
+from vmferry.controller.leader import Fenced
 from vmferry.controller.phases import STEPS
-from vmferry.controller.precopy import ACTIVE_QEMU_STATES
 from vmferry.controller.run import Cancelled, Run
-from vmferry.errors import VmferryError, WaitTimeout
+from vmferry.controller.truth import (
+    BACKOFF_S,
+    DESTINATION_USABLE,
+    PRECOPY_ACTIVE,
+    Decision,
+    Truth,
+    Way,
+    decide_patiently,
+    read_end,
+    read_truth,
+)
+from vmferry.errors import HostUnavailableError, VmferryError, WaitTimeout
 from vmferry.model.migration import PHASES, MigrationState, Phase, past_point_of_no_return
 from vmferry.store.schema import VmRow
 
+log = logging.getLogger(__name__)
+
 SETTLE_TIMEOUT_S = 20.0
+# How many times one run may turn around (forward -> decision -> forward ...) before an
+# operator is asked: a decision that keeps failing must not loop for ever.
+MAX_TURNS = 3
+NEEDS_OPERATOR = "needs-operator"
 
 
-def forward(run: Run, from_phase: Phase) -> None:
-    """Run the phases from ``from_phase`` on; roll back on a failure before switchover."""
+def forward(run: Run, from_phase: Phase, turns: int = 0) -> None:
+    """Run the phases from ``from_phase`` on. A failure before switchover is settled by the
+    hypervisors' truth; after it, the VM runs on the destination and is completed forward."""
     for phase in PHASES[PHASES.index(from_phase):]:
         run.begin(phase)
         try:
-            if run.cancelled.is_set() and not past_point_of_no_return(phase):
+            # A turn decided by QEMU's truth (e.g. a cancel that came after completion)
+            # goes on whatever the operator asked.
+            if turns == 0 and run.cancelled.is_set() and not past_point_of_no_return(phase):
                 raise Cancelled("cancelled by the operator", vm=run.vm, phase=phase.value)
             failpoints.reached(f"hold-before:{phase.value}")
-            STEPS[phase](run)
+            _step(run, phase)
             failpoints.reached(f"hold-after:{phase.value}")
-        except VmferryError as exc:
-            run.end(phase, ok=False, error=exc.message)
+        except Fenced:
+            raise               # not the leader any more: stop at once, decide nothing
+        except Exception as exc:  # every error, not only ours, goes through the decision
+            message = exc.message if isinstance(exc, VmferryError) else \
+                f"internal error: {type(exc).__name__}: {exc}"
+            if not isinstance(exc, VmferryError):
+                log.exception("migration %s: %s failed", run.id, phase.value)
+            run.end(phase, ok=False, error=message)
             if past_point_of_no_return(phase):
                 # The VM already runs on the destination: never roll back from here.
-                run.finish(MigrationState.FAILED,
-                           f"{phase.value} failed after switchover: {exc.message}")
+                run.finish(MigrationState.FAILED, f"{NEEDS_OPERATOR}: {phase.value} failed "
+                           f"after switchover: {message}")
                 return
-            rollback(run, f"{phase.value}: {exc.message}")
+            settle(run, f"{phase.value}: {message}", turns)
             return
         run.end(phase, ok=True)
     run.finish(MigrationState.COMPLETED, None)
 
 
+def _step(run: Run, phase: Phase) -> None:
+    """One phase. After switchover a host that does not answer is waited for (bounded):
+    every phase there is idempotent and the only way is forward."""
+    deadline = time.monotonic() + truths.UNREACHABLE_WAIT_S
+    attempt = 0
+    while True:
+        try:
+            STEPS[phase](run)
+            return
+        except HostUnavailableError:
+            if not past_point_of_no_return(phase) or time.monotonic() >= deadline:
+                raise
+        time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+        attempt += 1
+
+
 def recover(run: Run) -> None:
-    """Decide from what the hosts report, not from the journal alone, which way to go."""
+    """A migration a dead controller left: past switchover it goes on; before, the two
+    QEMUs decide."""
     phase = Phase(run.record["phase"])
     if run.record["state"] == MigrationState.ROLLING_BACK.value:
-        rollback(run, run.record["error"] or "controller restarted during rollback")
+        settle(run, run.record["error"] or "the controller restarted during rollback")
         return
     if past_point_of_no_return(phase):
         forward(run, from_phase=phase)
         return
-    if phase is Phase.PRECOPY and destination_took_over(run):
-        # QEMU finished while the controller was away: the VM lives on the destination.
-        forward(run, from_phase=Phase.SWITCHOVER)
-        return
-    rollback(run, "the controller restarted before switchover")
+    settle(run, "the controller restarted before switchover")
 
 
-def destination_took_over(run: Run) -> bool:
-    try:
-        destination = run.dst.guest_state(run.vm)
-        source = run.src.guest_state(run.vm)
-    except VmferryError:
-        return False
-    return destination == "running" and source in {"postmigrate", "absent", "paused",
-                                                   "shutdown"}
+def truth_of(run: Run) -> Truth:
+    return read_truth(lambda: run.src, lambda: run.dst, run.vm)
 
 
-def rollback(run: Run, reason: str) -> None:
-    """Undo everything done for the destination; the VM keeps running on the source."""
-    run.set_state(MigrationState.ROLLING_BACK, error=reason)
+def settle(run: Run, reason: str, turns: int = 0) -> None:
+    """The way out of a migration that cannot go on as it was, from the QEMUs' state."""
+    decision, truth = decide_patiently(lambda: truth_of(run),
+                                       issued=bool(run.result().get("migrate_issued")))
+    _note(run, decision, truth)
+    take(run, decision, reason, turns)
+
+
+def take(run: Run, decision: Decision, reason: str, turns: int) -> None:
+    if decision.way in {Way.FORWARD, Way.FOLLOW}:
+        if turns >= MAX_TURNS:
+            hold(run, reason, Decision(Way.HOLD, f"{decision.reason}, but going forward "
+                                       f"failed {turns} times"))
+            return
+        if run.record["state"] == MigrationState.ROLLING_BACK.value:
+            run.set_state(MigrationState.RUNNING)
+        run.record_result(turned_forward=reason)
+        forward(run, Phase.SWITCHOVER if decision.way is Way.FORWARD else Phase.PRECOPY,
+                turns + 1)
+    elif decision.way is Way.ROLLBACK:
+        rollback(run, reason, turns)
+    else:
+        hold(run, reason, decision)
+
+
+def hold(run: Run, reason: str, decision: Decision) -> None:
+    """No automatic way out: the migration fails with what an operator must decide. Nothing
+    is deleted and no guest is resumed."""
+    log.warning("migration %s held for an operator: %s", run.id, decision.reason)
+    run.finish(MigrationState.FAILED, f"{NEEDS_OPERATOR}: {decision.reason} ({reason})")
+
+
+def rollback(run: Run, reason: str, turns: int = 0) -> None:
+    """Give the VM back to the source: cancel a copy in progress, resume the source, remove
+    what was made for the destination -- each step re-checked against QEMU's state."""
+    if run.record["state"] != MigrationState.ROLLING_BACK.value:
+        run.set_state(MigrationState.ROLLING_BACK, error=reason)
+    issued = bool(run.result().get("migrate_issued"))
+    source = read_end(lambda: run.src, run.vm)
+    if issued and source.migration in PRECOPY_ACTIVE:
+        try:
+            run.src.cancel_migration(run.vm)
+            wait_source_settled(run)
+        except VmferryError as exc:
+            log.warning("migration %s: cancel failed: %s", run.id, exc.message)
+        # The cancel may have come after QEMU completed: the truth decides again.
+        decision, truth = decide_patiently(lambda: truth_of(run), issued=issued)
+        if decision.way is not Way.ROLLBACK:
+            _note(run, decision, truth)
+            take(run, decision, reason, turns)
+            return
+        source = truth.source
     problems: list[str] = []
-    try:
-        if run.src.guest_state(run.vm) != "absent":
-            if run.src.migration(run.vm).status in ACTIVE_QEMU_STATES:
-                run.src.cancel_migration(run.vm)
-                wait_source_settled(run)
-            if run.src.guest_state(run.vm) == "paused":
-                run.src.resume(run.vm)
-    except VmferryError as exc:
-        problems.append(f"source: {exc.message}")
-    try:
-        run.dst.delete_guest(run.vm)
-    except VmferryError as exc:
-        problems.append(f"destination: {exc.message}")
+    if source.state == "postmigrate":
+        destination = read_end(lambda: run.dst, run.vm)
+        if not destination.reachable or destination.state in DESTINATION_USABLE:
+            hold(run, reason, Decision(Way.HOLD, "the source finished its migration and the "
+                                       f"destination is {destination.state}"))
+            return
+    if source.state in {"paused", "postmigrate"}:
+        try:
+            run.src.resume(run.vm)
+        except VmferryError as exc:
+            problems.append(f"source: {exc.message}")
+    elif not source.reachable:
+        problems.append(f"source: {source.error}")
+    problem = _clean_destination(run)
+    if problem:
+        problems.append(problem)
     try:
         run.controller.reconcile_fabric()
     except VmferryError as exc:
         problems.append(f"fabric: {exc.message}")
-    with run.store.session() as session:
+    with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.state = "running"
             vm.host = run.source
     if problems:
-        run.finish(MigrationState.FAILED, f"{reason}; rollback incomplete: "
+        run.finish(MigrationState.FAILED, f"{NEEDS_OPERATOR}: {reason}; rollback incomplete: "
                    + "; ".join(problems))
     else:
         run.finish(MigrationState.ROLLED_BACK, reason)
 
 
+def _clean_destination(run: Run) -> str | None:
+    """Delete what the destination holds of the VM -- unless it runs it. An agent that does
+    not answer is asked again (bounded). Returns the problem, if any."""
+    deadline = time.monotonic() + truths.UNREACHABLE_WAIT_S
+    attempt = 0
+    while True:
+        end = read_end(lambda: run.dst, run.vm)
+        if end.state == "running":
+            return "destination: it runs the VM; not deleted"
+        if end.reachable:
+            try:
+                run.dst.delete_guest(run.vm)
+                return None
+            except HostUnavailableError as exc:
+                message = exc.message
+            except VmferryError as exc:
+                return f"destination: {exc.message}"
+        else:
+            message = end.error or "does not answer"
+        if time.monotonic() >= deadline:
+            return f"destination: {message}"
+        time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+        attempt += 1
+
+
+def _note(run: Run, decision: Decision, truth: Truth) -> None:
+    decisions = list(run.result().get("decisions") or [])
+    decisions.append({"way": decision.way.value, "reason": decision.reason,
+                      "truth": truth.describe()})
+    run.record_result(decisions=decisions)
+
+
 def wait_source_settled(run: Run, timeout: float = SETTLE_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if run.src.migration(run.vm).status not in ACTIVE_QEMU_STATES:
+        if run.src.migration(run.vm).status not in PRECOPY_ACTIVE:
             return
         time.sleep(0.1)
     raise WaitTimeout(f"the source QEMU of {run.vm} to cancel its migration", timeout)

@@ -7,9 +7,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from vmferry.api.agent import GuestRequest, MigrationProgress
 from vmferry.api.agent_client import AgentClient
@@ -29,6 +32,8 @@ PROGRESS_PERSIST_S = 0.5
 FINAL = {MigrationState.COMPLETED, MigrationState.ROLLED_BACK, MigrationState.FAILED}
 
 Listener = Callable[[dict[str, Any]], None]
+# Raises ``leader.Fenced`` when this controller may not write any more (LeaderLease.check).
+Fence = Callable[[Session], None]
 
 
 class Cancelled(MigrationError):
@@ -56,8 +61,9 @@ class Run:
     """The state of one migration while a controller drives it."""
 
     def __init__(self, controller: Controller, migration_id: int, cancelled: threading.Event,
-                 notify: Listener) -> None:
+                 notify: Listener, fence: Fence | None = None) -> None:
         self.controller = controller
+        self.fence = fence
         self.store = controller.store
         self.id = migration_id
         self.cancelled = cancelled
@@ -99,6 +105,7 @@ class Run:
         vm = self.vm_row()
         return GuestRequest(name=self.vm, memory_mib=vm.memory_mib, mac=vm.mac, ip=vm.ip,
                             vlan=vm.vlan, workload_mibps=vm.workload_mibps, incoming=incoming,
+                            migration_peer=self.source if incoming else None,
                             postcopy=self.options.postcopy_allowed,
                             profile=stored_profile(self.store, vm.profile))
 
@@ -137,8 +144,17 @@ class Run:
 
     # ---- the record ---------------------------------------------------------------------------
 
-    def _write(self, change: Callable[[MigrationRow], None]) -> None:
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A store session for a write of this run: fenced (``controller.leader``), so a
+        controller that is not the leader any more cannot write."""
         with self.store.session() as session:
+            if self.fence is not None:
+                self.fence(session)
+            yield session
+
+    def _write(self, change: Callable[[MigrationRow], None]) -> None:
+        with self.session() as session:
             row = session.get(MigrationRow, self.id)
             assert row is not None
             change(row)
@@ -187,7 +203,7 @@ class Run:
             (time.thread_time() - self._cpu_started) * 1000, 1))
         self.set_state(state, error=error)
         if state is MigrationState.FAILED:
-            with self.store.session() as session:
+            with self.session() as session:
                 vm = session.get(VmRow, self.vm)
                 if vm is not None and vm.state == "migrating":
                     vm.state = "error"

@@ -27,9 +27,12 @@ from vmferry.errors import (
     NotFoundError,
     VmferryError,
 )
+from vmferry.http import ClientTls
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.migration import PHASES, MigrationState, Phase
+from vmferry.model.names import check_unique
 from vmferry.model.network import mac_for
+from vmferry.model.placement import VmPolicy
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Topology
 from vmferry.store.db import Store
@@ -51,7 +54,7 @@ class Controller:
     real fabric driver (unit tests: in-process agents, a fake fabric)."""
 
     def __init__(self, store: Store, *, agent_transport: TransportFactory | None = None,
-                 fabric: Fabric | None = None) -> None:
+                 fabric: Fabric | None = None, agent_tls: ClientTls | None = None) -> None:
         self.store = store
         self._fabric_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
@@ -59,7 +62,7 @@ class Controller:
         self._fabric: Fabric | None = fabric
         self._fixed_fabric = fabric is not None
         self._fabric_driver_lock = threading.Lock()
-        self._agents = AgentClients(read_token_file, transport=agent_transport)
+        self._agents = AgentClients(read_token_file, transport=agent_transport, tls=agent_tls)
         self._topology: tuple[float, Topology] | None = None
         self._topology_lock = threading.Lock()
 
@@ -193,6 +196,8 @@ class Controller:
         if vlan is None:
             raise InputError("vlan", "give a VLAN or a profile")
         self._check_vlan_and_ip(topology, vlan, body.ip)
+        from vmferry.controller.placement import refuse_create  # placement imports this module
+        policy = refuse_create(self, body, vlan, profile)
         lock = self.vm_lock(body.name)
         if not lock.acquire(blocking=False):
             raise ConflictError("name", f"VM {body.name!r} is being changed right now")
@@ -200,12 +205,14 @@ class Controller:
             with self.store.session() as session:
                 if session.get(VmRow, body.name) is not None:
                     raise ConflictError("name", f"a VM named {body.name!r} exists")
+                check_unique(body.name, session.scalars(select(VmRow.name)))
                 self._check_memory(session, body.host, body.memory_mib)
                 mac = self._allocate_mac(session)
                 session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,
                                   vlan=vlan, ip=body.ip, mac=mac, profile=body.profile,
                                   workload_mibps=body.workload_mibps,
-                                  max_downtime_ms=body.max_downtime_ms, state="creating"))
+                                  max_downtime_ms=policy.max_downtime_ms, state="creating",
+                                  policy=policy.model_dump(mode="json")))
             try:
                 self.reconcile_fabric()
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
@@ -410,6 +417,7 @@ def _vm_out(row: VmRow) -> VmOut:
     return VmOut(name=row.name, host=row.host, memory_mib=row.memory_mib, vlan=row.vlan,
                  ip=row.ip, mac=row.mac, profile=row.profile, workload_mibps=row.workload_mibps,
                  max_downtime_ms=row.max_downtime_ms, state=row.state,
+                 policy=VmPolicy.model_validate(row.policy) if row.policy else None,
                  created_at=(_aware(row.created_at) or datetime.now(UTC)).isoformat())
 
 

@@ -50,7 +50,9 @@ FINAL_STATES = {MigrationState.COMPLETED, MigrationState.ROLLED_BACK, MigrationS
 _LEGAL: dict[MigrationState, set[MigrationState]] = {
     MigrationState.RUNNING: {MigrationState.ROLLING_BACK, MigrationState.COMPLETED,
                              MigrationState.FAILED},
-    MigrationState.ROLLING_BACK: {MigrationState.ROLLED_BACK, MigrationState.FAILED},
+    # Back to running: the rollback found QEMU completed (a cancel that came too late).
+    MigrationState.ROLLING_BACK: {MigrationState.ROLLED_BACK, MigrationState.FAILED,
+                                  MigrationState.RUNNING},
     MigrationState.COMPLETED: set(),
     MigrationState.ROLLED_BACK: set(),
     MigrationState.FAILED: set(),
@@ -90,6 +92,8 @@ class MigrationOptions(BaseModel):
     make_before_break: bool = True
     # How long before QEMU's expected end the switchover rules may go in (default 1 s).
     make_before_break_lead_s: float | None = Field(None, gt=0, le=3600)
+    # Carry the VM's connection-tracking state to the destination (stateful profiles).
+    carry_conntrack: bool = True
 
     @property
     def postcopy_allowed(self) -> bool:

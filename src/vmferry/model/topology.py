@@ -68,10 +68,12 @@ class Rack(_Strict):
 
 
 class Link(_Strict):
-    """An 802.1Q trunk between two fabric switches."""
+    """An 802.1Q trunk between two fabric switches. ``vlans``: the VLANs the site allows on
+    it (None: any); a VLAN not allowed here cannot be carried across it."""
 
     a: str
     b: str
+    vlans: list[VlanId] | None = None
 
 
 class Host(_Strict):
@@ -82,6 +84,15 @@ class Host(_Strict):
     migration_ip: InterfaceCidr | None = None
     agent_url: str | None = None   # site only; the lab derives a unix socket
     agent_token_file: str | None = None
+    # Placement: the security zone the host belongs to (a zoned host takes only VMs of its
+    # zone, and a zoned VM only hosts of its zone), free-form labels, the migration link's
+    # bandwidth, the VLANs its uplink may carry (None: any), what its softswitch can do.
+    zone: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    migration_mbps: int = Field(10_000, ge=1, le=1_000_000)
+    uplink_vlans: list[VlanId] | None = None
+    softswitch_features: list[Literal["meters"]] = Field(
+        default_factory=lambda: list[Literal["meters"]](["meters"]))
     # Who runs the host's guests: the agent's own QEMU (QMP) or the host's libvirt daemon.
     hypervisor: Literal["qemu", "libvirt"] = "qemu"
 
@@ -94,6 +105,8 @@ class Host(_Strict):
     @model_validator(mode="after")
     def _name(self) -> Host:
         _check_name(self.name, "host")
+        if self.zone is not None:
+            _check_name(self.zone, "zone")
         return self
 
 

@@ -34,10 +34,15 @@ class HostRow(Base):
     last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     maintenance: Mapped[bool] = mapped_column(default=False)
+    # Host failure handling (controller/hostwatch.py): suspected, fenced, cleaning; None: fine.
+    failure_state: Mapped[str | None] = mapped_column(String(16))
+    failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class VmRow(Base):
     __tablename__ = "vms"
+    # One address per VLAN (0007): two concurrent creates cannot take the same IP.
+    __table_args__ = (UniqueConstraint("vlan", "ip", name="uq_vms_vlan_ip"),)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     host: Mapped[str] = mapped_column(String(64), ForeignKey("hosts.name"))
     memory_mib: Mapped[int]
@@ -48,6 +53,8 @@ class VmRow(Base):
     workload_mibps: Mapped[int] = mapped_column(default=0)
     max_downtime_ms: Mapped[int | None]
     state: Mapped[str] = mapped_column(String(32), default="creating")
+    # The placement policy (model.placement.VmPolicy as JSON); None: the default policy.
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -107,3 +114,5 @@ class LeaderRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The fencing token: raised at every change of holder; a write by an older epoch is refused.
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
 
+from vmferry.agent.checks import check_destination, check_tap_free
 from vmferry.agent.service import HostAgent
 from vmferry.api.agent import (
     MAX_EVENTS_WAIT_S,
@@ -15,6 +19,9 @@ from vmferry.api.agent import (
     MigrationProgress,
 )
 from vmferry.errors import InputError
+from vmferry.web import ConcurrencyCap
+
+MAX_EVENT_WAITS = 64     # long polls at once (one per running migration and side)
 
 
 def router(agent: HostAgent) -> APIRouter:
@@ -28,6 +35,7 @@ def router(agent: HostAgent) -> APIRouter:
     def create_guest(name: str, body: GuestRequest) -> GuestInfo:
         if body.name != name:
             raise InputError("name", "does not match the URL")
+        check_tap_free(agent, name)
         return agent.create_guest(body)
 
     @api.get("/v1/guests/{name}", response_model=GuestInfo)
@@ -50,6 +58,7 @@ def router(agent: HostAgent) -> APIRouter:
 
     @api.post("/v1/guests/{name}/migrate", status_code=202, response_model=Accepted)
     def migrate(name: str, body: MigrateRequest) -> Accepted:
+        check_destination(agent, body.uri)
         agent.migrate(name, body)
         return Accepted(status="started")
 
@@ -72,11 +81,24 @@ def router(agent: HostAgent) -> APIRouter:
         agent.continue_migration(name)
         return Accepted(status="continuing")
 
+    # Long polls wait on threads of their own, a bounded number (429 beyond): the other
+    # routes keep the default pool.
+    waits = ConcurrencyCap("wait", per_key=MAX_EVENT_WAITS, total=MAX_EVENT_WAITS)
+    wait_threads = anyio.CapacityLimiter(MAX_EVENT_WAITS)
+
     @api.get("/v1/guests/{name}/events", response_model=list[GuestEvent])
-    def events(name: str, after: int = Query(0, ge=0, le=2**63 - 1),
-               wait: float = Query(0.0, ge=0.0, le=MAX_EVENTS_WAIT_S)) -> list[GuestEvent]:
+    async def events(name: str, after: int = Query(0, ge=0, le=2**63 - 1),
+                     wait: float = Query(0.0, ge=0.0, le=MAX_EVENTS_WAIT_S),
+                     ) -> list[GuestEvent]:
         """QMP events of the guest after ``after``, oldest first; a long poll of up to
         ``wait`` seconds when there is none yet."""
-        return agent.events(name, after, wait)
+        if not wait:
+            return await run_in_threadpool(agent.events, name, after, 0.0)
+        waits.acquire("controller")     # only the controller's certificate reaches here
+        try:
+            return await anyio.to_thread.run_sync(agent.events, name, after, wait,
+                                                  limiter=wait_threads)
+        finally:
+            waits.release("controller")
 
     return api

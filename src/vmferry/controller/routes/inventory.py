@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from vmferry.api.agent import HostReport
 from vmferry.api.controller import HostOut, InventoryLoaded, TrunkOut
 from vmferry.controller import auth
 from vmferry.controller.auth import Role
 from vmferry.controller.deps import Caller
+from vmferry.controller.inventory_rules import Confinement
 from vmferry.controller.metrics import Metrics
 from vmferry.controller.service import Controller
 from vmferry.errors import ForbiddenError
@@ -19,8 +20,11 @@ def router(controller: Controller, metrics: Metrics) -> APIRouter:
     api = APIRouter()
 
     @api.put("/v1/inventory", response_model=InventoryLoaded)
-    def set_inventory(body: Topology, caller: Caller) -> InventoryLoaded:
+    def set_inventory(body: Topology, caller: Caller, request: Request) -> InventoryLoaded:
         auth.require(caller, auth.ADMIN, "load the inventory")
+        confinement: Confinement | None = getattr(request.app.state, "confinement", None)
+        if confinement is not None:     # the daemon always sets it (cli/daemons.py)
+            confinement.check(body)
         controller.set_inventory(body, caller)
         return InventoryLoaded(status="ok", hosts=[h.name for h in body.hosts])
 

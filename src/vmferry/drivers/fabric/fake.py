@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from vmferry.drivers.fabric.base import Fabric
 from vmferry.errors import FabricError
 from vmferry.model.switchover import PortInfo, Rule, SwitchPorts
+from vmferry.model.topology import Topology
 
 
 @dataclass
@@ -28,6 +29,21 @@ class FakeFabric(Fabric):
         self.fail: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, topology: Topology) -> FakeFabric:
+        """The topology's switches: a trunk port per link (carrying nothing yet) and an
+        access port per client, numbered from 1 in that order."""
+        switches = {s.name: FakeSwitch() for s in topology.switches}
+        for trunk in topology.trunks():
+            for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
+                if node in switches:
+                    ports = switches[node].ports
+                    ports[port] = PortInfo(len(ports) + 1, trunk_vlans=frozenset())
+        for client in topology.clients:
+            ports = switches[client.switch].ports
+            ports[f"a-{client.name}"] = PortInfo(len(ports) + 1, access_vlan=client.vlan)
+        return cls(switches)
 
     def _get(self, method: str, switch: str) -> FakeSwitch:
         with self._lock:

@@ -9,7 +9,8 @@ QEMU's order (source: MIGRATION setup, active..., STOP, pre-switchover, device, 
 destination: MIGRATION active, completed, RESUME).
 
 Failures a test can inject: ``kill`` a guest (a destination dying fails the migration at its
-next step), ``FakeNetwork.break_link`` (the stream breaks: failed), a script that ends in
+next step), ``FakeNetwork.break_link`` (the source fails; the destination, sent nothing,
+keeps waiting in inmigrate; a postcopy pauses in "postcopy-paused"), a script that ends in
 "failed", or one that never converges (``converge=False``: active until cancelled or timed
 out), and ``fail_next_start``.
 """
@@ -422,12 +423,19 @@ class FakeHypervisor(Hypervisor):
         return None
 
     def _advance(self, name: str, migration: FakeMigration, *, release: bool = False) -> None:
-        if migration.status in _TERMINAL or (migration.status == "pre-switchover"
-                                             and not release):
+        if migration.status in _TERMINAL or migration.status == "postcopy-paused" or (
+                migration.status == "pre-switchover" and not release):
             return
         cause = self._broken_because(migration)
+        if cause is not None and migration.status == "postcopy-active":
+            # As QEMU's: a postcopy that loses its stream pauses (both ends keep their pages).
+            migration.error = cause
+            self._set_status(name, migration, "postcopy-paused")
+            return
         if cause is not None:
-            self._end(name, migration, "failed", error=cause)
+            # A broken link sends the destination nothing: it keeps waiting, as QEMU does.
+            self._end(name, migration, "failed", error=cause,
+                      destination_ends=not self.network.is_broken(migration.uri))
             return
         if not migration.script:
             if not migration.converge:      # another pass that does not get anywhere
@@ -463,9 +471,9 @@ class FakeHypervisor(Hypervisor):
         self._emit(name, "MIGRATION_PASS")
 
     def _end(self, name: str, migration: FakeMigration, status: str, *,
-             error: str | None) -> None:
+             error: str | None, destination_ends: bool = True) -> None:
         """A migration that did not complete: the source runs again; the destination's QEMU
-        ends itself (its incoming stream broke), as QEMU's does."""
+        ends itself when its stream was closed (``destination_ends``), as QEMU's does."""
         migration.error = error
         migration.script = []
         self._set_status(name, migration, status)
@@ -473,7 +481,7 @@ class FakeHypervisor(Hypervisor):
         if guest.state is GuestState.PAUSED:
             guest.state = GuestState.RUNNING
             self._emit(name, "RESUME")
-        if migration.destination is not None:
+        if migration.destination is not None and destination_ends:
             dest, dest_name = migration.destination
             dest_guest = dest._guests.get(dest_name)
             if dest_guest is not None and dest_guest.state is GuestState.INMIGRATE:

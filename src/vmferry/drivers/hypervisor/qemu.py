@@ -215,6 +215,13 @@ class QemuHypervisor(Hypervisor):
         """Stop the guest's QEMU (SIGTERM, then SIGKILL) and remove its files (idempotent)."""
         self._kill_and_clean(name)
 
+    def connect(self, name: str | None = None) -> None:
+        """Connect to a guest's QMP (None: to every guest of ``run_dir``), so its events are
+        recorded from now on: what a restarted agent calls first. Each connection records a
+        VMFERRY_RESYNC event with the migration status. Raises HypervisorError."""
+        for guest in [name] if name is not None else self.guests():
+            self.qmp.connect(guest)
+
     def disconnect(self, name: str | None = None) -> None:
         """Close this process's QMP connection to a guest (None: to all of ``run_dir``'s).
         A QMP socket serves one client at a time; another process can connect after this.
