@@ -19,8 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-from labkit import LabRun, default_topology, running_lab
 from test_make_before_break import switchover_rules
 from test_migration import (
     MAX_LOST_AT_2MS,
@@ -37,6 +35,8 @@ from test_migration import (
     tcp_round,
     trunks,
 )
+
+from labkit import LabRun, default_topology, running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -65,19 +65,6 @@ def qemu_pid(lab: LabRun, host: str, vm: str) -> int:
         except OSError:
             continue
     raise AssertionError(f"no QEMU of {vm} on {host}")
-
-
-def _dump(lab: LabRun, record: dict[str, Any]) -> None:
-    if record["state"] == "completed":
-        return
-    import shutil
-    root = lab.state_dir / "labs" / lab.name
-    shutil.copytree(root / "log", "/tmp/g-lv-debug/log", dirs_exist_ok=True)
-    for h in ("host1", "host3"):
-        shutil.copy(root / "hosts" / h / "libvirt" / "libvirtd.log", f"/tmp/g-lv-debug/{h}-libvirtd.log")
-        sock = root / "hosts" / h / "libvirt" / "sock" / "libvirt-sock"
-        out = subprocess.run(["virsh", "-c", f"qemu+unix:///system?socket={sock}", "list", "--all"], capture_output=True, text=True).stdout
-        Path(f"/tmp/g-lv-debug/{h}-virsh.txt").write_text(out + json.dumps(record, indent=1))
 
 
 def test_libvirt_hosts_are_driven_by_libvirt(lab: LabRun) -> None:
@@ -111,7 +98,6 @@ def test_libvirt_migration_with_profile_under_ping(lab: LabRun) -> None:
         record = migrate_json(lab, vm, "host3")
         time.sleep(0.5)
         sent, lost = ping_loss(pinger)
-        _dump(lab, record)
         assert record["state"] == "completed", (record["error"], record["phases"])
         assert [p["phase"] for p in record["phases"]] == [
             "precheck", "extend_vlan", "preset_port", "start_destination", "precopy",
@@ -136,7 +122,6 @@ def test_libvirt_migration_with_profile_under_ping(lab: LabRun) -> None:
         assert lab.cli("audit", check=False).returncode == 0
         # And back: a guest that arrived by migration leaves by migration too.
         back = migrate_json(lab, vm, "host1")
-        _dump(lab, back)
         assert back["state"] == "completed", (back["error"], back["phases"])
         assert lab.pings("client-100", VM_IP)
         assert host_has(lab, "host3", vm) == []

@@ -68,6 +68,9 @@ DAEMON_CONSOLE_DIR = Path("/var/log/libvirt/qemu")
 #: Bound for libvirt to report the migration job after migrateToURI3 was called.
 JOB_START_TIMEOUT = 30.0
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+#: Bound for migrateToURI3 to return once QEMU is done: libvirt then stops the source
+#: (its Confirm phase), and the domain reads as shut off for a moment before "migrated".
+SETTLE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -273,7 +276,23 @@ class LibvirtHypervisor(Hypervisor):
         for path in self.files(name).values():
             path.unlink(missing_ok=True)
 
+    def _settle(self, name: str) -> None:
+        """Wait (bounded) for an outgoing migration whose end is under way to be over, so
+        that what is read next is its outcome, not libvirt's Confirm phase."""
+        outgoing = self._outgoing.get(name)
+        if outgoing is not None and not outgoing.done.is_set():
+            outgoing.done.wait(SETTLE_TIMEOUT)
+
     def state(self, name: str) -> GuestState:
+        found = self._state(name)
+        outgoing = self._outgoing.get(name)
+        if found in (GuestState.ABSENT, GuestState.SHUTDOWN, GuestState.POSTMIGRATE) and \
+                outgoing is not None and not outgoing.done.is_set():
+            self._settle(name)
+            found = self._state(name)
+        return found
+
+    def _state(self, name: str) -> GuestState:
         dom = self._domain(name)
         if dom is None:
             incoming = self.files(name)["incoming"].exists()
@@ -388,6 +407,7 @@ class LibvirtHypervisor(Hypervisor):
         except libvirt.libvirtError as exc:
             raise self._error(f"set the downtime limit of {name}", exc, name) from exc
         outgoing = _Outgoing()
+        self.recorder.completed_stats.pop(name, None)
         self._outgoing[name] = outgoing
         outgoing.thread = threading.Thread(
             target=self._run_migration, args=(name, dom, outgoing, dconnuri, params, flags),
@@ -432,6 +452,10 @@ class LibvirtHypervisor(Hypervisor):
     def migration_progress(self, name: str) -> MigrationProgress:
         outgoing = self._outgoing.get(name)
         dom = self._domain(name)
+        if outgoing is not None and not outgoing.done.is_set() and (
+                dom is None or name in self.recorder.completed_stats
+                or self._job_type(dom) == libvirt.VIR_DOMAIN_JOB_NONE):
+            self._settle(name)      # QEMU is done: report libvirt's outcome, not "setup"
         if outgoing is not None and outgoing.done.is_set():
             stats = outgoing.stats or self.recorder.completed_stats.get(name, {})
             return progress_from_stats(outgoing.status, stats, outgoing.error)
