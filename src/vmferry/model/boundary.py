@@ -1,0 +1,123 @@
+"""Which way a move across a subnet or VLAN boundary takes, and why not the others (pure).
+
+A move stays inside one L2 domain when a fabric path carries the VM's VLAN from its host to
+the destination: then there is no boundary (``Way.SAME_L2``). Otherwise it is one of
+
+- ``stretch``: the VM's VLAN is carried over a VXLAN tunnel between the two ToRs for as long as
+  the VM is there; needs both ToRs able to tunnel and an IP path between them;
+- ``route``: the VM keeps its address; the routers get a /32 to its new location and the
+  destination's gateway answers ARP for its old gateway; needs routers on both sides;
+- ``nat``: the VM takes an address of the destination subnet and the boundary translates the
+  old one to it; needs a free destination address; the VM's own sessions may break;
+- ``dual``: the VM gets a second NIC in the destination subnet and traffic fails over to it;
+  needs a free destination address and a guest that takes a hot-plugged NIC; sessions may
+  break.
+
+``plan_crossing`` picks the first that applies in that order (most transparent first), or the
+one asked for, and gives for every other way the reason it was not taken. The facts are
+plain values so the controller (``vmferry where``, the migration's precheck) can fill them from
+its topology and hosts, and tests without any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from vmferry.errors import InputError
+
+
+class Way(StrEnum):
+    SAME_L2 = "same-l2"
+    STRETCH = "stretch"
+    ROUTE = "route"
+    NAT = "nat"
+    DUAL = "dual"
+
+
+ORDER = (Way.STRETCH, Way.ROUTE, Way.NAT, Way.DUAL)
+# Ways that keep every session the VM has open (the others may break them).
+KEEPS_SESSIONS = frozenset({Way.SAME_L2, Way.STRETCH, Way.ROUTE})
+
+
+@dataclass(frozen=True)
+class CrossingFacts:
+    """What decides the way across: the VM's VLAN and subnet, where it goes, and what the
+    fabric, the routers and the guest can do."""
+
+    vm: str
+    vlan: int
+    subnet: str | None
+    destination: str
+    l2_path: bool                         # a fabric path carries the VLAN there already
+    destination_subnet: str | None = None
+    tunnel_endpoints: bool = False        # both ToRs can terminate a VXLAN tunnel
+    routers: tuple[str, ...] = ()         # routers between the two subnets (host route)
+    free_destination_address: bool = False
+    guest_hotplug: bool = False           # the guest takes a hot-plugged NIC
+    sessions_must_survive: bool = False   # policy: refuse ways that may break sessions
+
+
+@dataclass(frozen=True)
+class CrossingPlan:
+    vm: str
+    destination: str
+    way: Way | None                        # None: no way applies (the move is refused)
+    reasons: dict[Way, str] = field(default_factory=dict)   # why every other way was not taken
+
+    def describe(self) -> str:
+        """One line per way, the chosen one first: what ``vmferry where`` prints."""
+        lines = [f"{self.vm} -> {self.destination}: "
+                 f"{self.way.value if self.way else 'no way across'}"]
+        lines += [f"  not {way.value}: {reason}" for way, reason in self.reasons.items()]
+        return "\n".join(lines)
+
+
+def why_not(way: Way, facts: CrossingFacts) -> str | None:
+    """Why ``way`` cannot take this move, or None when it can."""
+    if way is Way.SAME_L2:
+        return None if facts.l2_path else f"no fabric path carries VLAN {facts.vlan} to " \
+            f"{facts.destination}"
+    if facts.sessions_must_survive and way not in KEEPS_SESSIONS:
+        return "may break the VM's sessions, and the policy says they must survive"
+    if way is Way.STRETCH:
+        return None if facts.tunnel_endpoints else "the ToRs cannot terminate a VXLAN tunnel"
+    if way is Way.ROUTE:
+        if facts.subnet is None:
+            return f"VLAN {facts.vlan} has no subnet to route"
+        return None if facts.routers else "no router joins the two subnets"
+    if facts.destination_subnet is None:
+        return f"{facts.destination} serves no subnet to take an address from"
+    if not facts.free_destination_address:
+        return f"no free address in {facts.destination_subnet}"
+    if way is Way.DUAL and not facts.guest_hotplug:
+        return "the guest does not take a hot-plugged NIC"
+    return None
+
+
+def plan_crossing(facts: CrossingFacts, requested: Way | str | None = None) -> CrossingPlan:
+    """The way this move takes and why not the others. With ``requested`` (an operator's
+    option), that way or none. Raises ``InputError`` for an unknown way name."""
+    if isinstance(requested, str) and not isinstance(requested, Way):
+        try:
+            requested = Way(requested)
+        except ValueError as exc:
+            raise InputError("boundary", f"{requested!r} is not one of "
+                             f"{', '.join(w.value for w in Way)}") from exc
+    if facts.l2_path and requested in (None, Way.SAME_L2):
+        return CrossingPlan(facts.vm, facts.destination, Way.SAME_L2,
+                            {w: "no boundary: the VLAN reaches the destination" for w in ORDER})
+    candidates = ORDER if requested is None else (requested,)
+    reasons: dict[Way, str] = {}
+    if not facts.l2_path:
+        reasons[Way.SAME_L2] = why_not(Way.SAME_L2, facts) or ""
+    chosen: Way | None = None
+    for way in ORDER:
+        reason = why_not(way, facts)
+        if chosen is None and way in candidates and reason is None:
+            chosen = way
+        elif way not in candidates:
+            reasons[way] = "not asked for" if reason is None else reason
+        else:
+            reasons[way] = reason or f"{chosen.value if chosen else '?'} comes first"
+    return CrossingPlan(facts.vm, facts.destination, chosen, reasons)
