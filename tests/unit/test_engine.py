@@ -380,3 +380,59 @@ def test_the_way_out_comes_from_both_qemus(source: tuple[str, str],
     decision = truth.decide(truth.Truth(truth.End(*source), truth.End(*destination)),
                             issued=issued)
     assert decision.way.value == way, decision.reason
+
+
+# ---- the site around one migration ------------------------------------------------------------
+
+def test_one_dead_host_does_not_stop_the_site(site: Site) -> None:
+    site.unreachable.add("host4")
+    site.create_vm()
+    record = finish(site, site.migrate())         # host1 -> host3: host4 is not on the path
+    assert record.state == "completed", record.error
+    assert "host4:uplink" in site.controller.fabric_drift
+    trunk = next(t for t in site.controller.fabric_state() if t.a == "host4")
+    assert trunk.actual_a is None and trunk.error is not None and not trunk.in_sync
+
+
+def test_a_dead_switch_fails_only_the_moves_through_it(site: Site) -> None:
+    site.fabric.fail.add("tor2")
+    site.create_vm()                              # host1's VLAN path: host1, tor1
+    record = finish(site, site.migrate(to="host3"))
+    assert record.state == "rolled-back", record.error
+    assert record.error is not None and "tor2" in record.error
+    stays_on_source(site, record)
+    record = finish(site, site.migrate(to="host2"))
+    assert record.state == "completed", record.error
+    assert any(end.startswith("tor2:") for end in site.controller.fabric_drift)
+
+
+def test_capacity_counts_the_vms_migrating_in(site: Site) -> None:
+    from vmferry.api.controller import VmCreate
+    from vmferry.errors import CapacityError
+    record = held(site)                           # vm1 (256 MiB) on its way to host3
+    site.controller.create_vm(VmCreate(name="big", host="host2", vlan=100,
+                                       ip="192.0.2.11/24", memory_mib=1800), site.actor())
+    with pytest.raises(CapacityError, match="1792 MiB free"):
+        site.migrate("big", to="host3")
+    site.release("host1", "vm1")
+    assert finish(site, record).state == "completed"
+
+
+def test_a_migrating_vm_cannot_be_changed(site: Site) -> None:
+    from vmferry.errors import ConflictError
+    record = held(site)
+    with pytest.raises(ConflictError, match="already migrating"):
+        site.migrate(to="host2")
+    with pytest.raises(ConflictError):
+        site.controller.delete_vm("vm1", site.actor())
+    site.release("host1", "vm1")
+    assert finish(site, record).state == "completed"
+    site.controller.delete_vm("vm1", site.actor())   # the lock went with the run
+
+
+def test_one_address_per_vlan_in_the_store(site: Site) -> None:
+    from sqlalchemy.exc import IntegrityError
+    site.create_vm()
+    with pytest.raises(IntegrityError), site.store.session() as session:
+        session.add(VmRow(name="twin", host="host2", memory_mib=64, vlan=100,
+                          ip="192.0.2.10/24", mac="52:54:00:ff:ff:01", state="running"))
