@@ -436,3 +436,44 @@ def test_one_address_per_vlan_in_the_store(site: Site) -> None:
     with pytest.raises(IntegrityError), site.store.session() as session:
         session.add(VmRow(name="twin", host="host2", memory_mib=64, vlan=100,
                           ip="192.0.2.10/24", mac="52:54:00:ff:ff:01", state="running"))
+
+
+# ---- guest memory integrity -----------------------------------------------------------------
+
+def memcheck_vm(site: Site, console: str) -> MigrationRecord:
+    from vmferry.api.controller import VmCreate
+    site.controller.create_vm(VmCreate(name="vm1", host="host1", vlan=100, ip="192.0.2.10/24",
+                                       memory_mib=256, memcheck_mib=64), site.actor())
+    assert site.hypervisors["host1"].spec("vm1").memcheck_mib == 64
+    # What the guest prints on the destination's console once it runs there.
+    site.hypervisors["host3"].consoles["vm1"] = console
+    return finish(site, site.migrate())
+
+
+def test_memory_verdict_recorded_after_the_move(site: Site) -> None:
+    record = memcheck_vm(site, "VMFERRY-MEMCHECK start blocks=64 rate=8\n"
+                               "VMFERRY-MEMCHECK pass=7 blocks=64 failures=0\n")
+    assert record.state == "completed", record.error
+    assert site.hypervisors["host3"].spec("vm1").memcheck_mib == 64
+    memcheck = (record.result.model_extra or {})["memcheck"]
+    assert memcheck["intact"] is True and memcheck["last_pass"] == 7
+
+
+def test_changed_memory_fails_the_move_for_an_operator(site: Site) -> None:
+    record = memcheck_vm(site, "VMFERRY-MEMCHECK-FAIL pass=7 block=3 pattern=1 want=a got=b\n"
+                               "VMFERRY-MEMCHECK pass=7 blocks=64 failures=1\n")
+    assert record.state == "failed"
+    assert record.error is not None and "memory changed" in record.error
+    memcheck = (record.result.model_extra or {})["memcheck"]
+    assert memcheck["intact"] is False and memcheck["failures"] == 1
+
+
+def test_memcheck_on_the_kernel_command_line() -> None:
+    from vmferry.drivers.hypervisor.base import GuestSpec
+    from vmferry.drivers.hypervisor.qemu_cmdline import kernel_append, parse_kernel_append
+    spec = GuestSpec(name="g", memory_mib=256, mac="52:54:00:00:00:01", tap="t1",
+                     ip_cidr="192.0.2.1/24", memcheck_mib=32)
+    assert parse_kernel_append(kernel_append(spec))["memcheck"] == "32"
+    assert "memcheck" not in kernel_append(GuestSpec(name="g", memory_mib=256,
+                                                     mac="52:54:00:00:00:01", tap="t1",
+                                                     ip_cidr="192.0.2.1/24"))

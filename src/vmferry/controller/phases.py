@@ -30,6 +30,8 @@ from vmferry.model.migration import Phase
 from vmferry.store.schema import HostRow, VmRow
 
 SWITCHOVER_WAIT_S = 15.0
+# How long verify waits for the guest's memory check to finish a pass on the destination.
+MEMCHECK_WAIT_S = 90.0
 
 
 def precheck(run: Run) -> None:
@@ -198,6 +200,27 @@ def verify(run: Run) -> None:
                              f"port present: {info.port_present}", vm=run.vm)
     if run.src.guest_state(run.vm) != "absent":
         raise MigrationError(f"{run.vm} still has a guest on {run.source}", vm=run.vm)
+    check_memory(run)
+
+
+def check_memory(run: Run) -> None:
+    """The guest's own memory check (image/init.sh), read from the destination's console:
+    intact when a pass completed after the move with no failure. Raises MigrationError on a
+    changed block; a check that did not finish a pass in time is recorded, not failed."""
+    if not run.vm_row().memcheck_mib:
+        return
+    deadline = time.monotonic() + MEMCHECK_WAIT_S
+    while True:
+        verdict = run.dst.memcheck(run.vm)
+        if verdict.failures or verdict.passes or not verdict.available \
+                or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    intact = None if not verdict.passes and not verdict.failures else verdict.failures == 0
+    run.record_result(memcheck={**verdict.model_dump(mode="json"), "intact": intact})
+    if intact is False:
+        raise MigrationError(f"guest memory changed by the move: {verdict.failures} "
+                             f"failure(s): {'; '.join(verdict.fail_lines[:3])}", vm=run.vm)
 
 
 # The whole migration, in order (``vmferry.model.migration.PHASES`` names them).

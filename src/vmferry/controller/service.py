@@ -215,13 +215,15 @@ class Controller:
                 session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,
                                   vlan=vlan, ip=body.ip, mac=mac, profile=body.profile,
                                   workload_mibps=body.workload_mibps,
+                                  memcheck_mib=body.memcheck_mib,
                                   max_downtime_ms=policy.max_downtime_ms, state="creating",
                                   policy=policy.model_dump(mode="json")))
             try:
                 self.reconcile_fabric(self.vm_path(body.host, vlan))
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
                                        ip=body.ip, gateway=body.gateway, vlan=vlan,
-                                       workload_mibps=body.workload_mibps, profile=profile)
+                                       workload_mibps=body.workload_mibps, profile=profile,
+                                       memcheck_mib=body.memcheck_mib)
                 self.agent(body.host).create_guest(request)
             except VmferryError as exc:
                 self._forget_vm(body.name)
