@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmferry import paths
+from vmferry.bench.soak import command as soak_command
 from vmferry.cli.common import console, errors_to_exit
 
 bench_app = typer.Typer(help="Benchmarks on a lab of their own.", no_args_is_help=True)
@@ -177,3 +178,6 @@ def profiles(
     console.print(table)
     console.print(f"peer: {document['peer']}", highlight=False)
     console.print(f"JSON written to {output}")
+
+
+bench_app.command("soak")(soak_command)     # the command lives with the soak (bench/soak.py)
