@@ -1,11 +1,14 @@
 """Issue 11: faults inside phases. A dirtying guest that checks its own memory migrates with
 its memory intact; the controller SIGKILLed inside precopy (while QEMU copies, and between
 QEMU's completion and the controller noticing it) is restarted and ends the migration
-completed or rolled back: the VM on exactly one host, its memory intact, audit clean."""
+completed or rolled back: the VM on exactly one host, its memory intact, audit clean; the
+same when the source's or the destination's agent is SIGKILLed mid-migration and restarted."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -92,4 +95,27 @@ def test_controller_killed_inside_precopy(lab: LabRun, point: str) -> None:
     assert record["state"] in {"completed", "rolled-back"}, record
     if point == "inside:precopy-completed":
         assert record["state"] == "completed", record     # QEMU's truth: it had completed
+    check_one_vm(lab, record, source, destination)
+
+
+def agent_pid(lab: LabRun, host: str) -> int:
+    return int(json.loads((lab_dir(lab) / "lab.json").read_text())["pids"][f"agent-{host}"])
+
+
+@pytest.mark.parametrize("end", ["destination", "source"])
+def test_agent_killed_mid_migration_then_restarted(lab: LabRun, end: str) -> None:
+    source, destination = other_host(lab)
+    started = json.loads(lab.cli("migrate", VM, "--to", destination, "--detach",
+                                 "--json").stdout)
+    deadline = time.monotonic() + 120
+    while lab.json("migration", "show", str(started["id"]))["phase"] != "precopy":
+        assert time.monotonic() < deadline, "the migration never reached precopy"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    pid = agent_pid(lab, destination if end == "destination" else source)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(2)
+    restart_controller(lab, None)         # `lab up` restarts the dead agent
+    record = wait_end(lab, started["id"])
+    assert record["state"] in {"completed", "rolled-back"}, record
     check_one_vm(lab, record, source, destination)
