@@ -477,3 +477,24 @@ def test_memcheck_on_the_kernel_command_line() -> None:
     assert "memcheck" not in kernel_append(GuestSpec(name="g", memory_mib=256,
                                                      mac="52:54:00:00:00:01", tap="t1",
                                                      ip_cidr="192.0.2.1/24"))
+
+
+def test_a_store_blip_mid_run_is_decided_not_abandoned(site: Site,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from vmferry.controller import migration as migration_module
+    monkeypatch.setattr(migration_module, "CRASH_BACKOFF_S", 0.05)
+    real_progress = Run.progress
+    broken = threading.Event()
+
+    def progress(self: Run, value: object) -> None:
+        if not broken.is_set():
+            broken.set()
+            raise OperationalError("UPDATE migrations", {}, Exception("database is locked"))
+        real_progress(self, value)  # type: ignore[arg-type]
+    monkeypatch.setattr(Run, "progress", progress)
+    record = finish(site, held(site))
+    assert broken.is_set()
+    assert record.state == "rolled-back", record.error      # QEMU was still copying
+    stays_on_source(site, record)
