@@ -2,7 +2,9 @@
 
 ``VMFERRY_FAILPOINTS=hold-after:precopy`` makes the controller stall (up to ten minutes) right
 after the precopy phase acted and before it is recorded as ended, so a test can SIGKILL it
-there and check what a restarted controller makes of it. Unset, every failpoint is a no-op.
+there and check what a restarted controller makes of it. Points inside phases:
+``inside:precopy-copying`` (QEMU is copying), ``inside:precopy-completed`` (QEMU completed,
+the controller has not acted on it yet). Unset, every failpoint is a no-op.
 """
 
 from __future__ import annotations

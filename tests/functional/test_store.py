@@ -91,8 +91,10 @@ def _host(store: Store, name: str = "host1") -> None:
         session.add(HostRow(name=name, agent_url="unix:/nonexistent", report={}))
 
 
-def _vm(name: str, mac: str, host: str = "host1") -> VmRow:
-    return VmRow(name=name, host=host, memory_mib=128, vlan=100, ip="192.0.2.10/24", mac=mac,
+def _vm(name: str, mac: str, host: str = "host1", ip: str | None = None) -> VmRow:
+    # One address per VLAN (store revision 0007): each name gets its own by default.
+    ip = ip or f"192.0.2.{10 + sum(map(ord, name)) % 200}/24"
+    return VmRow(name=name, host=host, memory_mib=128, vlan=100, ip=ip, mac=mac,
                  state="running")
 
 
@@ -187,6 +189,35 @@ def test_concurrent_mac_allocation_hands_out_distinct_macs(store: Store) -> None
     assert len(set(macs)) == 8
     with store.session() as session:
         assert len({v.mac for v in session.scalars(select(VmRow))}) == 8
+
+
+def test_one_address_per_vlan_in_the_table(store: Store) -> None:
+    _host(store)
+    with store.session() as session:
+        session.add(_vm("a", "52:54:00:00:00:01", ip="192.0.2.50/24"))
+    with pytest.raises(IntegrityError), store.session() as session:
+        session.add(_vm("b", "52:54:00:00:00:02", ip="192.0.2.50/24"))
+    with store.session() as session:      # the same address on another VLAN is fine
+        row = _vm("c", "52:54:00:00:00:03", ip="192.0.2.50/24")
+        row.vlan = 200
+        session.add(row)
+
+
+def test_leader_lease_is_fenced_on_each_backend(store: Store) -> None:
+    from vmferry.controller.leader import Fenced, LeaderLease
+    first = LeaderLease(store, holder="a:1:x", ttl=30)
+    first.acquire()
+    with pytest.raises(ConflictError):
+        LeaderLease(store, holder="b:2:y", ttl=30).acquire()
+    first.release()                       # (PostgreSQL: the advisory lock goes too)
+    second = LeaderLease(store, holder="b:2:y", ttl=30)
+    second.acquire()
+    assert second.epoch == first.epoch + 1
+    with store.session() as session, pytest.raises(Fenced):
+        first.check(session)
+    with store.session() as session:
+        second.check(session)
+    second.release()
 
 
 # ---- tokens ----------------------------------------------------------------------------------

@@ -380,3 +380,121 @@ def test_the_way_out_comes_from_both_qemus(source: tuple[str, str],
     decision = truth.decide(truth.Truth(truth.End(*source), truth.End(*destination)),
                             issued=issued)
     assert decision.way.value == way, decision.reason
+
+
+# ---- the site around one migration ------------------------------------------------------------
+
+def test_one_dead_host_does_not_stop_the_site(site: Site) -> None:
+    site.unreachable.add("host4")
+    site.create_vm()
+    record = finish(site, site.migrate())         # host1 -> host3: host4 is not on the path
+    assert record.state == "completed", record.error
+    assert "host4:uplink" in site.controller.fabric_drift
+    trunk = next(t for t in site.controller.fabric_state() if t.a == "host4")
+    assert trunk.actual_a is None and trunk.error is not None and not trunk.in_sync
+
+
+def test_a_dead_switch_fails_only_the_moves_through_it(site: Site) -> None:
+    site.fabric.fail.add("tor2")
+    site.create_vm()                              # host1's VLAN path: host1, tor1
+    record = finish(site, site.migrate(to="host3"))
+    assert record.state == "rolled-back", record.error
+    assert record.error is not None and "tor2" in record.error
+    stays_on_source(site, record)
+    record = finish(site, site.migrate(to="host2"))
+    assert record.state == "completed", record.error
+    assert any(end.startswith("tor2:") for end in site.controller.fabric_drift)
+
+
+def test_capacity_counts_the_vms_migrating_in(site: Site) -> None:
+    from vmferry.api.controller import VmCreate
+    from vmferry.errors import CapacityError
+    record = held(site)                           # vm1 (256 MiB) on its way to host3
+    site.controller.create_vm(VmCreate(name="big", host="host2", vlan=100,
+                                       ip="192.0.2.11/24", memory_mib=1800), site.actor())
+    with pytest.raises(CapacityError, match="1792 MiB free"):
+        site.migrate("big", to="host3")
+    site.release("host1", "vm1")
+    assert finish(site, record).state == "completed"
+
+
+def test_a_migrating_vm_cannot_be_changed(site: Site) -> None:
+    from vmferry.errors import ConflictError
+    record = held(site)
+    with pytest.raises(ConflictError, match="already migrating"):
+        site.migrate(to="host2")
+    with pytest.raises(ConflictError):
+        site.controller.delete_vm("vm1", site.actor())
+    site.release("host1", "vm1")
+    assert finish(site, record).state == "completed"
+    site.controller.delete_vm("vm1", site.actor())   # the lock went with the run
+
+
+def test_one_address_per_vlan_in_the_store(site: Site) -> None:
+    from sqlalchemy.exc import IntegrityError
+    site.create_vm()
+    with pytest.raises(IntegrityError), site.store.session() as session:
+        session.add(VmRow(name="twin", host="host2", memory_mib=64, vlan=100,
+                          ip="192.0.2.10/24", mac="52:54:00:ff:ff:01", state="running"))
+
+
+# ---- guest memory integrity -----------------------------------------------------------------
+
+def memcheck_vm(site: Site, console: str) -> MigrationRecord:
+    from vmferry.api.controller import VmCreate
+    site.controller.create_vm(VmCreate(name="vm1", host="host1", vlan=100, ip="192.0.2.10/24",
+                                       memory_mib=256, memcheck_mib=64), site.actor())
+    assert site.hypervisors["host1"].spec("vm1").memcheck_mib == 64
+    # What the guest prints on the destination's console once it runs there.
+    site.hypervisors["host3"].consoles["vm1"] = console
+    return finish(site, site.migrate())
+
+
+def test_memory_verdict_recorded_after_the_move(site: Site) -> None:
+    record = memcheck_vm(site, "VMFERRY-MEMCHECK start blocks=64 rate=8\n"
+                               "VMFERRY-MEMCHECK pass=7 blocks=64 failures=0\n")
+    assert record.state == "completed", record.error
+    assert site.hypervisors["host3"].spec("vm1").memcheck_mib == 64
+    memcheck = (record.result.model_extra or {})["memcheck"]
+    assert memcheck["intact"] is True and memcheck["last_pass"] == 7
+
+
+def test_changed_memory_fails_the_move_for_an_operator(site: Site) -> None:
+    record = memcheck_vm(site, "VMFERRY-MEMCHECK-FAIL pass=7 block=3 pattern=1 want=a got=b\n"
+                               "VMFERRY-MEMCHECK pass=7 blocks=64 failures=1\n")
+    assert record.state == "failed"
+    assert record.error is not None and "memory changed" in record.error
+    memcheck = (record.result.model_extra or {})["memcheck"]
+    assert memcheck["intact"] is False and memcheck["failures"] == 1
+
+
+def test_memcheck_on_the_kernel_command_line() -> None:
+    from vmferry.drivers.hypervisor.base import GuestSpec
+    from vmferry.drivers.hypervisor.qemu_cmdline import kernel_append, parse_kernel_append
+    spec = GuestSpec(name="g", memory_mib=256, mac="52:54:00:00:00:01", tap="t1",
+                     ip_cidr="192.0.2.1/24", memcheck_mib=32)
+    assert parse_kernel_append(kernel_append(spec))["memcheck"] == "32"
+    assert "memcheck" not in kernel_append(GuestSpec(name="g", memory_mib=256,
+                                                     mac="52:54:00:00:00:01", tap="t1",
+                                                     ip_cidr="192.0.2.1/24"))
+
+
+def test_a_store_blip_mid_run_is_decided_not_abandoned(site: Site,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from vmferry.controller import migration as migration_module
+    monkeypatch.setattr(migration_module, "CRASH_BACKOFF_S", 0.05)
+    real_progress = Run.progress
+    broken = threading.Event()
+
+    def progress(self: Run, value: object) -> None:
+        if not broken.is_set():
+            broken.set()
+            raise OperationalError("UPDATE migrations", {}, Exception("database is locked"))
+        real_progress(self, value)  # type: ignore[arg-type]
+    monkeypatch.setattr(Run, "progress", progress)
+    record = finish(site, held(site))
+    assert broken.is_set()
+    assert record.state == "rolled-back", record.error      # QEMU was still copying
+    stays_on_source(site, record)

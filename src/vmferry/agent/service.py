@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from vmferry.api.agent import (
     GuestRequest,
     HostLeftovers,
     HostReport,
+    MemcheckVerdict,
     MigrateRequest,
     MigrationProgress,
     PortOutcome,
@@ -122,7 +124,8 @@ class HostAgent:
                 incoming_uri = self._incoming_uri(request.name) if request.incoming else None
                 spec = GuestSpec(name=request.name, memory_mib=request.memory_mib,
                                  mac=request.mac, tap=tap, ip_cidr=request.ip,
-                                 gateway=request.gateway, workload_mibps=request.workload_mibps)
+                                 gateway=request.gateway, workload_mibps=request.workload_mibps,
+                                 memcheck_mib=request.memcheck_mib)
                 self._guests[request.name] = request
                 self._save_request(request)
                 tuning = MigrationTuning(postcopy=request.postcopy,
@@ -338,6 +341,11 @@ class HostAgent:
         self._require(name)
         self.hypervisor.cancel_migration(name)
 
+    def memcheck(self, name: str) -> MemcheckVerdict:
+        """The guest's memory-check verdict from its console on this host."""
+        self._require(name)
+        return memcheck_verdict(self.hypervisor.console(name))
+
     def resume(self, name: str) -> None:
         self._require(name)
         self.hypervisor.resume(name)
@@ -441,3 +449,18 @@ def _free_port(address: str) -> int:
         sock.bind((address, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+_MEMCHECK_PASS = re.compile(r"VMFERRY-MEMCHECK pass=(\d+) blocks=\d+ failures=(\d+)")
+
+
+def memcheck_verdict(console: str | None) -> MemcheckVerdict:
+    """What image/init.sh's memory check printed on ``console``."""
+    if console is None:
+        return MemcheckVerdict(available=False)
+    passes = _MEMCHECK_PASS.findall(console)
+    fails = [line.strip() for line in console.splitlines() if "VMFERRY-MEMCHECK-FAIL" in line]
+    return MemcheckVerdict(available=True, passes=len(passes),
+                           last_pass=int(passes[-1][0]) if passes else None,
+                           failures=max(int(passes[-1][1]) if passes else 0, len(fails)),
+                           fail_lines=fails[:20])

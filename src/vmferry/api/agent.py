@@ -47,6 +47,18 @@ class GuestRequest(_Body):
     migration_peer: str | None = Field(default=None, pattern=HOST_NAME)
     postcopy: bool = False          # the incoming stream may switch to postcopy
     profile: PortProfile | None = None
+    # MiB the guest fills with known patterns and verifies for ever (image/init.sh; 0: none).
+    memcheck_mib: int = Field(0, ge=0, le=1024 * 1024)
+
+
+class MemcheckVerdict(BaseModel):
+    """What the guest's memory check printed on this host's console (image/init.sh)."""
+
+    available: bool                 # the console could be read
+    passes: int = 0                 # "VMFERRY-MEMCHECK pass=..." lines on this host's console
+    last_pass: int | None = None    # the guest's pass number of the last one
+    failures: int = 0               # the guest's failure count in that line
+    fail_lines: list[str] = []      # "VMFERRY-MEMCHECK-FAIL ..." lines (at most 20)
 
 
 class GuestInfo(BaseModel):

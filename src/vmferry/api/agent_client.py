@@ -24,6 +24,7 @@ from vmferry.api.agent import (
     GuestRequest,
     HostLeftovers,
     HostReport,
+    MemcheckVerdict,
     MigrateRequest,
     MigrationProgress,
     PortOutcome,
@@ -168,6 +169,10 @@ class AgentClient:
 
     def migrate(self, vm: str, request: MigrateRequest) -> None:
         self.request("POST", f"/v1/guests/{vm}/migrate", body=request)
+
+    def memcheck(self, vm: str) -> MemcheckVerdict:
+        """The guest's memory-check verdict from its console on this host."""
+        return self._get(MemcheckVerdict, "GET", f"/v1/guests/{vm}/memcheck", timeout=15)
 
     def migration(self, vm: str) -> MigrationProgress:
         return self._get(MigrationProgress, "GET", f"/v1/guests/{vm}/migration")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmferry import paths
+from vmferry.bench.soak import command as soak_command
 from vmferry.cli.common import console, errors_to_exit
 
 bench_app = typer.Typer(help="Benchmarks on a lab of their own.", no_args_is_help=True)
@@ -230,3 +231,6 @@ def tls(
     with errors_to_exit():
         document = run(rounds, memory, workload, say=lambda line: console.print(line))
     console.print_json(json.dumps(document))
+
+
+bench_app.command("soak")(soak_command)     # the command lives with the soak (bench/soak.py)

@@ -23,11 +23,13 @@ def create(
     gateway: str | None = typer.Option(None, "--gateway"),
     workload_mibps: int = typer.Option(0, "--workload-mibps", help="Memory the guest dirties/s"),
     max_downtime: int | None = typer.Option(None, "--max-downtime", help="Policy, ms"),
+    memcheck_mib: int = typer.Option(0, "--memcheck-mib", help="Memory the guest fills and "
+                                     "verifies for ever (checked after every move)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create a VM: allocate its MAC, carry its VLAN to the host, start it."""
     body: dict[str, Any] = {"name": name, "host": host, "memory_mib": memory, "ip": ip,
-                            "workload_mibps": workload_mibps}
+                            "workload_mibps": workload_mibps, "memcheck_mib": memcheck_mib}
     for key, value in (("vlan", vlan), ("profile", profile), ("gateway", gateway),
                        ("max_downtime_ms", max_downtime)):
         if value is not None:

@@ -20,7 +20,7 @@ from vmferry.controller.auth import Principal
 from vmferry.controller.leader import Fenced, LeaderLease
 from vmferry.controller.recovery import forward, recover
 from vmferry.controller.run import Cancelled, Run, load, record_of
-from vmferry.controller.service import Controller
+from vmferry.controller.service import Controller, memory_used
 from vmferry.errors import CapacityError, ConflictError, InputError, NotFoundError
 from vmferry.model.migration import (
     DEFAULT_MAX_DOWNTIME_MS,
@@ -29,6 +29,7 @@ from vmferry.model.migration import (
     Phase,
     past_point_of_no_return,
 )
+from vmferry.model.topology import Topology
 from vmferry.store.schema import MigrationRow, VmRow
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,29 @@ class Migrations:
         topology = self.controller.topology()
         if destination not in {h.name for h in topology.hosts}:
             raise NotFoundError("to", f"unknown host {destination!r}")
+        # The VM's lock is held for the whole run (released by its thread): a profile change,
+        # a delete or a policy change of a migrating VM is refused meanwhile.
+        vm_lock = self.controller.vm_lock(vm)
+        if not vm_lock.acquire(blocking=False):
+            with self.store.session() as session:
+                if session.scalars(select(MigrationRow.id).where(
+                        MigrationRow.vm == vm, MigrationRow.state.in_(LIVE))).first():
+                    raise ConflictError("vm", f"VM {vm!r} is already migrating")
+            raise ConflictError("vm", f"VM {vm!r} is being changed right now")
+        try:
+            migration_id = self._record(vm, destination, options, topology)
+        except BaseException:
+            vm_lock.release()
+            raise
+        events.record(self.store, actor.name, "migration.start", vm, "started",
+                      migration=migration_id, source=self.get(migration_id).source,
+                      destination=destination)
+        self._launch(migration_id, actor.name, locked=True)
+        return self.get(migration_id)
+
+    def _record(self, vm: str, destination: str, options: MigrationOptions,
+                topology: Topology) -> int:
+        """Check the move may start and record it (running, precheck); returns its id."""
         with self._lock, self.store.session() as session:
             if self.fence is not None:
                 self.fence(session)
@@ -79,8 +103,7 @@ class Migrations:
                 raise ConflictError("vm", f"VM {vm!r} is {row.state}, not running")
             if row.host == destination:
                 raise InputError("to", f"VM {vm} already runs on {destination}")
-            used = sum(v.memory_mib for v in session.scalars(
-                select(VmRow).where(VmRow.host == destination)))
+            used = memory_used(session, destination)
             free = topology.host(destination).memory_mib - used
             if row.memory_mib > free:
                 raise CapacityError(f"to: host {destination} has {free} MiB free, {vm} needs "
@@ -99,11 +122,7 @@ class Migrations:
                                   options=options.model_dump(mode="json"), phases=[], result={})
             session.add(record)
             session.flush()
-            migration_id = record.id
-        events.record(self.store, actor.name, "migration.start", vm, "started",
-                      migration=migration_id, source=row.host, destination=destination)
-        self._launch(migration_id, actor.name)
-        return self.get(migration_id)
+            return record.id
 
     def get(self, migration_id: int) -> MigrationRecord:
         return load(self.store, migration_id)
@@ -143,12 +162,25 @@ class Migrations:
 
     # ---- the run ----------------------------------------------------------------------------
 
-    def _launch(self, migration_id: int, actor: str, recovering: bool = False) -> None:
+    def _launch(self, migration_id: int, actor: str, recovering: bool = False,
+                locked: bool = False) -> None:
         self._cancel.setdefault(migration_id, threading.Event())
-        thread = threading.Thread(target=self._run, args=(migration_id, actor, recovering),
+        thread = threading.Thread(target=self._locked_run,
+                                  args=(migration_id, actor, recovering, locked),
                                   name=f"migration-{migration_id}", daemon=True)
         self._threads[migration_id] = thread
         thread.start()
+
+    def _locked_run(self, migration_id: int, actor: str, recovering: bool,
+                    locked: bool) -> None:
+        """The run, holding its VM's lock (taken here for a resumed one)."""
+        vm_lock = self.controller.vm_lock(self.get(migration_id).vm)
+        if not locked:
+            vm_lock.acquire()
+        try:
+            self._run(migration_id, actor, recovering)
+        finally:
+            vm_lock.release()
 
     def _run(self, migration_id: int, actor: str, recovering: bool) -> None:
         for attempt in range(CRASH_RETRIES + 1):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sqlalchemy import select
-
 from vmferry.api.agent import HostReport
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
 from vmferry.controller.run import Run
+from vmferry.controller.service import memory_used
 from vmferry.errors import (
     CapacityError,
     ConflictError,
@@ -31,6 +30,8 @@ from vmferry.model.migration import Phase
 from vmferry.store.schema import HostRow, VmRow
 
 SWITCHOVER_WAIT_S = 15.0
+# How long verify waits for the guest's memory check to finish a pass on the destination.
+MEMCHECK_WAIT_S = 90.0
 
 
 def precheck(run: Run) -> None:
@@ -44,8 +45,7 @@ def precheck(run: Run) -> None:
             raise NotFoundError("vm", f"no VM named {run.vm!r}")
         if run.destination == vm.host:
             raise InputError("to", f"VM {run.vm} already runs on {run.destination}")
-        used = sum(v.memory_mib for v in session.scalars(
-            select(VmRow).where(VmRow.host == run.destination)))
+        used = memory_used(session, run.destination, except_migration=run.id)
         dst_host = session.get(HostRow, run.destination)
         memory, vlan = vm.memory_mib, vm.vlan
         if dst_host is not None and dst_host.maintenance:
@@ -81,8 +81,9 @@ def check_hosts(run: Run, src: HostReport, dst: HostReport) -> None:
 
 def extend_vlan(run: Run) -> None:
     """Carry the VM's VLAN on every trunk between the source and the destination: the store
-    now says this migration's destination is an endpoint of the VM's VLAN."""
-    run.controller.reconcile_fabric()
+    now says this migration's destination is an endpoint of the VM's VLAN. Only a trunk end
+    on the move's own path may fail it (drift elsewhere is recorded)."""
+    run.controller.reconcile_fabric(move_path(run))
 
 
 def preset_port(run: Run) -> None:
@@ -192,7 +193,7 @@ def prune_vlan(run: Run) -> None:
         vm = session.get(VmRow, run.vm)
         if vm is not None:
             vm.state = "running"
-    run.controller.reconcile_fabric()
+    run.controller.reconcile_fabric(move_path(run))
 
 
 def verify(run: Run) -> None:
@@ -202,6 +203,27 @@ def verify(run: Run) -> None:
                              f"port present: {info.port_present}", vm=run.vm)
     if run.src.guest_state(run.vm) != "absent":
         raise MigrationError(f"{run.vm} still has a guest on {run.source}", vm=run.vm)
+    check_memory(run)
+
+
+def check_memory(run: Run) -> None:
+    """The guest's own memory check (image/init.sh), read from the destination's console:
+    intact when a pass completed after the move with no failure. Raises MigrationError on a
+    changed block; a check that did not finish a pass in time is recorded, not failed."""
+    if not run.vm_row().memcheck_mib:
+        return
+    deadline = time.monotonic() + MEMCHECK_WAIT_S
+    while True:
+        verdict = run.dst.memcheck(run.vm)
+        if verdict.failures or verdict.passes or not verdict.available \
+                or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    intact = None if not verdict.passes and not verdict.failures else verdict.failures == 0
+    run.record_result(memcheck={**verdict.model_dump(mode="json"), "intact": intact})
+    if intact is False:
+        raise MigrationError(f"guest memory changed by the move: {verdict.failures} "
+                             f"failure(s): {'; '.join(verdict.fail_lines[:3])}", vm=run.vm)
 
 
 # The whole migration, in order (``vmferry.model.migration.PHASES`` names them).
@@ -217,6 +239,11 @@ STEPS: dict[Phase, Callable[[Run], None]] = {
     Phase.PRUNE_VLAN: prune_vlan,
     Phase.VERIFY: verify,
 }
+
+
+def move_path(run: Run) -> set[str]:
+    """The nodes this move depends on: both hosts and the fabric between them."""
+    return set(path_between(run.controller.topology(), run.source, run.destination))
 
 
 def _report(run: Run, host: str) -> HostReport:

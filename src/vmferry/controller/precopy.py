@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from vmferry import failpoints
 from vmferry.api.agent import GuestEvent, MigrateRequest, MigrationProgress
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.run import Cancelled, Run
@@ -138,6 +139,8 @@ class _Follow:
                 _switchover_step(run, self.mbb.open, "installed")
             run.src.continue_migration(run.vm)
         elif status == "completed":
+            # A controller killed here: QEMU completed, the controller has not acted on it.
+            failpoints.reached("inside:precopy-completed")
             # From the event the switchover starts at once; QEMU's final figures are read
             # there (``phases.record_final_progress``), off this path.
             if progress is not None:
@@ -160,6 +163,8 @@ class _Follow:
         postcopy, convergence timeout."""
         run = self.run
         progress = run.src.migration(run.vm)
+        if progress.status == "active" and progress.transferred_bytes:
+            failpoints.reached("inside:precopy-copying")      # QEMU is copying right now
         run.progress(progress)
         self.on_status(progress.status, progress)
         if self.done:

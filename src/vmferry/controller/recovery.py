@@ -172,9 +172,13 @@ def rollback(run: Run, reason: str, turns: int = 0) -> None:
     if problem:
         problems.append(problem)
     try:
-        run.controller.reconcile_fabric()
+        # Best effort: a VLAN left on a trunk is drift (recorded, shown by ``fabric show``,
+        # fixed by the next reconcile), not a reason to fail a rollback that saved the VM.
+        run.controller.reconcile_fabric(())
     except VmferryError as exc:
         problems.append(f"fabric: {exc.message}")
+    if run.controller.fabric_drift:
+        run.record_result(fabric_drift=dict(run.controller.fabric_drift))
     with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:

@@ -107,7 +107,8 @@ class Run:
                             vlan=vm.vlan, workload_mibps=vm.workload_mibps, incoming=incoming,
                             migration_peer=self.source if incoming else None,
                             postcopy=self.options.postcopy_allowed,
-                            profile=stored_profile(self.store, vm.profile))
+                            profile=stored_profile(self.store, vm.profile),
+                            memcheck_mib=vm.memcheck_mib)
 
     def last_event_seq(self, host: str) -> int:
         """The newest event number of the guest on ``host`` (0: none, or no events route)."""

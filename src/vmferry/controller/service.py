@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,12 +24,13 @@ from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.errors import (
     CapacityError,
     ConflictError,
+    FabricError,
     InputError,
     NotFoundError,
     VmferryError,
 )
 from vmferry.http import ClientTls
-from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
+from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans, path_between
 from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.model.names import check_unique
 from vmferry.model.network import mac_for
@@ -65,6 +67,8 @@ class Controller:
         self._agents = AgentClients(read_token_file, transport=agent_transport, tls=agent_tls)
         self._topology: tuple[float, Topology] | None = None
         self._topology_lock = threading.Lock()
+        # Trunk ends the last reconcile could not bring in line ("node:port" -> why).
+        self.fabric_drift: dict[str, str] = {}
 
     # ---- inventory --------------------------------------------------------------------------
 
@@ -211,13 +215,15 @@ class Controller:
                 session.add(VmRow(name=body.name, host=body.host, memory_mib=body.memory_mib,
                                   vlan=vlan, ip=body.ip, mac=mac, profile=body.profile,
                                   workload_mibps=body.workload_mibps,
+                                  memcheck_mib=body.memcheck_mib,
                                   max_downtime_ms=policy.max_downtime_ms, state="creating",
                                   policy=policy.model_dump(mode="json")))
             try:
-                self.reconcile_fabric()
+                self.reconcile_fabric(self.vm_path(body.host, vlan))
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
                                        ip=body.ip, gateway=body.gateway, vlan=vlan,
-                                       workload_mibps=body.workload_mibps, profile=profile)
+                                       workload_mibps=body.workload_mibps, profile=profile,
+                                       memcheck_mib=body.memcheck_mib)
                 self.agent(body.host).create_guest(request)
             except VmferryError as exc:
                 self._forget_vm(body.name)
@@ -247,7 +253,7 @@ class Controller:
             except VmferryError as exc:
                 log.warning("cleanup of %s on %s failed: %s", name, host, exc)
         try:
-            self.reconcile_fabric()
+            self.reconcile_fabric(())      # best effort: what fails is recorded as drift
         except VmferryError as exc:
             log.warning("fabric reconcile after failed create failed: %s", exc)
 
@@ -269,7 +275,7 @@ class Controller:
                 row = session.get(VmRow, name)
                 if row is not None:
                     session.delete(row)
-            self.reconcile_fabric()
+            self.reconcile_fabric(())          # the VM is gone: drift is recorded, not raised
             events.record(self.store, actor.name, "vm.delete", name, "ok", host=host)
         finally:
             lock.release()
@@ -311,8 +317,7 @@ class Controller:
 
     def _check_memory(self, session: Any, host: str, memory_mib: int) -> None:
         spec = self.topology().host(host)
-        used = sum(v.memory_mib for v in session.scalars(select(VmRow).where(VmRow.host == host)))
-        free = spec.memory_mib - used
+        free = spec.memory_mib - memory_used(session, host)
         if memory_mib > free:
             raise CapacityError(f"memory_mib: host {host} has {free} MiB free, "
                                 f"{memory_mib} MiB requested", field="memory_mib", host=host,
@@ -354,22 +359,54 @@ class Controller:
         result.extend(client_endpoints(topology))
         return result
 
-    def reconcile_fabric(self) -> dict[str, list[int]]:
+    def reconcile_fabric(self, path: Collection[str] | None = None) -> dict[str, list[int]]:
         """Make every trunk carry exactly the VLANs with endpoints on both of its sides.
 
-        Every trunk end is read back and only the ends that differ are written; the ends are
-        independent, so they are handled in parallel."""
+        Every trunk end is read back and only the ends that differ are written, in parallel.
+        Best effort: every end is tried, and one that fails is recorded as drift
+        (``fabric_drift``; ``fabric show`` reports the end). Only a failed end on ``path`` (the
+        nodes of the VM operation at hand) raises ``FabricError``: one dead host or switch does
+        not fail every create and migration of the site. No ``path`` (an operator's
+        reconcile): any failed end raises, after all were tried."""
         topology = self.topology()
         with self._fabric_lock:
             desired = desired_trunk_vlans(topology, self.endpoints())
             ends = [(node, port, desired[trunk.key]) for trunk in topology.trunks()
                     for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port))]
             hosts = {h.name for h in topology.hosts}
+            failed: dict[tuple[str, str], str] = {}
             with ThreadPoolExecutor(max_workers=FABRIC_WORKERS) as pool:
-                for future in [pool.submit(self._sync_trunk_end, node, port, vlans,
-                                           node in hosts) for node, port, vlans in ends]:
-                    future.result()
-            return {k: sorted(v) for k, v in desired.items()}
+                futures = {(node, port): pool.submit(self._sync_trunk_end, node, port, vlans,
+                                                     node in hosts)
+                           for node, port, vlans in ends}
+                for end, future in futures.items():
+                    try:
+                        future.result()
+                    except VmferryError as exc:
+                        failed[end] = exc.message
+            self.fabric_drift = {f"{node}:{port}": message
+                                 for (node, port), message in failed.items()}
+        if failed:
+            log.warning("fabric reconcile: %d trunk end(s) not reconciled: %s", len(failed),
+                        self.fabric_drift)
+        blocking = sorted(end for end in failed if path is None or end[0] in path)
+        if blocking:
+            raise FabricError("trunk ends not reconciled: " + "; ".join(
+                f"{node}:{port}: {failed[(node, port)]}" for node, port in blocking),
+                host=blocking[0][0])
+        return {k: sorted(v) for k, v in desired.items()}
+
+    def vm_path(self, host: str, vlan: int) -> set[str]:
+        """The nodes a VM on ``host`` needs for its VLAN: its host and the switches towards
+        the VLAN's other endpoints (other hosts are theirs: a dead one fails only its VMs)."""
+        topology = self.topology()
+        hosts = {h.name for h in topology.hosts}
+        nodes = {host}
+        for endpoint in self.endpoints():
+            if endpoint.vlan == vlan and endpoint.node != host:
+                nodes.update(n for n in path_between(topology, host, endpoint.node)
+                             if n not in hosts)
+        return nodes
 
     def _sync_trunk_end(self, node: str, port: str, vlans: frozenset[int],
                         is_host: bool) -> None:
@@ -405,6 +442,20 @@ class Controller:
                                    actual_b=actual[1],
                                    in_sync=actual[0] == want and actual[1] == want, error=error))
         return result
+
+
+def memory_used(session: Any, host: str, *, except_migration: int | None = None) -> int:
+    """Memory the VMs on ``host`` take, counting the VMs migrating in (their destination QEMU
+    takes the memory from the start of the move)."""
+    used: int = sum(v.memory_mib for v in session.scalars(
+        select(VmRow).where(VmRow.host == host)))
+    for m in session.scalars(select(MigrationRow).where(
+            MigrationRow.destination == host, MigrationRow.state.in_(
+                [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]))):
+        vm = session.get(VmRow, m.vm)
+        if m.id != except_migration and vm is not None and vm.host != host:
+            used += vm.memory_mib
+    return used
 
 
 def _aware(moment: datetime | None) -> datetime | None:

@@ -51,6 +51,7 @@ class VmRow(Base):
     mac: Mapped[str] = mapped_column(String(17), unique=True)
     profile: Mapped[str | None] = mapped_column(String(64))
     workload_mibps: Mapped[int] = mapped_column(default=0)
+    memcheck_mib: Mapped[int] = mapped_column(default=0, server_default="0")   # 0007
     max_downtime_ms: Mapped[int | None]
     state: Mapped[str] = mapped_column(String(32), default="creating")
     # The placement policy (model.placement.VmPolicy as JSON); None: the default policy.

@@ -15,6 +15,7 @@ from vmferry.api.agent import (
     GuestEvent,
     GuestInfo,
     GuestRequest,
+    MemcheckVerdict,
     MigrateRequest,
     MigrationProgress,
 )
@@ -61,6 +62,10 @@ def router(agent: HostAgent) -> APIRouter:
         check_destination(agent, body.uri)
         agent.migrate(name, body)
         return Accepted(status="started")
+
+    @api.get("/v1/guests/{name}/memcheck", response_model=MemcheckVerdict)
+    def memcheck(name: str) -> MemcheckVerdict:
+        return agent.memcheck(name)
 
     @api.get("/v1/guests/{name}/migration", response_model=MigrationProgress)
     def migration(name: str) -> MigrationProgress:

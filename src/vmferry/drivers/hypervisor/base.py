@@ -22,6 +22,7 @@ class GuestSpec:
     workload_mibps: int = 0        # memory the guest dirties per second (0: idle)
     vcpus: int = 1
     machine: str = "q35"
+    memcheck_mib: int = 0          # memory the guest fills and verifies for ever (0: none)
 
 
 class GuestState(str, enum.Enum):
@@ -155,6 +156,11 @@ class Hypervisor(ABC):
     @abstractmethod
     def resume(self, name: str) -> None:
         """Resume a paused guest (e.g. the destination after switchover if needed)."""
+
+    def console(self, name: str) -> str | None:
+        """The guest's console output on this host so far; None when the driver cannot read
+        it. Not abstract: drivers without a console file keep this."""
+        return None
 
     @abstractmethod
     def announce(self, name: str) -> None:

@@ -129,6 +129,8 @@ class FakeHypervisor(Hypervisor):
         self._scripts: dict[str, tuple[list[str], bool]] = {}
         self._start_failures: dict[str, str] = {}
         self.announcements: dict[str, int] = {}
+        #: What each guest printed on its console here (a test writes it).
+        self.consoles: dict[str, str] = {}
         self._pids = itertools.count(1000)
         self._changed = self.network.changed
 
@@ -240,6 +242,10 @@ class FakeHypervisor(Hypervisor):
                 guest.state = GuestState.RUNNING
                 self._emit(name, "RESUME")
                 self._changed.notify_all()
+
+    def console(self, name: str) -> str | None:
+        with self._changed:
+            return self.consoles.get(name)
 
     def announce(self, name: str) -> None:
         with self._changed:

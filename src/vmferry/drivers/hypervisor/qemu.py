@@ -110,6 +110,12 @@ class QemuHypervisor(Hypervisor):
     def serial_log(self, name: str) -> Path:
         return self.files(name)["serial"]
 
+    def console(self, name: str) -> str | None:
+        try:
+            return self.serial_log(name).read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+
     def pid(self, name: str) -> int | None:
         """The pid of the guest's QEMU, or None. A pidfile whose pid now belongs to another
         process (pid reuse after a crash) does not count."""

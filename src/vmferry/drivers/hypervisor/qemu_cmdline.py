@@ -108,6 +108,8 @@ def kernel_append(spec: GuestSpec) -> str:
     if spec.gateway:
         words.append(f"vmferry.gw={spec.gateway}")
     words.append(f"vmferry.workload={spec.workload_mibps}")
+    if spec.memcheck_mib:
+        words.append(f"vmferry.memcheck={spec.memcheck_mib}")
     return " ".join(words)
 
 

@@ -1,7 +1,8 @@
 """Fenced leadership and one address per VLAN
 
 The leader row gets an epoch (the fencing token every migration write checks); a VLAN's
-address belongs to one VM at most (two concurrent creates cannot take the same IP).
+address belongs to one VM at most (two concurrent creates cannot take the same IP); a VM's
+memory check size (verified after every move).
 
 Revision ID: 0007_fencing
 Revises: 0006_placement
@@ -26,10 +27,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("epoch", sa.Integer(), nullable=False, server_default="0"))
     with op.batch_alter_table("vms") as batch:
         batch.create_unique_constraint("uq_vms_vlan_ip", ["vlan", "ip"])
+        batch.add_column(sa.Column("memcheck_mib", sa.Integer(), nullable=False,
+                                   server_default="0"))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("vms") as batch:
+        batch.drop_column("memcheck_mib")
         batch.drop_constraint("uq_vms_vlan_ip", type_="unique")
     with op.batch_alter_table("leader") as batch:
         batch.drop_column("epoch")
