@@ -25,6 +25,7 @@ from vmferry.web import ConcurrencyCap
 MAX_EVENT_WAITS = 64     # long polls at once (one per running migration and side)
 
 
+# size: one short nested function per guest route; the router is their list, not logic
 def router(agent: HostAgent) -> APIRouter:
     api = APIRouter()
 
