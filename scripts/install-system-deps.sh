@@ -11,6 +11,11 @@ PKGS=(openvswitch-switch openvswitch-common python3-openvswitch iproute2 busybox
       # promtool checks the shipped alerting rules; chromium is the browser Playwright drives.
       prometheus chromium systemd)
 QEMU_MIN_MAJOR=10
+# libvirt 11 (bookworm-backports, matching QEMU 10) for hosts with `hypervisor: libvirt`; the
+# libvirt-python binding has no wheel on PyPI: it builds against libvirt-dev with pkg-config.
+LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+              pkg-config gcc python3-dev)
+LIBVIRT_MIN_MAJOR=11
 
 qemu_major() {
   command -v qemu-system-x86_64 >/dev/null || { echo 0; return; }
@@ -50,6 +55,19 @@ SRC
   apt-get install -y -qq --no-install-recommends -t "${codename}-backports" qemu-system-x86 qemu-utils >/dev/null
 fi
 
+libvirt_major() {
+  command -v libvirtd >/dev/null || { echo 0; return; }
+  libvirtd --version | head -n1 | sed -E 's/.* ([0-9]+)\.[0-9]+.*/\1/'
+}
+if [ "$(libvirt_major)" -lt "$LIBVIRT_MIN_MAJOR" ] || ! pkg-config --atleast-version=11 libvirt 2>/dev/null; then
+  . /etc/os-release
+  [ -f /etc/apt/sources.list.d/vmferry-backports.sources ] || {
+    echo "install-system-deps: libvirt needs the backports source (written with QEMU's)" >&2; exit 1; }
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -t "${VERSION_CODENAME:-bookworm}-backports" \
+    "${LIBVIRT_PKGS[@]}" >/dev/null
+fi
+
 major=$(qemu_major)
 if [ "$major" -lt "$QEMU_MIN_MAJOR" ]; then
   echo "install-system-deps: QEMU >= $QEMU_MIN_MAJOR is required, found $(qemu-system-x86_64 --version | head -n1)" >&2
@@ -57,7 +75,10 @@ if [ "$major" -lt "$QEMU_MIN_MAJOR" ]; then
 fi
 # The system-wide OVS/OVN/PostgreSQL/Prometheus services are not used: vmferry runs its own
 # daemons, and only promtool of the prometheus package is needed.
-for svc in openvswitch-switch ovn-central ovn-host postgresql prometheus; do
+# The lab starts its own libvirtd per host (lab/libvirt.py); the system's stay off.
+for svc in openvswitch-switch ovn-central ovn-host postgresql prometheus libvirtd \
+           libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket virtlogd virtlogd.socket \
+           virtlockd virtlockd.socket libvirt-guests; do
   systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 echo "install-system-deps: ok (qemu $(qemu-system-x86_64 --version | head -n1 | awk '{print $4}'), $(ovs-vsctl --version | head -n1))"

@@ -3,7 +3,8 @@
     VmferryError                      base; every error a user can see
     ├── InputError                    bad input: names the field and the reason (HTTP 422, exit 2)
     │   ├── NotFoundError             an unknown VM, host, profile, migration... (HTTP 404)
-    │   └── ConflictError             name clash, resource busy or in use (HTTP 409)
+    │   ├── ConflictError             name clash, resource busy or in use (HTTP 409)
+    │   └── TooManyRequests           a caller's share of waits or streams is used up (429)
     ├── CapacityError                 not enough memory / slots on a host (HTTP 409)
     ├── AuthError                     missing or wrong credentials (HTTP 401)
     │   └── ForbiddenError            valid token, role not allowed (HTTP 403)
@@ -57,6 +58,10 @@ class NotFoundError(InputError):
 
 class ConflictError(InputError):
     http_status = 409
+
+
+class TooManyRequests(InputError):
+    http_status = 429
 
 
 class CapacityError(VmferryError):

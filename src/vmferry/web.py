@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vmferry.errors import InputError, VmferryError
+from vmferry.errors import InputError, TooManyRequests, VmferryError
 from vmferry.model.validation import field_path
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,41 @@ class RateLimitedLog:
 
 
 refusals = RateLimitedLog(log)
+
+
+class ConcurrencyCap:
+    """At most ``per_key`` concurrent uses per caller and ``total`` in all (long waits, event
+    streams): one more is refused with 429 naming ``field`` instead of queueing, so no caller
+    can hold every worker (heartbeats included). Thread-safe."""
+
+    def __init__(self, field: str, *, per_key: int, total: int) -> None:
+        self.field = field
+        self.per_key = per_key
+        self.total = total
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> None:
+        """Take a slot for ``key``; raises TooManyRequests when none is free."""
+        with self._lock:
+            mine = self._used.get(key, 0)
+            if mine >= self.per_key:
+                raise TooManyRequests(self.field, f"at most {self.per_key} at once per caller")
+            if sum(self._used.values()) >= self.total:
+                raise TooManyRequests(self.field, f"at most {self.total} at once; try later")
+            self._used[key] = mine + 1
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            left = self._used.get(key, 0) - 1
+            if left > 0:
+                self._used[key] = left
+            else:
+                self._used.pop(key, None)
+
+    def in_use(self, key: str | None = None) -> int:
+        with self._lock:
+            return self._used.get(key, 0) if key is not None else sum(self._used.values())
 
 
 def bearer_token(request: Request) -> str | None:
@@ -180,7 +215,7 @@ def peer_common_name(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
-def _peer_checking_protocol(peers: frozenset[str]) -> type[asyncio.Protocol]:
+def peer_checking_protocol(peers: frozenset[str]) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol that drops a connection whose certificate names another peer
     (asyncio calls ``connection_made`` once the TLS handshake has verified the chain)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -206,7 +241,7 @@ def serve(app: FastAPI, listens: list[str], *, tls: ServerTls | None = None,
         context = tls.context()
         options["ssl_context_factory"] = lambda _config, _default: context
         if tls.peers is not None:
-            options["http"] = _peer_checking_protocol(tls.peers)
+            options["http"] = peer_checking_protocol(tls.peers)
     groups.append(([make_socket(listen) for listen in listens], options))
     if plain:
         groups.append(([make_socket(listen) for listen in plain], {}))

@@ -95,3 +95,68 @@ def test_no_generated_request_gets_a_5xx(app: Any) -> None:
     assert total >= 1000, f"only {total} requests generated: {dict(statuses)}"
     assert not problems, f"{len(problems)} bad answers of {total} ({dict(statuses)}):\n" + \
         "\n".join(sorted(set(problems))[:30])
+
+
+class _Links:
+    """The agent's taps, in memory (the fuzz runs without creating real devices)."""
+
+    def __init__(self) -> None:
+        self.links: set[str] = set()
+
+    def create_tap(self, namespace: str | None, ifname: str, mtu: int = 1500) -> None:
+        self.links.add(ifname)
+
+    def delete_link(self, namespace: str | None, ifname: str) -> None:
+        self.links.discard(ifname)
+
+    def list_links(self, namespace: str | None) -> list[str]:
+        return sorted(self.links)
+
+
+AGENT_TOKEN = "fuzz-agent-token"
+
+
+@pytest.fixture(scope="module")
+def agent_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A host agent over its in-memory drivers (the real HTTP layer and service)."""
+    from vmferry.agent.app import create_app as create_agent_app
+    from vmferry.agent.service import AgentConfig, HostAgent
+    from vmferry.drivers.hypervisor.fake import FakeHypervisor
+    from vmferry.drivers.softswitch.base import PortSpec
+    from vmferry.drivers.softswitch.fake import FakeSoftswitch
+    from vmferry.model.topology import HOST_BRIDGE, HOST_UPLINK_PORT
+    tmp = tmp_path_factory.mktemp("agent-fuzz")
+    switch = FakeSoftswitch()
+    switch.ensure_bridge(HOST_BRIDGE)
+    switch.ensure_port(HOST_BRIDGE, PortSpec(name=HOST_UPLINK_PORT, vlan_mode="trunk"))
+    agent = HostAgent(AgentConfig(host="host1", run_dir=tmp / "run", memory_mib=4096,
+                                  shared_storage=None, migration_ip="127.0.0.1",
+                                  migration_network="127.0.0.0/24"),
+                      FakeHypervisor("host1"), switch, links=_Links())
+    return create_agent_app(agent, AGENT_TOKEN)
+
+
+def test_no_generated_agent_request_gets_a_5xx(agent_app: Any) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", agent_app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    strategy = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
+                          for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+    statuses: collections.Counter[int] = collections.Counter()
+    problems: list[str] = []
+
+    @settings(max_examples=20 * len(operations), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        if case.query and "wait" in case.query:
+            case.query["wait"] = 0          # a long poll only slows the fuzz down
+        response = case.call(headers={**(case.headers or {}), "Authorization":
+                                      f"Bearer {AGENT_TOKEN}"})
+        statuses[response.status_code] += 1
+        if response.status_code >= 500:
+            problems.append(f"{case.method} {case.formatted_path} -> "
+                            f"{response.status_code}: {response.text[:300]}")
+
+    run()
+    assert sum(statuses.values()) >= 200, dict(statuses)
+    assert not problems, "\n".join(sorted(set(problems))[:30])

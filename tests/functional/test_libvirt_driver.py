@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 from vmferry import privileged
-from vmferry.drivers.hypervisor.base import GuestSpec, GuestState, MigrationTuning
+from vmferry.drivers.hypervisor.base import (
+    GuestSpec,
+    GuestState,
+    MigrationProgress,
+    MigrationTuning,
+)
 from vmferry.drivers.hypervisor.libvirt import LibvirtHypervisor
 from vmferry.errors import HypervisorError
 from vmferry.image.builder import ensure_image
@@ -113,7 +118,16 @@ def test_start_migrate_and_events(hosts: dict[str, Host]) -> None:
         cursor_a = a.events(vm.name)[-1].seq if a.events(vm.name) else 0
         a.migrate(vm.name, f"tcp:{MIG_B}:49152", MigrationTuning(max_downtime_ms=300))
         seen: list[str] = []
-        final = a.wait_migration(vm.name, timeout=180, on_progress=lambda p: seen.append(p.status))
+        states: list[tuple[GuestState, str]] = []
+
+        def watch(progress: MigrationProgress) -> None:
+            seen.append(progress.status)
+            states.append((a.state(vm.name), progress.status))
+
+        a.progress_interval = 0.01
+        final = a.wait_migration(vm.name, timeout=180, on_progress=watch)
+        # The source never looks gone while its migration ends (the engine reads it then).
+        assert all(s is not GuestState.ABSENT for s, _ in states), states
         assert final.status == "completed", final.error
         assert final.downtime_ms is not None and final.total_bytes > 0
         assert "active" in seen or "setup" in seen
@@ -139,6 +153,12 @@ def test_start_migrate_and_events(hosts: dict[str, Host]) -> None:
         assert b.migration_progress(vm.name).status == "cancelled"
         assert b.state(vm.name) is GuestState.RUNNING
         assert ("MIGRATION", "cancelled") in [(e.kind, e.status) for e in b.events(vm.name)]
+
+        # And back for real: a guest that arrived by migration leaves by migration too.
+        b.migrate(vm.name, f"tcp:{MIG_A}:49153", MigrationTuning())
+        assert b.wait_migration(vm.name, timeout=180).status == "completed"
+        assert b.state(vm.name) is GuestState.POSTMIGRATE
+        assert a.state(vm.name) is GuestState.RUNNING
     finally:
         a.stop(vm.name)
         b.stop(vm.name)

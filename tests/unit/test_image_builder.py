@@ -303,3 +303,20 @@ def test_memcheck_reports_a_changed_block(tmp_path: Path) -> None:
     fails = [line for line in lines if line.startswith("VMFERRY-MEMCHECK-FAIL")]
     assert len(fails) == 1 and " block=2 " in fails[0], lines
     assert lines[-1] == "VMFERRY-MEMCHECK pass=2 blocks=4 failures=1"
+
+
+@pytest.mark.skipif(SHELL is None, reason="busybox not installed")
+@pytest.mark.parametrize(("request_line", "answer"), [
+    ("tcp 192.0.2.1x 5000", "VMFERRY-TALK error bad host '192.0.2.1x'"),
+    ("udp 192.0.2.1 69x", "VMFERRY-TALK error bad port '69x'"),
+    ("tcp 192.0.2.1", "VMFERRY-TALK error bad port ''"),
+    ("sctp 192.0.2.1 9", "VMFERRY-TALK error bad protocol 'sctp'"),
+    ("", "VMFERRY-TALK error bad host ''"),
+])
+def test_talk_refuses_bad_requests(tmp_path: Path, request_line: str, answer: str) -> None:
+    """The guest's control port refuses a request it cannot run, saying which field."""
+    init = tmp_path / "init"
+    init.write_bytes(builder.init_script())
+    result = subprocess.run([str(SHELL), "sh", str(init), "--talk"], input=request_line + "\n",
+                            capture_output=True, text=True, timeout=10, check=True)
+    assert result.stdout.strip() == answer

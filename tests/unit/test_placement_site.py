@@ -36,8 +36,9 @@ def beat(site: Site) -> None:
 
 
 def create(site: Site, name: str, host: str, ip: str, **policy: Any) -> None:
-    site.controller.create_vm(VmCreate(name=name, host=host, vlan=100, ip=f"192.0.2.{ip}/24",
-                                       memory_mib=256, policy=VmPolicy(**policy)), site.actor())
+    site.controller.create_vm(VmCreate.model_validate(
+        {"name": name, "host": host, "vlan": 100, "ip": f"192.0.2.{ip}/24", "memory_mib": 256,
+         "policy": VmPolicy(**policy)}), site.actor())
 
 
 def reasons(site: Site, vm: str) -> dict[str, list[str]]:

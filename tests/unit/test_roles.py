@@ -34,6 +34,7 @@ def call(client: TestClient, token: str, method: str, path: str,
 
 
 def refusals(client: TestClient, admin: str) -> list[dict[str, object]]:
+    client.app.state.refusals.flush()     # written by a worker thread  # type: ignore[attr-defined]
     _, events = call(client, admin, "GET", "/v1/events?limit=1000")
     return [e for e in events if e["outcome"] in ("forbidden", "unauthorized")]  # type: ignore[union-attr,index]
 

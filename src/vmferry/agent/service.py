@@ -14,7 +14,10 @@ from typing import Any, Protocol
 
 from vmferry import privileged
 from vmferry.agent import switchover
+from vmferry.agent.conntrack import CarrySweeper, from_wire, to_wire
 from vmferry.api.agent import (
+    ConnCarried,
+    ConnState,
     GuestEvent,
     GuestInfo,
     GuestRequest,
@@ -34,6 +37,7 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
 )
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec, Softswitch
+from vmferry.drivers.softswitch.ovs import conntrack as carry
 from vmferry.drivers.softswitch.ovs import profile as port_profile
 from vmferry.errors import (
     CapacityError,
@@ -90,6 +94,7 @@ class HostAgent:
         # Memory and requests of guests we started, for capacity and reports.
         self._guests: dict[str, GuestRequest] = {}
         self._incoming: dict[str, str] = {}
+        self._sweeper = CarrySweeper(softswitch, HOST_BRIDGE)
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self._load_requests()
 
@@ -159,6 +164,8 @@ class HostAgent:
     def _remove_guest(self, name: str) -> None:
         self.hypervisor.stop(name)
         port_profile.remove(self.softswitch, HOST_BRIDGE, tap_name(name))
+        self._sweeper.forget(tap_name(name))
+        carry.remove(self.softswitch, HOST_BRIDGE, tap_name(name))
         self.softswitch.delete_port(HOST_BRIDGE, tap_name(name))
         self.links.delete_link(None, tap_name(name))
         self._guests.pop(name, None)
@@ -259,6 +266,34 @@ class HostAgent:
             self.softswitch, HOST_BRIDGE, tap_name(name), request.mac, [request.ip],
             request.profile))
 
+    # ---- connection tracking that follows a guest (vmferry.agent.conntrack) -------------------
+
+    def conntrack(self, name: str) -> ConnState:
+        """The tracked connections of the guest's port (none without a stateful profile)."""
+        if name not in self._guests:
+            raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+        entries = carry.read(self.softswitch, HOST_BRIDGE, tap_name(name))
+        return ConnState(entries=[to_wire(e) for e in entries])
+
+    def carry_conntrack(self, name: str, state: ConnState) -> ConnCarried:
+        """Make the guest's port treat ``state``'s connections as established from their
+        first packet (temporary carry flows, swept once committed or expired)."""
+        with self._lock:
+            request = self._guests.get(name)
+            if request is None:
+                raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+            port = tap_name(name)
+            flows = carry.install(self.softswitch, HOST_BRIDGE, port, request.mac,
+                                  [request.ip], [from_wire(e) for e in state.entries])
+            if flows:
+                self._sweeper.watch(port)
+            return ConnCarried(flows=flows)
+
+    def drop_carried_conntrack(self, name: str) -> None:
+        """Remove the guest port's carry flows (idempotent)."""
+        self._sweeper.forget(tap_name(name))
+        carry.remove(self.softswitch, HOST_BRIDGE, tap_name(name))
+
     # ---- migration --------------------------------------------------------------------------
 
     def _incoming_uri(self, name: str) -> str:
@@ -337,9 +372,14 @@ class HostAgent:
 
     def inventory_of_leftovers(self) -> HostLeftovers:
         """Everything vmferry put on this host, by the VM it belongs to, as found on it now:
-        QEMU processes, switch ports it tagged, taps it named, saved guest requests."""
+        QEMU processes, switch ports it tagged, taps it named, saved guest requests, carried
+        conntrack flows no sweep will remove."""
         ports = self.softswitch.ports(HOST_BRIDGE)
-        return HostLeftovers(
+        cookies = set(carry.carry_cookies(self.softswitch, HOST_BRIDGE))
+        carried = sorted(p.external_ids.get(VM_KEY, name) for name, p in ports.items()
+                         if carry.carry_cookie(name) in cookies
+                         and not self._sweeper.watching(name))
+        return HostLeftovers(carried=carried,
             guests=sorted(self.hypervisor.guests()),
             ports=sorted(p.external_ids.get(VM_KEY, name) for name, p in ports.items()
                          if p.external_ids.get(OWNER_KEY) == OWNER),

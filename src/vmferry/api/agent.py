@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -48,7 +48,7 @@ class GuestRequest(_Body):
     postcopy: bool = False          # the incoming stream may switch to postcopy
     profile: PortProfile | None = None
     # MiB the guest fills with known patterns and verifies for ever (image/init.sh; 0: none).
-    memcheck_mib: int = Field(0, ge=0, le=1024 * 1024)
+    memcheck_mib: int = Field(default=0, ge=0, le=1024 * 1024)
 
 
 class MemcheckVerdict(BaseModel):
@@ -230,3 +230,35 @@ class HostLeftovers(BaseModel):
     ports: list[str]
     taps: list[str]
     requests: list[str]
+    carried: list[str] = Field(default_factory=list)   # VMs whose port has carry flows
+
+
+class ConnTuple(_Body):
+    """One direction of a tracked connection (ICMP: ``sport`` the echo id, ``dport`` the
+    type << 8 | code)."""
+
+    src: IpAddress
+    dst: IpAddress
+    sport: int = Field(0, ge=0, le=65535)
+    dport: int = Field(0, ge=0, le=65535)
+
+
+class ConnEntryBody(_Body):
+    """A connection-tracking entry of a guest's port, as read on its host."""
+
+    protocol: Literal["tcp", "udp", "icmp"]
+    orig: ConnTuple
+    reply: ConnTuple
+    zone: int = Field(ge=0, le=65535)
+    state: str | None = Field(None, max_length=40)
+
+
+class ConnState(_Body):
+    """The entries of a guest port's conntrack zone (read on the source, carried to the
+    destination)."""
+
+    entries: list[ConnEntryBody] = Field(default_factory=list, max_length=65536)
+
+
+class ConnCarried(BaseModel):
+    flows: int

@@ -17,6 +17,8 @@ from pydantic import BaseModel, TypeAdapter
 
 from vmferry.api.agent import (
     MAX_EVENTS_WAIT_S,
+    ConnCarried,
+    ConnState,
     GuestEvent,
     GuestInfo,
     GuestRequest,
@@ -200,6 +202,18 @@ class AgentClient:
 
     def close_switchover(self, cookie: int) -> None:
         self.request("DELETE", f"/v1/make-before-break/{cookie}", timeout=15)
+
+    def conntrack(self, vm: str) -> ConnState:
+        """The tracked connections of the guest's port on this host."""
+        return self._get(ConnState, "GET", f"/v1/ports/{vm}/conntrack", timeout=15)
+
+    def carry_conntrack(self, vm: str, state: ConnState) -> int:
+        """Carry ``state`` to the guest's port here; returns the number of carry flows."""
+        return self._get(ConnCarried, "PUT", f"/v1/ports/{vm}/conntrack", body=state,
+                         timeout=30).flows
+
+    def drop_carried_conntrack(self, vm: str) -> None:
+        self.request("DELETE", f"/v1/ports/{vm}/conntrack", timeout=15)
 
     def switchover_cookies(self) -> list[int]:
         return self._get(SwitchoverCookies, "GET", "/v1/make-before-break", timeout=15).cookies

@@ -180,4 +180,57 @@ def profiles(
     console.print(f"JSON written to {output}")
 
 
+@bench_app.command("placement")
+def placement(
+    hosts: int = typer.Option(10_000, "--hosts", min=2, max=100_000),
+    vms: int = typer.Option(100_000, "--vms", min=1, max=1_000_000),
+    queries: int = typer.Option(200, "--queries", min=1, max=100_000,
+                                help="`where` queries on random VMs"),
+    drains: int = typer.Option(20, "--drains", min=1, max=1000,
+                               help="Drain plans, each of a host holding 40 VMs"),
+    output: Path = typer.Option(Path("bench-results/placement.json"), "--output", "-o"),
+) -> None:
+    """The placement model on a simulated data center (in memory, no lab): p50/p99 of a
+    `where` query and of a 40-VM drain plan; writes JSON."""
+    from vmferry.bench.placement import (
+        PlacementBenchConfig,
+        run_placement_bench,
+        write_placement_report,
+    )
+    cfg = PlacementBenchConfig(hosts=hosts, vms=vms, where_queries=queries, drains=drains)
+    if cfg.drains * cfg.drain_vms > cfg.vms or cfg.hosts < 2 * cfg.drains:
+        raise typer.BadParameter("too few VMs or hosts for that many 40-VM drains",
+                                 param_hint="--drains")
+    with console.status(f"simulating {hosts} hosts x {vms} VMs"):
+        result = run_placement_bench(cfg)
+    write_placement_report(result, output)
+    table = Table("query", "n", "p50 ms", "p99 ms", "target")
+    table.add_row("where (every host, every reason)", str(result["where"]["n"]),
+                  str(result["where"]["p50_ms"]), str(result["where"]["p99_ms"]), "p99 < 50 ms")
+    table.add_row(f"drain plan ({cfg.drain_vms} VMs)", str(result["drain_plan"]["n"]),
+                  str(result["drain_plan"]["p50_ms"]), str(result["drain_plan"]["p99_ms"]),
+                  "< 1000 ms")
+    console.print(f"{result['hosts']} hosts, {result['vms']} VMs (set up in "
+                  f"{result['setup_s']} s); drains moved {result['drain_moves']} VMs, "
+                  f"{result['drain_stuck']} had nowhere to go")
+    console.print(table)
+    console.print(f"written to {output}")
+
+
+@bench_app.command("tls")
+def tls(
+    rounds: int = typer.Option(5, "--rounds", min=1, max=100, help="Migrations per mode"),
+    memory: int = typer.Option(256, "--memory", min=64, help="Guest memory (MiB)"),
+    workload: int = typer.Option(0, "--workload", min=0, help="Guest dirtying rate (MiB/s)"),
+) -> None:
+    """Migration time with TLS (HTTPS + QEMU migration TLS) and without, on two labs one after
+    the other; prints JSON with the medians and the ratio TLS / plain."""
+    import json
+
+    from vmferry.bench.tls import run
+    with errors_to_exit():
+        document = run(rounds, memory, workload, say=lambda line: console.print(line))
+    console.print_json(json.dumps(document))
+
+
 bench_app.command("soak")(soak_command)     # the command lives with the soak (bench/soak.py)

@@ -42,6 +42,7 @@ def expected_guests(controller: Controller) -> dict[str, set[str]]:
 
 def audit(controller: Controller) -> list[Finding]:
     findings: list[Finding] = []
+    migrating = _migrating(controller)
     for host, wanted in expected_guests(controller).items():
         try:
             found = controller.agent(host).leftovers().model_dump()
@@ -52,6 +53,10 @@ def audit(controller: Controller) -> list[Finding]:
             for vm in found.get(key, []):
                 if vm not in wanted:
                     findings.append(Finding(kind, host, vm, f"{kind} of {vm} that no VM needs"))
+        for vm in found.get("carried", []):
+            if vm not in migrating:
+                findings.append(Finding("conntrack-carry", host, vm,
+                                        f"carried conntrack flows of {vm} after its migration"))
         wanted_taps = {tap_name(vm) for vm in wanted}
         for tap in found.get("taps", []):
             if tap not in wanted_taps:
@@ -74,6 +79,13 @@ def audit(controller: Controller) -> list[Finding]:
                                         "VLANs needed but not carried"))
     findings.extend(switchover_leftovers(controller))
     return findings
+
+
+def _migrating(controller: Controller) -> set[str]:
+    """VMs with a migration running (their carry flows are in use)."""
+    with controller.store.session() as session:
+        return {m.vm for m in session.scalars(select(MigrationRow).where(MigrationRow.state.in_(
+            [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value])))}
 
 
 def switchover_leftovers(controller: Controller) -> list[Finding]:
@@ -116,6 +128,9 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
             # A tap with no guest record: deleting the guest by the tap's VM name is not
             # possible, so the agent removes the bare device.
             controller.agent(f.where).delete_tap(f.what)
+    for f in findings:
+        if f.kind == "conntrack-carry":
+            controller.agent(f.where).drop_carried_conntrack(f.what)
     hosts = {h.name for h in controller.topology().hosts}
     for f in findings:
         if f.kind == "switchover-flow":

@@ -87,8 +87,11 @@ def extend_vlan(run: Run) -> None:
 
 
 def preset_port(run: Run) -> None:
-    """The destination port exists, with the VM's VLAN, before the VM does."""
+    """The destination port exists, with the VM's VLAN, before the VM does; under a stateful
+    profile it knows the connections the VM has open on the source (agent.conntrack)."""
     run.dst.preset_port(run.guest_request(incoming=True))
+    if run.options.carry_conntrack:
+        run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
 
 
 def start_destination(run: Run) -> None:

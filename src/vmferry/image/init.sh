@@ -7,7 +7,14 @@
 #                            (while dirtying them at vmferry.workload MiB/s), printing
 #                            "VMFERRY-MEMCHECK pass=P blocks=N failures=F" after every pass
 #                            and "VMFERRY-MEMCHECK-FAIL ..." for every block found changed
-# Services: HTTP on 80 and 8080 (page "vmferry guest NAME port P"), TCP echo on 7.
+# Services: HTTP on 80 and 8080 (page "vmferry guest NAME port P"), TCP echo on 7, and on
+# TCP 9 a control port that makes the guest itself open a session to a client (the guest as
+# the connection's originator, for tests of firewall state that moves); send one line:
+#   "tcp HOST PORT"   connect, say "VMFERRY-HELLO NAME", then echo what arrives, for ever
+#   "udp HOST PORT"   TFTP-read the file NAME from HOST:PORT, discarded (UDP lockstep:
+#                     a server that never ends the file keeps the exchange going)
+#   "icmp HOST"       ping HOST 5 times a second
+# and it answers "VMFERRY-TALK started ..." or "VMFERRY-TALK error ...".
 # Prints "VMFERRY-READY name=NAME ip=CIDR" on the console once networking is up, or
 # "VMFERRY-ERROR ..." when something it needs fails.
 #
@@ -104,6 +111,33 @@ if [ "$1" = "--print-config" ]; then
     exit 0
 fi
 
+# The control port's handler (nc -e runs it per connection): one request line on stdin.
+talk() {
+    read -r proto host port _ || { echo "VMFERRY-TALK error no request"; return; }
+    me=$(hostname)
+    case "$host" in
+        ''|*[!0-9.]*) echo "VMFERRY-TALK error bad host '$host'"; return ;;
+    esac
+    case "$proto:$port" in
+        tcp:*[!0-9]*|udp:*[!0-9]*|tcp:|udp:) echo "VMFERRY-TALK error bad port '$port'"; return ;;
+    esac
+    # Detached (own session, no stdio of the control connection), so it outlives this call.
+    case "$proto" in
+        tcp) setsid nc "$host" "$port" -e sh -c "echo VMFERRY-HELLO $me; exec cat" \
+                 </dev/null >/dev/null 2>&1 & ;;
+        # "-l -": a failed get unlinks its local file, and that must not be /dev/null.
+        udp) setsid tftp -g -r "$me" -l - "$host" "$port" </dev/null >/dev/null 2>&1 & ;;
+        icmp) setsid ping -i 0.2 "$host" </dev/null >/dev/null 2>&1 & ;;
+        *) echo "VMFERRY-TALK error bad protocol '$proto'"; return ;;
+    esac
+    echo "VMFERRY-TALK started $proto $host $port"
+}
+
+if [ "$1" = "--talk" ]; then
+    talk
+    exit 0
+fi
+
 if [ "$1" = "--memcheck" ]; then     # on the build host, for tests: --memcheck MIB RATE DIR PASSES
     memcheck "$2" "$3" "$4" "$5"
     exit 0
@@ -157,6 +191,13 @@ done
     done
 ) </dev/null >/dev/null 2>&1 &
 
+(
+    while true; do
+        nc -ll -p 9 -e /init --talk
+        sleep 1
+    done
+) </dev/null >/dev/null 2>&1 &
+
 # Is anything listening on TCP port $1 (4 hex digits), IPv4 or IPv6?
 listening() {
     grep -Eq "^ *[0-9]+: [0-9A-F]+:$1 [0-9A-F]+:0000 0A " /proc/net/tcp /proc/net/tcp6 \
@@ -164,11 +205,11 @@ listening() {
 }
 
 # READY promises the services answer: the echo listener starts in the background (and a
-# busy guest may take a while to get there), so wait for all three ports, up to 10 s.
+# busy guest may take a while to get there), so wait for all four ports, up to 10 s.
 tries=0
-until listening 0007 && listening 0050 && listening 1F90; do
+until listening 0007 && listening 0009 && listening 0050 && listening 1F90; do
     if [ $tries -ge 200 ]; then
-        echo "VMFERRY-ERROR services not listening on 7, 80 and 8080"
+        echo "VMFERRY-ERROR services not listening on 7, 9, 80 and 8080"
         break
     fi
     sleep 0.05

@@ -23,11 +23,12 @@ from typing import Any
 
 import yaml
 
-from vmferry import privileged
+from vmferry import pki, privileged
+from vmferry.agent.app import CONTROLLER_NAME
 from vmferry.drivers.hypervisor.qemu import guest_files
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
-from vmferry.http import client_for
+from vmferry.http import ClientTls, client_for
 from vmferry.lab import libvirt as lab_libvirt
 from vmferry.lab.names import MIGRATION_BRIDGE, LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
@@ -60,10 +61,13 @@ def vmferry_argv() -> list[str]:
 class Lab:
     """One lab on this machine, named by its topology's ``name``."""
 
-    def __init__(self, topology: Topology, *, controller_port: int = CONTROLLER_PORT) -> None:
+    def __init__(self, topology: Topology, *, controller_port: int = CONTROLLER_PORT,
+                 tls: bool = True) -> None:
         self.topology = topology
         self.layout = LabLayout(topology.name)
         self.controller_port = controller_port
+        # TLS between controller and agents (client certificates) and for QEMU migration.
+        self.tls = tls
 
     # ---- up ---------------------------------------------------------------------------------
 
@@ -71,6 +75,14 @@ class Lab:
         """Build everything (idempotent); returns the resolved inventory."""
         say = progress or (lambda message: None)
         privileged.require_root()
+        # The lab's state, secrets and certificates are root's alone (0600 files, 0700 dirs).
+        old_umask = os.umask(0o077)
+        try:
+            return self._up(say)
+        finally:
+            os.umask(old_umask)
+
+    def _up(self, say: Any) -> Topology:
         check_host_tools()
         layout = self.layout
         for d in (layout.root, layout.run_dir, layout.log_dir, layout.secrets_dir,
@@ -96,6 +108,9 @@ class Lab:
         inventory = self.inventory()
         layout.inventory_file.write_text(yaml.safe_dump(inventory.model_dump(mode="json"),
                                                         sort_keys=False))
+        if self.tls:
+            say("certificates")
+            self._certificates()
         say("controller")
         admin_token = _token_file(layout.admin_token_file)
         self._start_controller()
@@ -187,6 +202,29 @@ class Lab:
     def _ovs(self, node: str) -> OvsInstance:
         return OvsInstance(node, self.layout.namespace(node), self.layout.ovs_dir(node))
 
+    @property
+    def pki_dir(self) -> Path:
+        return self.layout.root / "pki"
+
+    def tls_dir(self, name: str) -> Path:
+        """The certificates of ``name`` (a host, or "controller")."""
+        return self.pki_dir / "certs" / name
+
+    def client_tls(self) -> ClientTls | None:
+        """The controller's identity: what it takes to call an agent of this lab."""
+        return ClientTls(self.tls_dir(CONTROLLER_NAME)) if self.tls else None
+
+    def _certificates(self) -> None:
+        """A CA and a certificate per host and for the controller (kept across ``up``s)."""
+        if not (self.pki_dir / "ca" / "ca-cert.pem").exists():
+            pki.init_ca(self.pki_dir, common_name=f"vmferry lab {self.layout.lab} CA")
+        names = [CONTROLLER_NAME] + [h.name for h in self.topology.hosts]
+        for name in names:
+            if not (self.tls_dir(name) / "server-cert.pem").exists():
+                ips = [self.topology.migration_address(name).split("/")[0]] \
+                    if name != CONTROLLER_NAME else ["127.0.0.1"]
+                pki.issue(self.pki_dir, name, ips=ips)
+
     def _start_controller(self) -> None:
         layout = self.layout
         state = self._read_state()
@@ -195,9 +233,14 @@ class Lab:
             return
         argv = [*vmferry_argv(), "controller", "serve",
                 "--db", f"sqlite:///{layout.database}",
-                "--listen", f"127.0.0.1:{self.controller_port}",
                 "--listen", f"unix:{layout.controller_socket}",
-                "--bootstrap-token-file", str(layout.admin_token_file)]
+                "--bootstrap-token-file", str(layout.admin_token_file),
+                "--secrets-dir", str(layout.secrets_dir), "--run-dir", str(layout.run_dir)]
+        # Agents reach the controller over TLS on the socket; users (CLI, tests, the
+        # dashboard) with a bearer token on plain HTTP on loopback.
+        user_listen = f"127.0.0.1:{self.controller_port}"
+        argv += ["--tls-dir", str(self.tls_dir(CONTROLLER_NAME)), "--plain-listen",
+                 user_listen] if self.tls else ["--listen", user_listen]
         proc = privileged.spawn_in_namespace(None, argv, log_path=layout.log_dir / "controller.log")
         state["pids"]["controller"] = proc.pid
         self._write_state(state)
@@ -224,12 +267,14 @@ class Lab:
                 "--shared-storage", str(layout.shared_storage),
                 "--memory-mib", str(self.topology.host(host).memory_mib),
                 *lab_libvirt.agent_args(layout, self.topology, host)]
+        if self.tls:
+            argv += ["--tls-dir", str(self.tls_dir(host)), "--controller-name", CONTROLLER_NAME]
         proc = privileged.spawn_in_namespace(layout.namespace(host), argv,
                                              log_path=layout.log_dir / f"agent-{host}.log")
         state["pids"][f"agent-{host}"] = proc.pid
         self._write_state(state)
 
-    def _wait_agents(self, admin_token: str, timeout: float = 60) -> None:
+    def _wait_agents(self, admin_token: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         waiting: set[str] = {h.name for h in self.topology.hosts}
         with client_for(self.controller_url, token=admin_token) as api:

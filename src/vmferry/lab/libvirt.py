@@ -55,12 +55,19 @@ class LibvirtDaemon:
     """The libvirtd of one lab host: files under ``root``, process in ``namespace``."""
 
     def __init__(self, host: str, namespace: str, root: Path, *, console_dir: Path,
-                 listen_address: str | None) -> None:
+                 listen_address: str | None, cache_dir: Path | None = None) -> None:
         self.host = host
+        # libvirt's cache of what the QEMU binary can do (probing it takes seconds under
+        # TCG): one per lab, shared by identical hosts; libvirt replaces its files atomically.
+        self.cache_dir = cache_dir or self.root_cache(root)
         self.namespace = namespace
         self.root = Path(root)
         self.console_dir = Path(console_dir)
         self.listen_address = listen_address
+
+    @staticmethod
+    def root_cache(root: Path) -> Path:
+        return Path(root) / "cache"
 
     @property
     def pidfile(self) -> Path:
@@ -90,7 +97,7 @@ class LibvirtDaemon:
 
     def _write_config(self) -> Path:
         for role in PRIVATE_PATHS:
-            (self.root / role).mkdir(parents=True, exist_ok=True)
+            self._source(role).mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.console_dir.mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc"
@@ -108,6 +115,23 @@ class LibvirtDaemon:
         (etc / "libvirt.conf").write_text("")
         return etc / "libvirtd.conf"
 
+    def _source(self, role: str) -> Path:
+        return self.cache_dir if role == "cache" else self.root / role
+
+    def warm(self) -> None:
+        """Have the daemon probe QEMU now (libvirt does it on the first request)."""
+        import libvirt
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        try:
+            conn = libvirt.open(self.uri)
+            try:
+                conn.getDomainCapabilities(None, "x86_64", None, "qemu", 0)
+            finally:
+                conn.close()
+        except libvirt.libvirtError as exc:
+            raise SetupError(f"libvirtd of {self.host} cannot probe QEMU: {exc}",
+                             log=_tail(self.root / "libvirtd.log")) from exc
+
     def start(self) -> None:
         """Start the daemon (idempotent) and wait until its socket answers. Raises
         SetupError when libvirtd is missing or exits, WaitTimeout when it does not answer."""
@@ -117,7 +141,7 @@ class LibvirtDaemon:
         if binary is None:
             raise SetupError("libvirtd is missing; run scripts/install-system-deps.sh")
         config = self._write_config()
-        mounts = [f"mkdir -p {p} && mount --bind {shlex.quote(str(self.root / role))} {p}"
+        mounts = [f"mkdir -p {p} && mount --bind {shlex.quote(str(self._source(role)))} {p}"
                   for role, p in PRIVATE_PATHS.items()]
         mounts.append(f"mkdir -p {PRIVATE_PATHS['log']}/qemu && mount --bind "
                       f"{shlex.quote(str(self.console_dir))} {PRIVATE_PATHS['log']}/qemu")
@@ -147,15 +171,21 @@ def lab_daemon(layout: LabLayout, topology: Topology, host: str) -> LibvirtDaemo
     """The daemon of a lab host: under the host's directory, consoles in its guest dir."""
     return LibvirtDaemon(host, layout.namespace(host), layout.host_dir(host) / "libvirt",
                          console_dir=layout.guest_run_dir(host),
-                         listen_address=topology.migration_address(host).split("/")[0])
+                         listen_address=topology.migration_address(host).split("/")[0],
+                         cache_dir=layout.root / "libvirt-cache")
 
 
 def start_daemons(layout: LabLayout, topology: Topology) -> None:
     """Start the daemon of every host with ``hypervisor: libvirt`` (after the migration
     network: each listens on its host's address there)."""
+    warmed = False
     for host in topology.hosts:
         if host.hypervisor == "libvirt":
-            lab_daemon(layout, topology, host.name).start()
+            daemon = lab_daemon(layout, topology, host.name)
+            daemon.start()
+            if not warmed:     # the first fills the shared cache; the others read it
+                daemon.warm()
+                warmed = True
 
 
 def agent_args(layout: LabLayout, topology: Topology, host: str) -> list[str]:

@@ -92,6 +92,8 @@ class MigrationOptions(BaseModel):
     make_before_break: bool = True
     # How long before QEMU's expected end the switchover rules may go in (default 1 s).
     make_before_break_lead_s: float | None = Field(None, gt=0, le=3600)
+    # Carry the VM's connection-tracking state to the destination (stateful profiles).
+    carry_conntrack: bool = True
 
     @property
     def postcopy_allowed(self) -> bool:

@@ -180,7 +180,7 @@ class NetworkView:
             self._adjacency[b].append((a, allowed))
         self._anchors = {v: tuple(nodes) for v, nodes in (vlan_anchors or {}).items()}
         self._components: dict[int, dict[str, int]] = {}
-        self._unrestricted = all(allowed is None for peers in self._adjacency.values()
+        self.unrestricted = all(allowed is None for peers in self._adjacency.values()
                                  for _, allowed in peers)
 
     def component(self, vlan: int) -> dict[str, int]:
@@ -205,7 +205,7 @@ class NetworkView:
     def blocked(self, vlan: int, src: str, dst: str) -> str | None:
         """Why ``vlan`` cannot be carried between ``src`` and ``dst`` and its fixed endpoints
         (clients on access ports); None when it can."""
-        if self._unrestricted:
+        if self.unrestricted:
             return None if dst in self._adjacency else f"{dst} is not on the fabric"
         comp = self.component(vlan)
         here = comp.get(dst)
@@ -233,6 +233,21 @@ def network_view(topology: Topology) -> NetworkView:
     for client in topology.clients:
         anchors[client.vlan].append(client.switch)
     return NetworkView(edges, anchors)
+
+
+@dataclass(slots=True)
+class _VmContext:
+    """What one VM's verdicts share: its policy's host sets, its VLANs' components, and
+    reasons already worked out per host kind and per VLAN component."""
+
+    vm: VmFacts
+    source: HostFacts | None
+    allowed: frozenset[str] | None
+    forbidden: frozenset[str]
+    components: list[tuple[int, dict[str, int]]]
+    affinity_peers: list[tuple[str, frozenset[str]]]
+    kinds: dict[int, list[Reason]] = field(default_factory=dict)
+    vlan_reasons: dict[tuple[int, int | None], str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -267,6 +282,9 @@ class Cluster:
         self.used: dict[str, int] = defaultdict(int)
         self.members: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.on_host: dict[str, set[str]] = defaultdict(set)
+        self._sorted: list[str] | None = None
+        self._kind_of: dict[str, int] = {}
+        self._kinds: dict[tuple[object, ...], int] = {}
         for vm in self.vms.values():
             self._occupy(vm, vm.host, 1)
         for name, dest in incoming:
@@ -293,45 +311,66 @@ class Cluster:
     # ---- one VM, one host -------------------------------------------------------------------
 
     def verdict(self, vm_name: str, host_name: str, *, first_only: bool = False) -> Verdict:
-        """Can ``vm_name`` go to ``host_name``? Every reason it cannot (``first_only``: stop at
-        the first, for planners that only need yes or no)."""
+        """Can ``vm_name`` go to ``host_name``? Every reason it cannot (``first_only``: the
+        answer is the same, the reasons may stop at the first: for planners)."""
+        return self._verdict(self._context(vm_name), host_name, first_only)
+
+    def _context(self, vm_name: str) -> _VmContext:
         vm = self.vms[vm_name]
+        policy = vm.policy
+        return _VmContext(
+            vm=vm, source=self.hosts.get(vm.host),
+            allowed=frozenset(policy.allowed_hosts) if policy.allowed_hosts is not None
+            else None, forbidden=frozenset(policy.forbidden_hosts),
+            components=[(vlan, self.network.component(vlan)) for vlan in vm.vlans]
+            if not self.network.unrestricted else [],
+            affinity_peers=self._affinity_peers(vm))
+
+    def _verdict(self, ctx: _VmContext, host_name: str, first_only: bool) -> Verdict:
+        vm = ctx.vm
         host = self.hosts[host_name]
-        source = self.hosts.get(vm.host)
         reasons: list[Reason] = []
         add = reasons.append
         if host_name == vm.host:
-            add(Reason(Code.CURRENT, f"{vm_name} runs on {host_name} now"))
+            add(Reason(Code.CURRENT, f"{vm.name} runs on {host_name} now"))
         if host.state is not HostState.UP:
             add(Reason(Code.STATE, f"host {host_name} is {host.state.value}"))
-        policy = vm.policy
-        if policy.zone != host.zone:
-            add(Reason(Code.ZONE, _zone_message(vm_name, policy.zone, host_name, host.zone)))
-        if policy.allowed_hosts is not None and host_name not in policy.allowed_hosts:
-            add(Reason(Code.ALLOWED, f"{host_name} is not among {vm_name}'s allowed hosts"))
-        if host_name in policy.forbidden_hosts:
-            add(Reason(Code.FORBIDDEN, f"{host_name} is among {vm_name}'s forbidden hosts"))
+        if ctx.allowed is not None and host_name not in ctx.allowed:
+            add(Reason(Code.ALLOWED, f"{host_name} is not among {vm.name}'s allowed hosts"))
+        if host_name in ctx.forbidden:
+            add(Reason(Code.FORBIDDEN, f"{host_name} is among {vm.name}'s forbidden hosts"))
         if first_only and reasons:
             return Verdict(host_name, False, reasons)
+        # What depends only on the host's kind (zone, softswitch, QEMU, storage...) is worked
+        # out once per kind: a data center has many hosts and few kinds.
+        key = self._kind_of.get(host_name)
+        if key is None:
+            key = self._kind_of[host_name] = self._kind_key(host)
+        kind = ctx.kinds.get(key)
+        if kind is None:
+            kind = ctx.kinds[key] = self._kind_reasons(vm, host, ctx.source)
+        reasons.extend(kind)
         free = host.memory_mib - self.used[host_name]
         if vm.memory_mib > free:
-            add(Reason(Code.CAPACITY, f"{host_name} has {max(free, 0)} MiB free, {vm_name} "
+            add(Reason(Code.CAPACITY, f"{host_name} has {max(free, 0)} MiB free, {vm.name} "
                                       f"needs {vm.memory_mib} MiB"))
-        self._groups(vm, host_name, add)
-        for vlan in vm.vlans:
-            why = self.network.blocked(vlan, vm.host if source else "", host_name)
+        if vm.policy.anti_affinity:
+            self._anti_affinity(vm, host_name, add)
+        for group, peers in ctx.affinity_peers:
+            if host_name not in peers:
+                add(Reason(Code.AFFINITY, f"affinity group {group} runs on "
+                                          f"{', '.join(sorted(peers))}, not {host_name}"))
+        for vlan, component in ctx.components:
+            where = component.get(host_name)
+            why = ctx.vlan_reasons.get((vlan, where), "")
+            if why == "":
+                why = ctx.vlan_reasons[(vlan, where)] = self.network.blocked(
+                    vlan, vm.host if ctx.source else "", host_name) or None
             if why:
                 add(Reason(Code.VLAN, f"VLAN {vlan} cannot be carried to {host_name}: {why}"))
-        missing = vm.needs - host.features
-        if missing:
-            add(Reason(Code.PROFILE, f"the port profile needs {', '.join(sorted(missing))}, "
-                                     f"which {host_name}'s softswitch lacks"))
-        if first_only and reasons:
-            return Verdict(host_name, False, reasons)
-        self._host_checks(vm, host, source, add)
         return Verdict(host_name, not reasons, reasons)
 
-    def _groups(self, vm: VmFacts, host_name: str, add: _Add) -> None:
+    def _anti_affinity(self, vm: VmFacts, host_name: str, add: _Add) -> None:
         here = self.on_host[host_name]
         for group in vm.policy.anti_affinity:
             count = self.members[group].get(host_name, 0) - (vm.name in here)
@@ -340,78 +379,142 @@ class Cluster:
                                 group in self.vms[n].policy.anti_affinity)
                 add(Reason(Code.ANTI_AFFINITY, f"{host_name} runs {', '.join(others)} of "
                                                f"anti-affinity group {group}"))
+
+    def _affinity_peers(self, vm: VmFacts) -> list[tuple[str, frozenset[str]]]:
+        """Per affinity group, the up hosts its other members run on (none: no constraint)."""
+        result = []
         for group in vm.policy.affinity:
-            peers = {h for h, n in self.members[group].items()
-                     if n - (h == vm.host) > 0 and self.hosts.get(h) is not None
-                     and self.hosts[h].state is HostState.UP}
-            if peers and host_name not in peers:
-                add(Reason(Code.AFFINITY, f"affinity group {group} runs on "
-                                          f"{', '.join(sorted(peers))}, not {host_name}"))
+            peers = frozenset(h for h, n in self.members[group].items()
+                              if n - (h == vm.host) > 0 and h in self.hosts
+                              and self.hosts[h].state is HostState.UP)
+            if peers:
+                result.append((group, peers))
+        return result
+
+    def _kind_key(self, host: HostFacts) -> int:
+        """The host's kind: the facts ``_kind_reasons`` reads (they change only with a new
+        snapshot; the host's state is checked per verdict)."""
+        key = (host.zone, host.features, host.qemu_version, host.machine_types,
+               host.shared_storage_ok, host.shared_storage, bool(host.migration_ip),
+               host.migration_mbps)
+        return self._kinds.setdefault(key, len(self._kinds))
 
     @staticmethod
-    def _host_checks(vm: VmFacts, host: HostFacts, source: HostFacts | None,
-                     add: _Add) -> None:
-        name = host.name
+    def _kind_reasons(vm: VmFacts, host: HostFacts, source: HostFacts | None) -> list[Reason]:
+        """Reasons that depend only on the host's kind; the messages name no host."""
+        reasons: list[Reason] = []
+        add = reasons.append
+        if vm.policy.zone != host.zone:
+            add(Reason(Code.ZONE, _zone_message(vm.name, vm.policy.zone, host.zone)))
+        missing = vm.needs - host.features
+        if missing:
+            add(Reason(Code.PROFILE, f"the port profile needs {', '.join(sorted(missing))}, "
+                                     "which the host's softswitch lacks"))
         if host.qemu_version is None:
-            add(Reason(Code.QEMU, f"{name} has not reported its QEMU version"))
+            add(Reason(Code.QEMU, "the host has not reported its QEMU version"))
         elif source is not None and source.qemu_version and \
                 _major(host.qemu_version) < _major(source.qemu_version):
-            add(Reason(Code.QEMU, f"QEMU {host.qemu_version} on {name} cannot take a guest "
-                                  f"from QEMU {source.qemu_version}"))
+            add(Reason(Code.QEMU, f"QEMU {host.qemu_version} cannot take a guest from QEMU "
+                                  f"{source.qemu_version}"))
         if host.machine_types and MACHINE not in host.machine_types and \
                 not any(m.startswith("pc-q35") for m in host.machine_types):
-            add(Reason(Code.MACHINE, f"{name} cannot run machine type {MACHINE}"))
+            add(Reason(Code.MACHINE, f"the host cannot run machine type {MACHINE}"))
         if not host.shared_storage_ok:
-            add(Reason(Code.STORAGE, f"{name} does not see its shared storage"))
+            add(Reason(Code.STORAGE, "the host does not see its shared storage"))
         elif source is not None and source.shared_storage and \
                 host.shared_storage != source.shared_storage:
-            add(Reason(Code.STORAGE, f"{name} does not see the shared storage "
+            add(Reason(Code.STORAGE, f"the host does not see the shared storage "
                                      f"{source.shared_storage}"))
         if not host.migration_ip:
-            add(Reason(Code.MIGRATION_ADDRESS, f"{name} has no migration network address"))
+            add(Reason(Code.MIGRATION_ADDRESS, "the host has no migration network address"))
         link_mibps = host.migration_mbps / 8 * 1e6 / 2 ** 20
         if vm.workload_mibps and vm.workload_mibps >= link_mibps:
             limit = vm.policy.max_downtime_ms
             add(Reason(Code.DOWNTIME, f"{vm.name} dirties {vm.workload_mibps} MiB/s, more than "
-                                      f"{name}'s migration link carries ({link_mibps:.0f} "
+                                      f"the host's migration link carries ({link_mibps:.0f} "
                                       f"MiB/s): precopy cannot converge"
                                       + (f" to {limit} ms" if limit else "")))
+        return reasons
 
     # ---- all hosts --------------------------------------------------------------------------
 
     def where(self, vm_name: str) -> list[Verdict]:
         """Every host, yes or no, with every reason; hosts in name order."""
-        return [self.verdict(vm_name, h) for h in sorted(self.hosts)]
+        ctx = self._context(vm_name)
+        if self._sorted is None or len(self._sorted) != len(self.hosts):
+            self._sorted = sorted(self.hosts)
+            self._kind_of = {n: self._kind_key(self.hosts[n]) for n in self._sorted}
+        vm = ctx.vm
+        # Hosts a per-host rule may refuse go the full way; the rest (most of a data center)
+        # only need their kind's reasons, their state, free memory and VLAN component.
+        special = {vm.host} | ctx.forbidden
+        for group in vm.policy.anti_affinity:
+            special.update(h for h, n in self.members[group].items() if n > 0)
+        kinds = ctx.kinds
+        kind_of, hosts, used, memory = self._kind_of, self.hosts, self.used, vm.memory_mib
+        allowed, peers = ctx.allowed, [p for _, p in ctx.affinity_peers]
+        up = HostState.UP
+        result = []
+        for name in self._sorted:
+            host = hosts[name]
+            kind = kinds.get(kind_of[name])
+            if kind is None or kind or host.state is not up or name in special or \
+                    host.memory_mib - used[name] < memory or \
+                    (allowed is not None and name not in allowed) or \
+                    any(name not in p for p in peers) or \
+                    any(ctx.vlan_reasons.get((v, c.get(name)), "") is not None
+                        for v, c in ctx.components):
+                result.append(self._verdict(ctx, name, False))
+            else:
+                result.append(Verdict(name, True, []))
+        return result
 
-    def best_host(self, vm_name: str, exclude: Iterable[str] = ()) -> str | None:
-        """The feasible host with the most free memory (lowest load after the move), or None.
+    def candidates(self) -> list[tuple[int, str]]:
+        """A heap of the up hosts by free memory (most first), for ``best_host``."""
+        heap = [(-(h.memory_mib - self.used[n]), n) for n, h in self.hosts.items()
+                if h.state is HostState.UP]
+        heapq.heapify(heap)
+        return heap
 
-        Candidates are tried from the most free memory down, so the search usually ends at
-        the first few hosts."""
+    def best_host(self, vm_name: str, heap: list[tuple[int, str]] | None = None) -> str | None:
+        """The feasible host with the most free memory, or None.
+
+        Hosts are tried from the most free memory down, so the search usually ends after a
+        few. ``heap`` (from ``candidates``) may be shared by the moves of one plan: entries
+        whose free memory changed since are put back with the new figure when met."""
         vm = self.vms[vm_name]
-        skip = set(exclude) | {vm.host}
-        order = [(-(h.memory_mib - self.used[n]), n) for n, h in self.hosts.items()
-                 if n not in skip and h.state is HostState.UP]
-        heapq.heapify(order)
-        while order:
-            negative_free, name = heapq.heappop(order)
-            if -negative_free < vm.memory_mib:
-                return None
-            if self.verdict(vm_name, name, first_only=True).ok:
-                return name
-        return None
+        heap = heap if heap is not None else self.candidates()
+        ctx = self._context(vm_name)
+        tried: list[tuple[int, str]] = []
+        found = None
+        while heap:
+            negative_free, name = heapq.heappop(heap)
+            spec = self.hosts[name]
+            free = spec.memory_mib - self.used[name]
+            if -negative_free != free:
+                heapq.heappush(heap, (-free, name))      # stale: a plan's move changed it
+                continue
+            tried.append((negative_free, name))
+            if free < vm.memory_mib:
+                break
+            if spec.state is HostState.UP and self._verdict(ctx, name, True).ok:
+                found = name
+                break
+        for item in tried:
+            heapq.heappush(heap, item)
+        return found
 
     def load(self, host: str) -> float:
         spec = self.hosts[host]
         return self.used[host] / spec.memory_mib if spec.memory_mib else 0.0
 
 
-def _zone_message(vm: str, want: str | None, host: str, have: str | None) -> str:
+def _zone_message(vm: str, want: str | None, have: str | None) -> str:
     if want is None:
-        return f"{host} is in zone {have}; {vm} has no zone"
+        return f"the host is in zone {have}; {vm} has no zone"
     if have is None:
-        return f"{vm} must run in zone {want}; {host} has no zone"
-    return f"{vm} must run in zone {want}; {host} is in zone {have}"
+        return f"{vm} must run in zone {want}; the host has no zone"
+    return f"{vm} must run in zone {want}; the host is in zone {have}"
 
 
 def _major(version: str) -> int:
@@ -438,8 +541,9 @@ def plan_drain(cluster: Cluster, host: str) -> Plan:
     each to the feasible host with the most free memory at that point of the plan. A VM with
     nowhere to go is in ``stuck`` with every host's reasons; the caller refuses the drain."""
     plan = Plan()
+    heap = cluster.candidates()
     for name in _hard_first(cluster, cluster.on_host.get(host, set())):
-        target = cluster.best_host(name)
+        target = cluster.best_host(name, heap)
         if target is None:
             plan.stuck[name] = cluster.where(name)
             continue
@@ -454,8 +558,9 @@ def plan_restart(cluster: Cluster, host: str) -> Plan:
     plan = Plan()
     names = cluster.on_host.get(host, set())
     by_tier = sorted(_hard_first(cluster, names), key=lambda n: cluster.vms[n].policy.tier)
+    heap = cluster.candidates()
     for name in by_tier:
-        target = cluster.best_host(name)
+        target = cluster.best_host(name, heap)
         if target is None:
             plan.stuck[name] = cluster.where(name)
             continue

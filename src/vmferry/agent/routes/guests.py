@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
 
 from vmferry.agent.checks import check_destination, check_tap_free
 from vmferry.agent.service import HostAgent
@@ -17,8 +20,12 @@ from vmferry.api.agent import (
     MigrationProgress,
 )
 from vmferry.errors import InputError
+from vmferry.web import ConcurrencyCap
+
+MAX_EVENT_WAITS = 64     # long polls at once (one per running migration and side)
 
 
+# size: one short handler per guest route, each a line or two
 def router(agent: HostAgent) -> APIRouter:
     api = APIRouter()
 
@@ -80,11 +87,24 @@ def router(agent: HostAgent) -> APIRouter:
         agent.continue_migration(name)
         return Accepted(status="continuing")
 
+    # Long polls wait on threads of their own, a bounded number (429 beyond): the other
+    # routes keep the default pool.
+    waits = ConcurrencyCap("wait", per_key=MAX_EVENT_WAITS, total=MAX_EVENT_WAITS)
+    wait_threads = anyio.CapacityLimiter(MAX_EVENT_WAITS)
+
     @api.get("/v1/guests/{name}/events", response_model=list[GuestEvent])
-    def events(name: str, after: int = Query(0, ge=0, le=2**63 - 1),
-               wait: float = Query(0.0, ge=0.0, le=MAX_EVENTS_WAIT_S)) -> list[GuestEvent]:
+    async def events(name: str, after: int = Query(0, ge=0, le=2**63 - 1),
+                     wait: float = Query(0.0, ge=0.0, le=MAX_EVENTS_WAIT_S),
+                     ) -> list[GuestEvent]:
         """QMP events of the guest after ``after``, oldest first; a long poll of up to
         ``wait`` seconds when there is none yet."""
-        return agent.events(name, after, wait)
+        if not wait:
+            return await run_in_threadpool(agent.events, name, after, 0.0)
+        waits.acquire("controller")     # only the controller's certificate reaches here
+        try:
+            return await anyio.to_thread.run_sync(agent.events, name, after, wait,
+                                                  limiter=wait_threads)
+        finally:
+            waits.release("controller")
 
     return api

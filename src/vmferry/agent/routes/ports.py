@@ -7,6 +7,8 @@ from fastapi import APIRouter
 from vmferry.agent.checks import check_tap_free
 from vmferry.agent.service import HostAgent
 from vmferry.api.agent import (
+    ConnCarried,
+    ConnState,
     GuestInfo,
     GuestRequest,
     PortOutcomes,
@@ -64,5 +66,17 @@ def router(agent: HostAgent) -> APIRouter:
     @api.get("/v1/make-before-break", response_model=SwitchoverCookies)
     def switchover_cookies() -> SwitchoverCookies:
         return SwitchoverCookies(cookies=agent.switchover_cookies())
+
+    @api.get("/v1/ports/{name}/conntrack", response_model=ConnState)
+    def conntrack(name: str) -> ConnState:
+        return agent.conntrack(name)
+
+    @api.put("/v1/ports/{name}/conntrack", response_model=ConnCarried)
+    def carry_conntrack(name: str, body: ConnState) -> ConnCarried:
+        return agent.carry_conntrack(name, body)
+
+    @api.delete("/v1/ports/{name}/conntrack", status_code=204)
+    def drop_carried_conntrack(name: str) -> None:
+        agent.drop_carried_conntrack(name)
 
     return api

@@ -16,7 +16,7 @@ from vmferry import paths
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
 from vmferry.errors import AgentError, ConflictError, VmferryError
-from vmferry.http import client_for, error_payload, raise_for_agent
+from vmferry.http import ClientTls, client_for, error_payload, raise_for_agent
 from vmferry.lab.names import LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
@@ -34,8 +34,10 @@ class BenchLab:
     """A lab brought up for the benchmark alone, and the hands that wire it directly: the
     agents' HTTP API, the fabric driver for the switches' trunks, the hosts' OVS databases."""
 
-    def __init__(self, topology: Topology, controller_port: int) -> None:
+    def __init__(self, topology: Topology, controller_port: int, *, tls: bool = True) -> None:
         self.topology = topology
+        self.tls = tls
+        self.client_tls: ClientTls | None = None
         self.layout = LabLayout(topology.name)
         self.controller_port = controller_port
         self.inventory: Topology | None = None
@@ -52,8 +54,9 @@ class BenchLab:
                                 f"under {paths.state_root()}; bring it down or pick another name")
         say("guest image")
         ensure_image()
-        lab = Lab(self.topology, controller_port=self.controller_port)
+        lab = Lab(self.topology, controller_port=self.controller_port, tls=self.tls)
         self.inventory = lab.up(progress=lambda step: say(f"lab: {step}"))
+        self.client_tls = lab.client_tls()     # agents answer the controller's certificate
         self.admin_token = self.layout.admin_token_file.read_text().strip()
 
     def down(self) -> list[str]:
@@ -81,7 +84,8 @@ class BenchLab:
         spec = self._inventory().host(host)
         token = Path(spec.agent_token_file).read_text().strip() if spec.agent_token_file else None
         try:
-            with client_for(spec.agent_url or "", token=token, timeout=timeout) as api:
+            with client_for(spec.agent_url or "", token=token, timeout=timeout,
+                            tls=self.client_tls, server_name=host) as api:
                 response = api.request(method, path, json=body, params=params)
         except httpx.HTTPError as exc:
             raise AgentError(f"agent on {host} unreachable: {exc}", host=host) from exc

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 
 from vmferry.api.agent import Accepted
 from vmferry.api.placement import BalanceOut, DrainOut, PolicyBody, VmPolicy, WhereOut
-from vmferry.controller import auth
+from vmferry.controller import auth, hostwatch
 from vmferry.controller.deps import Caller
 from vmferry.controller.drain import Mover
 from vmferry.controller.migration import Migrations
@@ -17,6 +17,9 @@ def router(migrations: Migrations) -> APIRouter:
     api = APIRouter()
     placement = Placement(migrations.controller)
     mover = Mover(migrations)
+    watch = hostwatch.from_environment(migrations.controller)
+    if watch is not None:
+        watch.start()
 
     @api.get("/v1/vms/{name}/where", response_model=WhereOut)
     def where(name: str, caller: Caller) -> WhereOut:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from vmferry.api.controller import MigrationCreate, MigrationRecord, VmCreate, VmOut
 from vmferry.controller import auth, profiles
@@ -10,6 +13,10 @@ from vmferry.controller.deps import Caller
 from vmferry.controller.migration import Migrations
 from vmferry.controller.routes import MigrationId
 from vmferry.controller.service import Controller
+from vmferry.web import ConcurrencyCap
+
+MAX_WAITS = 32               # long waits at once, all callers
+MAX_WAITS_PER_CALLER = 4
 
 
 def router(controller: Controller, migrations: Migrations,
@@ -53,13 +60,23 @@ def router(controller: Controller, migrations: Migrations,
         auth.require(caller, auth.READ, "list migrations")
         return migrations.recent(limit)
 
+    # Long waits run on threads of their own (never the pool heartbeats and every other
+    # route use), a bounded number of them, and only a few per caller (429 beyond).
+    waits = ConcurrencyCap("wait", per_key=MAX_WAITS_PER_CALLER, total=MAX_WAITS)
+    wait_threads = anyio.CapacityLimiter(MAX_WAITS)
+
     @api.get("/v1/migrations/{migration_id}", response_model=MigrationRecord)
-    def get_migration(migration_id: MigrationId, caller: Caller,
-                      wait: float = Query(0, ge=0, le=600)) -> MigrationRecord:
+    async def get_migration(migration_id: MigrationId, caller: Caller,
+                            wait: float = Query(0, ge=0, le=600)) -> MigrationRecord:
         auth.require(caller, auth.READ, "read migrations")
-        if wait:
-            return migrations.wait(migration_id, wait)
-        return migrations.get(migration_id)
+        if not wait:
+            return await run_in_threadpool(migrations.get, migration_id)
+        waits.acquire(caller.name)
+        try:
+            return await anyio.to_thread.run_sync(migrations.wait, migration_id, wait,
+                                                  limiter=wait_threads)
+        finally:
+            waits.release(caller.name)
 
     @api.post("/v1/migrations/{migration_id}/cancel", status_code=202,
               response_model=MigrationRecord)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -15,13 +16,16 @@ from vmferry.controller.metrics import Metrics
 from vmferry.controller.routes import MAX_ID
 from vmferry.controller.stream import MEDIA_TYPE as SSE_MEDIA_TYPE
 from vmferry.controller.stream import EventHub
-from vmferry.web import parse_decimal
+from vmferry.web import ConcurrencyCap, parse_decimal
 
+MAX_STREAMS = 64              # open event streams, all callers
+MAX_STREAMS_PER_CALLER = 4
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 def router(metrics: Metrics, hub: EventHub) -> APIRouter:
     api = APIRouter()
+    streams = ConcurrencyCap("stream", per_key=MAX_STREAMS_PER_CALLER, total=MAX_STREAMS)
 
     @api.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
@@ -55,8 +59,17 @@ def router(metrics: Metrics, hub: EventHub) -> APIRouter:
         last = parse_decimal(request.headers.get("last-event-id"))
         start = last if last is not None else after if after is not None \
             else hub.latest_event_id()
+        streams.acquire(caller.name)      # 429 beyond the caller's share; body() releases
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for frame in hub.stream(request.is_disconnected, after=start,
+                                              limit=limit):
+                    yield frame
+            finally:
+                streams.release(caller.name)
+
         return StreamingResponse(
-            hub.stream(request.is_disconnected, after=start, limit=limit),
+            body(),
             media_type=SSE_MEDIA_TYPE,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

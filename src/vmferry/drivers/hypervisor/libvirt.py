@@ -63,6 +63,8 @@ __all__ = ["PAUSE_BEFORE_SWITCHOVER", "LibvirtHypervisor"]
 
 #: This driver cannot hold a migration in "pre-switchover" (see the module docstring).
 PAUSE_BEFORE_SWITCHOVER = False
+#: Where a root libvirt daemon keeps its domains' logs (and here, their consoles).
+DAEMON_CONSOLE_DIR = Path("/var/log/libvirt/qemu")
 #: Bound for libvirt to report the migration job after migrateToURI3 was called.
 JOB_START_TIMEOUT = 30.0
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -90,7 +92,7 @@ class LibvirtHypervisor(Hypervisor):
     ``namespace``: the network namespace of the host's taps (None: this process's)."""
 
     def __init__(self, run_dir: Path, image: GuestImage, *, uri: str = "qemu:///system",
-                 console_dir: Path = Path("/var/log/libvirt/qemu"),
+                 console_dir: Path = DAEMON_CONSOLE_DIR,
                  peer_uri: str = "qemu+tcp://{host}/system", tls: bool = False,
                  namespace: str | None = None, host: str | None = None,
                  emulator: str = "/usr/bin/qemu-system-x86_64",
@@ -236,7 +238,10 @@ class LibvirtHypervisor(Hypervisor):
         if incoming_uri is not None:
             files["incoming"].write_text(incoming_uri + "\n")
             return 0
-        xml = domain_xml(spec, self.image, console=files["serial"], emulator=self.emulator)
+        # The XML travels to the destination: the console path is the daemon's, the same
+        # on every host (each daemon's own log directory; console_dir is this process's view).
+        xml = domain_xml(spec, self.image, console=DAEMON_CONSOLE_DIR / files["serial"].name,
+                         emulator=self.emulator)
         try:
             dom = self._conn().defineXML(xml)
             dom.create()

@@ -98,6 +98,29 @@ class MeterStats:
     band_bytes: int
 
 
+@dataclass(frozen=True)
+class Tuple5:
+    """One direction of a tracked connection. ICMP: ``sport`` is the echo id, ``dport`` is
+    ``type << 8 | code`` (how ``dpctl/dump-conntrack`` prints them, packed)."""
+
+    src: str
+    dst: str
+    sport: int = 0
+    dport: int = 0
+
+
+@dataclass(frozen=True)
+class ConnEntry:
+    """A connection-tracking entry: protocol (``tcp``, ``udp``, ``icmp``), both directions as
+    the tracker saw them, its zone, and (TCP) its state, e.g. ``ESTABLISHED``."""
+
+    protocol: str
+    orig: Tuple5
+    reply: Tuple5
+    zone: int
+    state: str | None = None
+
+
 class FdbEntry(NamedTuple):
     """A learned MAC: the OpenFlow port number (or ``LOCAL``) it was seen on, and its VLAN.
     A tuple, so ``for port, vlan, mac in switch.fdb(bridge)`` reads naturally."""
@@ -218,6 +241,13 @@ class Softswitch(ABC):
     def settle(self) -> None:
         """Wait until changes already made act on every packet (a switch caching datapath
         flows revalidates them)."""
+
+    # ---- connection tracking -------------------------------------------------------------------
+
+    @abstractmethod
+    def dump_conntrack(self, zone: int) -> list[ConnEntry]:
+        """The IPv4 TCP, UDP and ICMP connection-tracking entries of ``zone`` (others are
+        left out). Raises ``SoftswitchError``."""
 
     # ---- MAC learning --------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from vmferry.drivers.softswitch.base import (
+    ConnEntry,
     FdbEntry,
     Flow,
     FlowStats,
@@ -72,6 +73,7 @@ class FakeSoftswitch(Softswitch):
         self.calls: Counter[str] = Counter()
         self.closed = False
         self._bridges: dict[str, _Bridge] = {}
+        self._conntrack: list[ConnEntry] = []    # one tracker per switch, as a datapath has
         self._changed = threading.Condition(threading.RLock())
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -310,6 +312,19 @@ class FakeSoftswitch(Softswitch):
 
     def settle(self) -> None:
         """Nothing is cached in memory: every change acts at once."""
+
+    # ---- connection tracking -------------------------------------------------------------------
+
+    def track(self, entry: ConnEntry) -> None:
+        """Record a tracked connection (what a committed packet would leave in the tracker)."""
+        with self._changed:
+            self._conntrack.append(entry)
+
+    def dump_conntrack(self, zone: int) -> list[ConnEntry]:
+        if not 0 <= zone <= 0xFFFF:
+            raise InputError("zone", f"{zone} is not 0..65535")
+        with self._changed:
+            return [e for e in self._conntrack if e.zone == zone]
 
     # ---- MAC learning --------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from ovsdbapp.backend.ovs_idl import event as idl_event
 from ovsdbapp.backend.ovs_idl import idlutils
 
 from vmferry.drivers.softswitch.base import (
+    ConnEntry,
     FdbEntry,
     Flow,
     FlowStats,
@@ -32,6 +33,7 @@ from vmferry.drivers.softswitch.base import (
     Softswitch,
     check_port_spec,
 )
+from vmferry.drivers.softswitch.ovs.conntrack import parse_dump_conntrack
 from vmferry.drivers.softswitch.ovs.flowtext import (
     MAC_RE,
     MAX_COOKIE,
@@ -508,6 +510,15 @@ class OvsSoftswitch(Softswitch):
 
     def _appctl(self, args: list[str], what: str) -> subprocess.CompletedProcess[str]:
         return self._tool(["ovs-appctl", "-t", str(self.vswitchd_ctl), *args], what)
+
+    def dump_conntrack(self, zone: int) -> list[ConnEntry]:
+        """The zone's IPv4 TCP/UDP/ICMP entries in the userspace datapath's tracker. Raises
+        ``InputError`` (bad zone), ``SoftswitchError``."""
+        if not 0 <= zone <= 0xFFFF:
+            raise InputError("zone", f"{zone} is not 0..65535")
+        result = self._appctl(["dpctl/dump-conntrack", f"zone={zone}"],
+                              f"dump conntrack zone {zone}")
+        return [e for e in parse_dump_conntrack(result.stdout) if e.zone == zone]
 
     def fdb(self, bridge: str) -> list[FdbEntry]:
         """Learned MACs: ``(port number or LOCAL, vlan, mac)``. Raises ``SoftswitchError``."""

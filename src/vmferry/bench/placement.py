@@ -1,0 +1,152 @@
+"""``vmferry bench placement``: the placement model on a simulated data center.
+
+A real ``Topology`` (validated like any inventory) of racks behind one spine, hosts with zones,
+uplinks that may carry only some VLANs, and per host the facts an agent reports; VMs with
+policies (zones, anti-affinity groups, allowed and forbidden hosts, profiles that need
+meters). It runs the same ``vmferry.model.placement`` code the controller runs on its store's
+snapshot: ``Cluster.where`` for random VMs and ``plan_drain`` for hosts holding 40 VMs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmferry.model.placement import (
+    Cluster,
+    HostFacts,
+    HostState,
+    VmFacts,
+    VmPolicy,
+    network_view,
+    plan_drain,
+)
+from vmferry.model.topology import Topology
+
+VLANS = list(range(100, 164))
+SECURE_VLANS = list(range(900, 904))
+
+
+@dataclass
+class PlacementBenchConfig:
+    hosts: int = 10_000
+    vms: int = 100_000
+    hosts_per_rack: int = 40
+    where_queries: int = 200
+    drains: int = 20
+    drain_vms: int = 40
+    seed: int = 14
+
+
+def simulated_topology(cfg: PlacementBenchConfig) -> Topology:
+    racks = (cfg.hosts + cfg.hosts_per_rack - 1) // cfg.hosts_per_rack
+    data: dict[str, Any] = {
+        "name": "sim", "kind": "lab", "migration_network": "10.0.0.0/16",
+        "vlans": [{"id": v} for v in VLANS + SECURE_VLANS],
+        "switches": [{"name": "spine", "role": "spine"}] +
+                    [{"name": f"tor{r}", "rack": f"r{r}"} for r in range(racks)],
+        "racks": [{"name": f"r{r}", "tor": f"tor{r}"} for r in range(racks)],
+        # Every tenth rack is the secure zone: its ToR link carries only the secure VLANs.
+        "links": [{"a": f"tor{r}", "b": "spine", **({"vlans": SECURE_VLANS} if r % 10 == 0
+                                                     else {})} for r in range(racks)],
+        "hosts": [{"name": f"h{i}", "rack": f"r{i // cfg.hosts_per_rack}",
+                   "memory_mib": 262_144, "max_migrations": 4,
+                   **({"zone": "secure"} if (i // cfg.hosts_per_rack) % 10 == 0 else {}),
+                   **({"softswitch_features": []} if i % 17 == 0 else {})}
+                  for i in range(cfg.hosts)],
+    }
+    return Topology.model_validate(data)
+
+
+def simulated_cluster(topology: Topology, cfg: PlacementBenchConfig,
+                      rng: random.Random) -> tuple[Cluster, list[str]]:
+    """Hosts as their agents would report them, VMs placed where the rules allow; returns the
+    cluster and the hosts packed with ``drain_vms`` VMs each (for drain plans)."""
+    hosts = [HostFacts(
+        name=h.name, rack=h.rack, zone=h.zone, memory_mib=h.memory_mib,
+        max_migrations=h.max_migrations, migration_mbps=h.migration_mbps,
+        qemu_version="9.2.0" if i % 101 == 0 else "10.0.2",
+        machine_types=frozenset({"q35", "pc"}), shared_storage="/srv/shared",
+        shared_storage_ok=i % 211 != 0, migration_ip=f"10.0.{i // 250}.{i % 250 + 1}/16",
+        features=frozenset(h.softswitch_features),
+        state=HostState.MAINTENANCE if i % 499 == 0 else HostState.UP)
+        for i, h in enumerate(topology.hosts)]
+    plain = [h.name for h in hosts if h.zone is None and h.state is HostState.UP]
+    secure = [h.name for h in hosts if h.zone == "secure" and h.state is HostState.UP]
+    dense = rng.sample(plain, cfg.drains)
+    vms: list[VmFacts] = []
+    for i in range(cfg.vms):
+        zoned = i % 10 == 0
+        if i < cfg.drains * cfg.drain_vms:
+            host, zoned = dense[i // cfg.drain_vms], False
+        else:
+            host = rng.choice(secure if zoned else plain)
+        group = [f"g{i // 3}"] if i % 7 == 0 else []
+        policy = VmPolicy(zone="secure" if zoned else None, anti_affinity=group,
+                          tier=i % 4,
+                          forbidden_hosts=[f"h{(i * 31) % cfg.hosts}"] if i % 5 == 0 else [])
+        vms.append(VmFacts(
+            name=f"vm{i}", host=host, memory_mib=rng.choice((512, 1024, 2048, 4096)),
+            vlans=(rng.choice(SECURE_VLANS if zoned else VLANS),), policy=policy,
+            needs=frozenset({"meters"}) if i % 3 == 0 else frozenset()))
+    return Cluster(hosts, vms, network_view(topology)), dense
+
+
+def run_placement_bench(cfg: PlacementBenchConfig) -> dict[str, Any]:
+    rng = random.Random(cfg.seed)
+    started = time.perf_counter()
+    topology = simulated_topology(cfg)
+    cluster, dense = simulated_cluster(topology, cfg, rng)
+    setup_s = time.perf_counter() - started
+    # The snapshot is long-lived: keep the cyclic collector from walking its 100,000 VMs on
+    # every collection (a controller holding a snapshot would do the same).
+    gc.collect()
+    gc.freeze()
+    names = list(cluster.vms)
+    where_ms = []
+    refused = allowed = 0
+    for vm in rng.sample(names, cfg.where_queries):
+        t0 = time.perf_counter()
+        answer = cluster.where(vm)
+        where_ms.append((time.perf_counter() - t0) * 1000)
+        allowed += sum(v.ok for v in answer)
+        refused += sum(not v.ok for v in answer)
+    drain_ms = []
+    stuck = moved = 0
+    for host in dense:
+        spec = cluster.hosts[host]
+        spec.state = HostState.MAINTENANCE
+        t0 = time.perf_counter()
+        plan = plan_drain(cluster, host)
+        drain_ms.append((time.perf_counter() - t0) * 1000)
+        moved += len(plan.moves)
+        stuck += len(plan.stuck)
+        for move in reversed(plan.moves):       # put the VMs back for the next plan
+            cluster.place(move.vm, move.source)
+        spec.state = HostState.UP
+    return {
+        "hosts": len(cluster.hosts), "vms": len(cluster.vms), "setup_s": round(setup_s, 2),
+        "where": _stats(where_ms, cfg.where_queries),
+        "where_answers": {"allowed": allowed, "refused": refused},
+        "drain_plan": _stats(drain_ms, len(dense)), "drain_vms": cfg.drain_vms,
+        "drain_moves": moved, "drain_stuck": stuck,
+        "targets": {"where_p99_ms": 50, "drain_plan_ms": 1000},
+    }
+
+
+def _stats(samples: list[float], n: int) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"n": n, "p50_ms": round(statistics.median(ordered), 2), "p99_ms": round(p99, 2),
+            "max_ms": round(ordered[-1], 2)}
+
+
+def write_placement_report(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
