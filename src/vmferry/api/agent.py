@@ -48,7 +48,7 @@ class GuestRequest(_Body):
     postcopy: bool = False          # the incoming stream may switch to postcopy
     profile: PortProfile | None = None
     # MiB the guest fills with known patterns and verifies for ever (image/init.sh; 0: none).
-    memcheck_mib: int = Field(0, ge=0, le=1024 * 1024)
+    memcheck_mib: int = Field(default=0, ge=0, le=1024 * 1024)
 
 
 class MemcheckVerdict(BaseModel):

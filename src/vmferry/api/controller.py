@@ -31,7 +31,7 @@ class VmCreate(_Body):
     max_downtime_ms: int | None = Field(None, ge=1, le=600_000)
     policy: VmPolicy | None = None      # placement policy (controller.placement)
     # MiB the guest fills with known patterns and verifies for ever: checked after every move.
-    memcheck_mib: int = Field(0, ge=0, le=1024 * 1024)
+    memcheck_mib: int = Field(default=0, ge=0, le=1024 * 1024)
 
 
 class VmOut(BaseModel):
