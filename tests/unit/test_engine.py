@@ -192,8 +192,10 @@ def test_destination_agent_back_lets_the_rollback_finish(site: Site) -> None:
     record = held(site)
     site.unreachable.add("host3")
     site.wait_status("host1", "vm1", "cancelled")
-    time.sleep(0.5)                       # the engine keeps asking host3 meanwhile
-    assert site.migrations.get(record.id).state == "rolling-back"
+    deadline = time.monotonic() + WAIT_S  # the engine keeps asking host3 meanwhile
+    while site.migrations.get(record.id).state != "rolling-back":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     site.unreachable.discard("host3")     # the agent restarted
     record = finish(site, record)
     assert record.state == "rolled-back", record.error

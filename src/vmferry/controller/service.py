@@ -366,8 +366,8 @@ class Controller:
         Best effort: every end is tried, and one that fails is recorded as drift
         (``fabric_drift``; ``fabric show`` reports the end). Only a failed end on ``path`` (the
         nodes of the VM operation at hand) raises ``FabricError``: one dead host or switch does
-        not fail every create and migration of the site. No ``path`` (an operator's
-        reconcile): any failed end raises, after all were tried."""
+        not fail every create and migration of the site. No ``path`` (a site-wide reconcile,
+        e.g. after a host failed): nothing raises; the drift is recorded and shown."""
         topology = self.topology()
         with self._fabric_lock:
             desired = desired_trunk_vlans(topology, self.endpoints())
@@ -389,7 +389,7 @@ class Controller:
         if failed:
             log.warning("fabric reconcile: %d trunk end(s) not reconciled: %s", len(failed),
                         self.fabric_drift)
-        blocking = sorted(end for end in failed if path is None or end[0] in path)
+        blocking = sorted(end for end in failed if path is not None and end[0] in path)
         if blocking:
             raise FabricError("trunk ends not reconciled: " + "; ".join(
                 f"{node}:{port}: {failed[(node, port)]}" for node, port in blocking),
