@@ -19,7 +19,11 @@ from test_crash_recovery import kill_controller, lab_dir, restart_controller, wa
 from labkit import LabRun, default_topology, running_lab
 from vmferry import privileged
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+# Not run by make test until verified on the merged main (reason below).
+UNVERIFIED = pytest.mark.xfail(run=False, reason=(
+    "issue 11: written, never run to completion (lab up timed out on the overloaded machine);"
+    " not verified yet"))
+pytestmark = [UNVERIFIED, pytest.mark.root, pytest.mark.slow]
 
 VM = "memvm"
 VM_IP = "192.0.2.41"

@@ -14,7 +14,10 @@ import pytest
 from labkit import LabRun, default_topology, running_lab
 from vmferry import privileged
 
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
+# Not run by make test until verified on the merged main (reason below).
+UNVERIFIED = pytest.mark.xfail(run=False, reason=(
+    "issue 14: written, never run on a lab yet (lab up timed out on the overloaded machine)"))
+pytestmark = [UNVERIFIED, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 VMS = {"crit": ("192.0.2.21", "0"), "bulk": ("192.0.2.22", "5")}
 # Heartbeats every 2 s; suspected after 6 s, fenced after 12 s (controller/hostwatch.py); a
