@@ -128,10 +128,14 @@ def test_database_made_before_migrations_is_adopted(db_url: str) -> None:
     with legacy.begin() as connection:
         command.upgrade(alembic_config(connection), BASELINE)
         connection.execute(text("DROP TABLE alembic_version"))
+    # Data written back then (by the code of that time: the baseline's columns only)
+    # survives the upgrade.
+    with legacy.begin() as connection:
+        connection.execute(text("INSERT INTO hosts (name, agent_url, report, maintenance) "
+                                "VALUES ('host1', 'unix:/nonexistent', '{}', false)"))
     legacy.dispose()
     store = Store(db_url)
     try:
-        _host(store)   # data written before the upgrade survives it
         store.create_schema()
         assert current_revisions(store.engine) == head_revisions()
         with store.session() as session:
@@ -276,14 +280,15 @@ def test_migration_records(store: Store) -> None:
     with store.session() as session:
         row = session.get(MigrationRow, migration_id)
         assert row is not None
-        row.phases = [*row.phases, {"phase": "precheck", "ok": True}]
-        row.result = {"qemu": {"downtime_ms": 42}}
+        row.phases = [*row.phases, {"phase": "precheck", "started": "2026-01-01T00:00:00+00:00",
+                                    "ok": True}]
+        row.result = {"qemu": {"status": "completed", "downtime_ms": 42}}
         row.state = "completed"
     migrations = Migrations(Controller(store))
     record = migrations.get(migration_id)
-    assert record["state"] == "completed"
-    assert record["phases"] == [{"phase": "precheck", "ok": True}]
-    assert record["result"]["qemu"]["downtime_ms"] == 42
-    assert [m["id"] for m in migrations.recent()] == [migration_id]
+    assert record.state == "completed"
+    assert [(p.phase, p.ok) for p in record.phases] == [("precheck", True)]
+    assert record.result.qemu is not None and record.result.qemu.downtime_ms == 42
+    assert [m.id for m in migrations.recent()] == [migration_id]
     with pytest.raises(NotFoundError):
         migrations.get(migration_id + 1)
