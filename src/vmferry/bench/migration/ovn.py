@@ -332,7 +332,7 @@ class Ovn(_HandDriven):
         ovn.wire_underlay()
         ovn.nbctl("lsp-set-options", self.vm, f"requested-chassis={source},{destination}",
                   "activation-strategy=rarp")
-        uri = self.start_destination(destination)
+        uri = self.start_destination(source, destination)
         ovn.plug(destination, tap_name(self.vm), self.vm)
         ovn.nbctl("sync", wait=True)
         marks["bind_both"] = time.monotonic()

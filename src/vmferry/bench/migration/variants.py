@@ -85,10 +85,16 @@ class _HandDriven(Variant):
         return Timing(total_ms=(time.monotonic() - started) * 1000, qemu=qemu,
                       phases=_phase_durations(started, marks), events=self.last_events)
 
-    def request(self, *, incoming: bool) -> dict[str, Any]:
-        return {"name": self.vm, "memory_mib": self.config.memory_mib, "mac": self.mac,
-                "ip": self.ip, "vlan": self.config.vlan,
-                "workload_mibps": self.config.workload_mibps, "incoming": incoming}
+    def request(self, *, incoming: bool, peer: str | None = None) -> dict[str, Any]:
+        """The guest as the agent takes it; ``peer``: the source host an incoming stream
+        may come from (the lab runs QEMU's migration over TLS, authorized by host name)."""
+        body: dict[str, Any] = {
+            "name": self.vm, "memory_mib": self.config.memory_mib, "mac": self.mac,
+            "ip": self.ip, "vlan": self.config.vlan,
+            "workload_mibps": self.config.workload_mibps, "incoming": incoming}
+        if peer is not None:
+            body["migration_peer"] = peer
+        return body
 
     def prepare(self, home: str) -> None:
         self.lab.wire_vlan(self.config.vlan, [home])
@@ -102,10 +108,10 @@ class _HandDriven(Variant):
             self.lab.wire_vlan(self.config.vlan, [], before=[h.name
                                                              for h in self.lab.topology.hosts])
 
-    def start_destination(self, destination: str) -> str:
+    def start_destination(self, source: str, destination: str) -> str:
         try:
             info = self.lab.agent(destination, "PUT", f"/v1/guests/{self.vm}",
-                                  body=self.request(incoming=True))
+                                  body=self.request(incoming=True, peer=source))
         except AgentError as exc:
             # Seen on a loaded machine: the agent's first QMP connection to a QEMU it just
             # started fails. Outside the measured window's figures (the total time keeps it):
@@ -114,7 +120,7 @@ class _HandDriven(Variant):
                 raise
             self.lab.agent(destination, "DELETE", f"/v1/guests/{self.vm}")
             info = self.lab.agent(destination, "PUT", f"/v1/guests/{self.vm}",
-                                  body=self.request(incoming=True))
+                                  body=self.request(incoming=True, peer=source))
         uri = info.get("incoming_uri")
         if not uri:
             raise MigrationError(f"destination QEMU on {destination} is not waiting for the "
@@ -125,7 +131,7 @@ class _HandDriven(Variant):
         """Start the QEMU migration on the source and wait, polling often, until it ends;
         returns QEMU's final report. Raises ``MigrationError`` or ``WaitTimeout``."""
         self.lab.agent(source, "POST", f"/v1/guests/{self.vm}/migrate",
-                       body={"uri": uri, "options": {
+                       body={"uri": uri, "peer": destination, "options": {
                            "max_downtime_ms": self.config.max_downtime_ms,
                            "auto_converge": True, "postcopy": "never"}})
         deadline = time.monotonic() + self.config.migration_timeout_s
@@ -170,9 +176,9 @@ class Floor(_HandDriven):
         started = time.monotonic()
         self.lab.wire_vlan(self.config.vlan, [source, destination], before=[source])
         self.lab.agent(destination, "PUT", f"/v1/ports/{self.vm}",
-                       body=self.request(incoming=True))
+                       body=self.request(incoming=True, peer=source))
         marks["wire"] = time.monotonic()
-        uri = self.start_destination(destination)
+        uri = self.start_destination(source, destination)
         marks["start_destination"] = time.monotonic()
         qemu = self.run_qemu_migration(source, destination, uri)
         marks["qemu_migration"] = time.monotonic()
@@ -187,7 +193,7 @@ class Naive(_HandDriven):
     def migrate(self, source: str, destination: str) -> Timing:
         marks: dict[str, float] = {}
         started = time.monotonic()
-        uri = self.start_destination(destination)
+        uri = self.start_destination(source, destination)
         # The agent plugs the port as it starts a guest: unplug it so only the tap is there.
         switch = self.lab.host_softswitch(destination)
         try:
