@@ -172,7 +172,9 @@ def refuse_create(controller: Controller, body: VmCreate, vlan: int,
     reasons = [r for r in verdict.reasons if r.code not in (Code.DOWNTIME,)]
     if reasons:
         verdict = Verdict(body.host, False, reasons)
-        raise ConflictError("host", f"{body.name} cannot run on {body.host}: "
+        # Memory beyond what the asked-for host has left is bad input in memory_mib.
+        field = "memory_mib" if all(r.code is Code.CAPACITY for r in reasons) else "host"
+        raise ConflictError(field, f"{body.name} cannot run on {body.host}: "
                             f"{refusal(verdict)}", reasons=[
                                 {"code": r.code.value, "message": r.message} for r in reasons])
     return policy
