@@ -14,12 +14,7 @@ import pytest
 
 from labkit import IMAGE_DIR, VMFERRY, leftovers
 
-# Not run by make test until verified on the merged main (reason below).
-UNVERIFIED = pytest.mark.xfail(run=False, reason=(
-    "issue 10: the benchmark package changed after this smoke test last passed; not re-"
-    "verified on the merged main before the session ended (runs 1 migration of each variant, "
-    "~10 min)"))
-pytestmark = [UNVERIFIED, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 LAB = "tbench"
 
