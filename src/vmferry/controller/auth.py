@@ -132,23 +132,41 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+MAX_LIMITED_ACTORS = 1000     # refusal budgets kept at once (one per actor)
+
+
 class RefusalLog:
     """Records refused requests (401/403) in the audit log from a worker thread, at most
     ``burst`` rows per ``period`` seconds (the rest are counted and summarized in one row):
     a flood of bad tokens must not block the event loop on store writes or grow the log
-    without bound. ``submit`` never blocks; a full queue drops (and counts) the refusal."""
+    without bound. The budget is per actor. ``submit`` never blocks; a full queue drops (and
+    counts) the refusal."""
 
     def __init__(self, store: Store, *, burst: int = 20, period: float = 10.0,
                  queue_size: int = 1000) -> None:
         self.store = store
         self._queue: queue.Queue[tuple[str, str, str, str, str]] = queue.Queue(queue_size)
-        self._limit = RateLimitedLog(log, burst=burst, period=period)
+        # One budget per actor: a flood from one token (or from anonymous callers) must not
+        # hide another caller's refusals from the audit log.
+        self._burst, self._period = burst, period
+        self._limits: dict[str, RateLimitedLog] = {}
+        self._limits_lock = threading.Lock()
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="refusal-log", daemon=True)
         self._thread.start()
 
+    def _limit(self, actor: str) -> RateLimitedLog:
+        with self._limits_lock:
+            limit = self._limits.get(actor)
+            if limit is None:
+                if len(self._limits) >= MAX_LIMITED_ACTORS:
+                    self._limits.pop(next(iter(self._limits)))     # the oldest budget goes
+                limit = self._limits[actor] = RateLimitedLog(log, burst=self._burst,
+                                                             period=self._period)
+            return limit
+
     def submit(self, actor: str, action: str, target: str, outcome: str, reason: str) -> None:
-        if not self._limit.allow():
+        if not self._limit(actor).allow():
             self.dropped += 1
             return
         try:
