@@ -12,11 +12,7 @@ import pytest
 
 from labkit import IMAGE_DIR, VMFERRY, leftovers
 
-# Not run by make test until verified on the merged main (reason below).
-UNVERIFIED = pytest.mark.xfail(run=False, reason=(
-    "issue 10: the OVN peer moved onto the lab's own ToR/spine underlay after this smoke test"
-    " last passed; not re-verified on the merged main before the session ended"))
-pytestmark = [UNVERIFIED, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 LAB = "ovnb"
 
