@@ -497,6 +497,12 @@ def test_a_store_blip_mid_run_is_decided_not_abandoned(site: Site,
         real_progress(self, value)  # type: ignore[arg-type]
     monkeypatch.setattr(Run, "progress", progress)
     record = finish(site, held(site))
+    # The crashed run is taken up again by a new thread after a backoff: wait for that one
+    # too (bounded), not only for the thread that crashed.
+    deadline = time.monotonic() + WAIT_S
+    while record.state == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        record = site.migrations.get(record.id)
     assert broken.is_set()
     assert record.state == "rolled-back", record.error      # QEMU was still copying
     stays_on_source(site, record)
