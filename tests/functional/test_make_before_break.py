@@ -3,7 +3,8 @@ completed, failed (destination QEMU killed during precopy), cancelled, or with t
 killed inside the switchover window -- on every switch and host, and `vmferry audit` reports
 (and fixes) any that are left; never in place before the source stops the guest (no frame
 queued for the destination that the source answers too: no duplicate reply under a 2 ms
-ping); VLAN isolation holds while they are in place. Not timed."""
+ping: staged early, they end at the destination's closed gate until then); VLAN isolation
+holds while they are in place. Not timed."""
 
 from __future__ import annotations
 
@@ -173,23 +174,28 @@ def test_no_duplicate_reply_under_a_2ms_ping(lab: LabRun) -> None:
                 time.sleep(0.5)
                 started = api(lab, "POST", "/v1/migrations",
                               {"vm": vm, "to": destination, "bandwidth_mbps": 200})
-                # While the guest runs on the source, no rule is in place: a frame queued for
-                # the destination then would be answered by both guests.
-                # The engine records QEMU's status before it acts on it: rules read *before*
-                # a record that still says the guest runs on the source were installed early.
-                copying_checks = 0
+                # While the guest runs on the source, no rule delivers to the destination
+                # (the staged rules end at its closed gate, a drop): a frame queued there
+                # then would be answered by both guests. The engine records that the guest
+                # stopped (its STOP, or "opening") before it opens the gate: rules read
+                # *before* a record saying neither were in place while it still ran.
+                copying_checks, staged = 0, False
                 while True:
                     rules = switchover_rules(lab)
                     record = api(lab, "GET", f"/v1/migrations/{started['id']}")
                     if record["state"] != "running":
                         break
-                    status = (record["result"].get("progress") or {}).get("status")
-                    if status in ("setup", "active") and \
-                            record["result"].get("make_before_break") != "installed":
-                        assert rules == [], (status, rules)
+                    result = record["result"]
+                    stopped = (result.get("events") or {}).get("source_stop") is not None \
+                        or result.get("make_before_break") in ("opening", "opened")
+                    if not stopped:
+                        delivering = [(n, r) for n, r in rules
+                                      if n in HOSTS and "actions=drop" not in r]
+                        assert delivering == [], delivering
                         copying_checks += 1
+                        staged = staged or bool(rules)
                 assert record["state"] == "completed", record
-                assert copying_checks > 0
+                assert copying_checks > 0 and staged, "rules seen staged while copying"
                 assert record["result"].get("make_before_break_installs") == 1, record["result"]
                 time.sleep(1.0)
             finally:

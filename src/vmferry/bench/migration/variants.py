@@ -247,6 +247,9 @@ class Vmferry(Variant):
         qemu = dict(result.get("qemu") or {})
         events = {k: float(v) for k, v in (result.get("events") or {}).items()
                   if isinstance(v, int | float)}
+        if isinstance(result.get("make_before_break_opened_at"), int | float):
+            # When the destination's gate was open (the controller's clock: same machine).
+            events["gate_open"] = float(result["make_before_break_opened_at"])
         timing = Timing(total_ms=total_ms, qemu=qemu, phases=phases, events=events,
                         switchover_open_ms=result.get("make_before_break_open_ms"))
         if cpu_before is not None and cpu_after is not None:
