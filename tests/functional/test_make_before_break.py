@@ -123,12 +123,15 @@ def test_rules_are_gone_after_a_failed_or_cancelled_migration(lab: LabRun, failu
     try:
         assert lab.wait_ping("client-100", VM_IP)
         # A slow copy: it fails (or is cancelled) while the guest still runs on the source,
-        # when no rule may be in place yet (dual delivery starts once the source stops it).
+        # when the rules are staged but end at the destination's closed gate (dual delivery
+        # starts once the source stops the guest).
         started = api(lab, "POST", "/v1/migrations", {
             "vm": vm, "to": "host3", "bandwidth_mbps": 40, "timeout_s": 120})
         wait_copying(lab, started["id"])
         time.sleep(1.0)
-        assert switchover_rules(lab) == []
+        rules = switchover_rules(lab)
+        assert {n for n, _ in rules} == {"tor1", "spine", "tor2", "host3"}, rules
+        assert all("actions=drop" in r for n, r in rules if n in HOSTS), rules
         if failure == "kill-destination-qemu":
             pidfile = lab.state_dir / "labs" / lab.name / "hosts" / "host3" / "guests" / \
                 f"{vm}.pid"
@@ -276,7 +279,13 @@ def test_vlan_isolation_holds_inside_the_window(lab: LabRun) -> None:
         restart_controller(lab, "switchover-window")
         started = api(lab, "POST", "/v1/migrations", {"vm": vm, "to": "host3"})
         deadline = time.monotonic() + 120
-        while {n for n, _ in switchover_rules(lab)} != {"tor1", "spine", "tor2", "host3"}:
+
+        def window_open() -> bool:
+            rules = switchover_rules(lab)
+            # Staged when the precopy starts; open once host3's gate delivers (not a drop).
+            return {n for n, _ in rules} == {"tor1", "spine", "tor2", "host3"} and any(
+                n == "host3" and "actions=drop" not in r for n, r in rules)
+        while not window_open():
             assert time.monotonic() < deadline, switchover_rules(lab)
             assert api(lab, "GET", f"/v1/migrations/{started['id']}")["state"] == "running"
             time.sleep(0.1)
@@ -301,8 +310,9 @@ def test_vlan_isolation_holds_inside_the_window(lab: LabRun) -> None:
         kill_controller(lab)
         restart_controller(lab, None)
         record = wait_end(lab, started["id"])
-        # Held in pre-switchover, the guest had not left the source: recovery may finish the
-        # move or roll it back; either way nothing of the window is left.
+        # Held with the gate open (the source had stopped the guest; QEMU may have finished):
+        # recovery may finish the move or roll it back; either way nothing of the window is
+        # left.
         assert record["state"] in ("completed", "rolled-back"), record
         assert_clean(lab, record)
         assert lab.wait_ping("client-100", VM_IP, timeout=20)
