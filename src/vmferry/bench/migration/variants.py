@@ -69,6 +69,9 @@ class _HandDriven(Variant):
     """Shared by the floor and the naive order: a guest the controller does not know, started
     and moved through the agents directly, its network wired through the fabric driver."""
 
+    # One MAC per variant (floor ...:01, naive ...:03, OVN ...:04): the variants' guests run
+    # side by side, and two of them sharing one MAC made the fabric's learning flap between
+    # their hosts during every run (counted as MAC moves, probes delivered to the wrong guest).
     mac = "52:54:00:be:00:01"
 
     def __init__(self, lab: BenchLab, config: BenchConfig, address: str) -> None:
@@ -187,6 +190,7 @@ class Floor(_HandDriven):
 
 class Naive(_HandDriven):
     name = "naive"
+    mac = "52:54:00:be:00:03"
     description = ("destination QEMU's tap exists but its switch port and the VLAN on the "
                    "trunks are wired only after switchover; then announce, clean, prune")
 
