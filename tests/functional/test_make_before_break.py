@@ -3,7 +3,8 @@ completed, failed (destination QEMU killed during precopy), cancelled, or with t
 killed inside the switchover window -- on every switch and host, and `vmferry audit` reports
 (and fixes) any that are left; never in place before the source stops the guest (no frame
 queued for the destination that the source answers too: no duplicate reply under a 2 ms
-ping); VLAN isolation holds while they are in place. Not timed."""
+ping: staged early, they end at the destination's closed gate until then); VLAN isolation
+holds while they are in place. Not timed."""
 
 from __future__ import annotations
 
@@ -122,12 +123,15 @@ def test_rules_are_gone_after_a_failed_or_cancelled_migration(lab: LabRun, failu
     try:
         assert lab.wait_ping("client-100", VM_IP)
         # A slow copy: it fails (or is cancelled) while the guest still runs on the source,
-        # when no rule may be in place yet (dual delivery starts once the source stops it).
+        # when the rules are staged but end at the destination's closed gate (dual delivery
+        # starts once the source stops the guest).
         started = api(lab, "POST", "/v1/migrations", {
             "vm": vm, "to": "host3", "bandwidth_mbps": 40, "timeout_s": 120})
         wait_copying(lab, started["id"])
         time.sleep(1.0)
-        assert switchover_rules(lab) == []
+        rules = switchover_rules(lab)
+        assert {n for n, _ in rules} == {"tor1", "spine", "tor2", "host3"}, rules
+        assert all("actions=drop" in r for n, r in rules if n in HOSTS), rules
         if failure == "kill-destination-qemu":
             pidfile = lab.state_dir / "labs" / lab.name / "hosts" / "host3" / "guests" / \
                 f"{vm}.pid"
@@ -173,23 +177,28 @@ def test_no_duplicate_reply_under_a_2ms_ping(lab: LabRun) -> None:
                 time.sleep(0.5)
                 started = api(lab, "POST", "/v1/migrations",
                               {"vm": vm, "to": destination, "bandwidth_mbps": 200})
-                # While the guest runs on the source, no rule is in place: a frame queued for
-                # the destination then would be answered by both guests.
-                # The engine records QEMU's status before it acts on it: rules read *before*
-                # a record that still says the guest runs on the source were installed early.
-                copying_checks = 0
+                # While the guest runs on the source, no rule delivers to the destination
+                # (the staged rules end at its closed gate, a drop): a frame queued there
+                # then would be answered by both guests. The engine records that the guest
+                # stopped (its STOP, or "opening") before it opens the gate: rules read
+                # *before* a record saying neither were in place while it still ran.
+                copying_checks, staged = 0, False
                 while True:
                     rules = switchover_rules(lab)
                     record = api(lab, "GET", f"/v1/migrations/{started['id']}")
                     if record["state"] != "running":
                         break
-                    status = (record["result"].get("progress") or {}).get("status")
-                    if status in ("setup", "active") and \
-                            record["result"].get("make_before_break") != "installed":
-                        assert rules == [], (status, rules)
+                    result = record["result"]
+                    stopped = (result.get("events") or {}).get("source_stop") is not None \
+                        or result.get("make_before_break") in ("opening", "opened")
+                    if not stopped:
+                        delivering = [(n, r) for n, r in rules
+                                      if n in HOSTS and "actions=drop" not in r]
+                        assert delivering == [], delivering
                         copying_checks += 1
+                        staged = staged or bool(rules)
                 assert record["state"] == "completed", record
-                assert copying_checks > 0
+                assert copying_checks > 0 and staged, "rules seen staged while copying"
                 assert record["result"].get("make_before_break_installs") == 1, record["result"]
                 time.sleep(1.0)
             finally:
@@ -270,7 +279,13 @@ def test_vlan_isolation_holds_inside_the_window(lab: LabRun) -> None:
         restart_controller(lab, "switchover-window")
         started = api(lab, "POST", "/v1/migrations", {"vm": vm, "to": "host3"})
         deadline = time.monotonic() + 120
-        while {n for n, _ in switchover_rules(lab)} != {"tor1", "spine", "tor2", "host3"}:
+
+        def window_open() -> bool:
+            rules = switchover_rules(lab)
+            # Staged when the precopy starts; open once host3's gate delivers (not a drop).
+            return {n for n, _ in rules} == {"tor1", "spine", "tor2", "host3"} and any(
+                n == "host3" and "actions=drop" not in r for n, r in rules)
+        while not window_open():
             assert time.monotonic() < deadline, switchover_rules(lab)
             assert api(lab, "GET", f"/v1/migrations/{started['id']}")["state"] == "running"
             time.sleep(0.1)
@@ -295,8 +310,9 @@ def test_vlan_isolation_holds_inside_the_window(lab: LabRun) -> None:
         kill_controller(lab)
         restart_controller(lab, None)
         record = wait_end(lab, started["id"])
-        # Held in pre-switchover, the guest had not left the source: recovery may finish the
-        # move or roll it back; either way nothing of the window is left.
+        # Held with the gate open (the source had stopped the guest; QEMU may have finished):
+        # recovery may finish the move or roll it back; either way nothing of the window is
+        # left.
         assert record["state"] in ("completed", "rolled-back"), record
         assert_clean(lab, record)
         assert lab.wait_ping("client-100", VM_IP, timeout=20)

@@ -87,19 +87,30 @@ def test_completed_move_follows_events_and_records_them(site: Site) -> None:
 
 def test_window_opens_once_the_source_stopped_the_guest(site: Site,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Staged behind the closed gate while the guest runs on the source; opened once it
+    stopped (QEMU is not held in pre-switchover for it)."""
     from vmferry.controller import switchover
-    seen: list[tuple[str, str]] = []
+    from vmferry.model.switchover import is_gate_cookie
+    seen: list[tuple[str, list[bool]]] = []
     real_open = switchover.MakeBeforeBreak.open
 
+    def gates() -> list[bool]:
+        return [is_gate_cookie(f.cookie) for f in site.softswitches["host3"].flow_stats("br-vm")
+                if is_mbb_cookie(f.cookie)]
+
     def open_(self: switchover.MakeBeforeBreak) -> None:
-        seen.append((site.status("host1", "vm1"),
-                     site.hypervisors["host1"].state("vm1").value))
+        seen.append((site.hypervisors["host1"].state("vm1").value, gates()))
         real_open(self)
+        seen.append(("opened", gates()))
     monkeypatch.setattr(switchover.MakeBeforeBreak, "open", open_)
     site.create_vm()
     record = finish(site, site.migrate())
     assert record.state == "completed", record.error
-    assert seen == [("pre-switchover", "paused")]
+    state, gate = seen[0]
+    assert state in ("paused", "postmigrate")   # stopped (QEMU goes on without waiting)
+    assert gate == [True]                       # only the closed gate on host3
+    assert seen[1] == ("opened", [False])       # the delivering rule replaced it
+    assert "pre-switchover" not in str(record.result.progress)
     assert record.result.make_before_break == "removed"
     assert no_switchover_rules(site)
 

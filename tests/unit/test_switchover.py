@@ -15,16 +15,20 @@ from vmferry.controller.switchover import (
 )
 from vmferry.drivers.fabric.fake import FakeFabric, FakeSwitch
 from vmferry.drivers.fabric.ovs_fabric import parse_mac_moves
-from vmferry.errors import AgentError, FabricError
+from vmferry.errors import AgentError, FabricError, InputError, NotFoundError
 from vmferry.model.switchover import (
     COOKIE_PREFIX,
+    GATE_BIT,
     PRIORITY,
     PortInfo,
     Rule,
     SwitchPorts,
     carries,
     fabric_rules,
+    gate_cookie,
+    gate_rules,
     host_rules,
+    is_gate_cookie,
     is_mbb_cookie,
     mbb_cookie,
     migration_of,
@@ -34,13 +38,6 @@ from vmferry.model.switchover import (
 from vmferry.model.topology import Topology, default_topology_path, load_topology
 
 MAC = "52:54:00:AB:CD:EF"
-
-
-@pytest.fixture(autouse=True)
-def wait_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """open() returns once the rules are in, unless a test asks for "overlap"."""
-    from vmferry.controller import switchover
-    monkeypatch.setenv(switchover.OPEN_MODE_ENV, "wait")
 
 
 @pytest.fixture
@@ -73,9 +70,14 @@ def test_cookie_round_trip_and_recognition() -> None:
     assert not is_mbb_cookie(0)
     assert not is_mbb_cookie(COOKIE_PREFIX)     # no migration id
     assert mbb_cookie(1) != mbb_cookie(2)
-    for bad in (0, 1 << 40):
+    for bad in (0, GATE_BIT, 1 << 40):
         with pytest.raises(ValueError):
             mbb_cookie(bad)
+    gate = gate_cookie(cookie)
+    assert gate != cookie and is_mbb_cookie(gate) and is_gate_cookie(gate)
+    assert not is_gate_cookie(cookie)
+    assert migration_of(gate) == 42
+    assert not is_mbb_cookie(COOKIE_PREFIX | GATE_BIT)      # a gate of no migration
 
 
 def test_path_ports_across_the_spine(topology: Topology) -> None:
@@ -140,6 +142,14 @@ def test_host_rule_pops_the_tag_into_the_tap() -> None:
         Rule(PRIORITY, f"in_port=7,dl_vlan=100,dl_dst={MAC.lower()}", "pop_vlan,output:9")]
 
 
+def test_the_closed_gate_drops_what_the_open_one_delivers() -> None:
+    closed, = gate_rules(7, 100, MAC)
+    opened, = host_rules(7, 9, 100, MAC)
+    assert closed == Rule(PRIORITY, f"in_port=7,dl_vlan=100,dl_dst={MAC.lower()}", "drop")
+    # Same priority and match: one replaces the other, never both at once.
+    assert (closed.priority, closed.match) == (opened.priority, opened.match)
+
+
 def test_mac_moves_from_fdb_stats_show() -> None:
     text = ('Statistics for bridge "br-fabric":\n'
             "  Current/maximum MAC entries in the table: 3/8192\n"
@@ -158,7 +168,7 @@ class FakeAgent:
     def open_switchover(self, vm: str, cookie: int, vlan: int, mac: str) -> int:
         if self.fail:
             raise AgentError(f"agent on {self.host} unreachable", host=self.host)
-        self.log.append(("open", self.host, cookie))
+        self.log.append(("arm" if is_gate_cookie(cookie) else "open", self.host, cookie))
         return 1
 
     def close_switchover(self, cookie: int) -> None:
@@ -178,42 +188,70 @@ def window(topology: Topology, *, profile: bool = False, failing: set[str] = fro
     return MakeBeforeBreak(ctx), fabric, calls, recorded
 
 
-def test_prepare_installs_nothing_open_installs_everything_close_removes_it(
+def test_prepare_stages_behind_a_closed_gate_open_opens_it_close_removes_all(
         topology: Topology) -> None:
     mbb, fabric, calls, recorded = window(topology)
     cookie = mbb_cookie(5)
+    mbb.open()                                  # nothing staged: nothing to open
+    assert calls == []
     mbb.prepare()
-    assert all(not s.rules for s in fabric.switches.values()) and calls == []
-    mbb.open()
     assert {n for n, s in fabric.switches.items() if cookie in s.rules} == {"tor1", "spine",
                                                                             "tor2"}
-    assert calls == [("open", "host3", cookie)]
-    assert recorded["make_before_break"] == "installed"
+    assert calls == [("arm", "host3", gate_cookie(cookie))]
+    assert recorded["make_before_break_installs"] == 1
+    mbb.open()
+    assert calls[1:] == [("open", "host3", cookie)]
+    assert recorded["make_before_break_open_ms"] is not None
     mbb.open()                                  # once per run
-    assert calls == [("open", "host3", cookie)]
+    assert len(calls) == 2
     assert mbb.close() == []
     assert all(not s.rules for s in fabric.switches.values())
     assert sorted(c for c in calls if c[0] == "close") == [("close", "host1", cookie),
                                                            ("close", "host3", cookie)]
     assert recorded["make_before_break"] == "removed"
-    mbb.open()                                  # closed: never reopens
-    assert all(not s.rules for s in fabric.switches.values())
-
-
-def test_a_guest_with_a_profile_gets_no_host_rule(topology: Topology) -> None:
-    mbb, fabric, calls, _ = window(topology, profile=True)
+    mbb.prepare()                               # closed: never stages again
     mbb.open()
-    assert calls == [] and fabric.switches["tor2"].rules
+    assert all(not s.rules for s in fabric.switches.values()) and len(calls) == 4
 
 
-def test_a_partial_open_raises_and_close_still_removes_everything(topology: Topology) -> None:
-    mbb, fabric, _, recorded = window(topology, failing={"host3"})
+def test_a_guest_with_a_profile_has_its_gate_removed_not_replaced(topology: Topology) -> None:
+    mbb, fabric, calls, _ = window(topology, profile=True)
+    cookie = mbb_cookie(5)
     mbb.prepare()
-    fabric.fail = {"spine"}
+    mbb.open()
+    assert calls == [("arm", "host3", gate_cookie(cookie)),
+                     ("close", "host3", gate_cookie(cookie))]
+    assert fabric.switches["tor2"].rules
+
+
+def test_no_fabric_rule_without_the_gate(topology: Topology) -> None:
+    mbb, fabric, calls, recorded = window(topology, failing={"host3"})
     with pytest.raises(SwitchoverError, match="host3"):
-        mbb.open()
+        mbb.prepare()
+    assert all(not s.rules for s in fabric.switches.values())
+    assert recorded["make_before_break_problems"]
+    mbb.open()                                  # a failed staging never opens
+    assert calls == []
+    assert mbb.close() == []
+
+
+def test_a_partial_staging_never_opens_and_close_still_removes_everything(
+        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbb, fabric, calls, recorded = window(topology)
+    real = fabric.replace_rules
+
+    def spine_refuses(switch: str, cookie: int, rules: list[Rule],
+                      known_empty: bool = False) -> None:
+        if switch == "spine":
+            raise FabricError("spine refused the rules", switch=switch)
+        real(switch, cookie, rules, known_empty)
+    monkeypatch.setattr(fabric, "replace_rules", spine_refuses)
+    with pytest.raises(SwitchoverError, match="spine"):
+        mbb.prepare()
     assert fabric.switches["tor1"].rules
-    fabric.fail = set()
+    mbb.open()
+    assert [c for c in calls if c[0] == "open"] == []
+    monkeypatch.setattr(fabric, "replace_rules", real)
     assert mbb.close() == []
     assert all(not s.rules for s in fabric.switches.values())
     assert recorded["make_before_break"] == "removed"
@@ -221,6 +259,7 @@ def test_a_partial_open_raises_and_close_still_removes_everything(topology: Topo
 
 def test_close_reports_an_unreachable_switch_without_raising(topology: Topology) -> None:
     mbb, fabric, _, recorded = window(topology)
+    mbb.prepare()
     mbb.open()
     fabric.fail = {"tor2"}
     problems = mbb.close()
@@ -234,34 +273,6 @@ def test_leftovers_skip_live_migrations_and_foreign_cookies() -> None:
     assert leftovers(fabric, ["tor1", "spine"], live={4}) == [("tor1", mbb_cookie(3))]
 
 
-def test_overlap_mode_returns_at_once_and_close_waits_for_the_install(
-        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    from vmferry.controller import switchover
-    monkeypatch.setenv(switchover.OPEN_MODE_ENV, "overlap")
-    mbb, fabric, _, recorded = window(topology)
-    assert mbb.overlap
-    gate = threading.Event()
-    real = fabric.replace_rules
-
-    def slow(switch: str, cookie: int, rules: list[Rule], known_empty: bool = False) -> None:
-        if rules:
-            gate.wait(5)
-        real(switch, cookie, rules, known_empty)
-    monkeypatch.setattr(fabric, "replace_rules", slow)
-    mbb.prepare()
-    mbb.open()                                  # returns while the install waits
-    assert all(not s.rules for s in fabric.switches.values())
-    closer = threading.Thread(target=mbb.close)
-    closer.start()
-    gate.set()
-    closer.join(10)
-    assert all(not s.rules for s in fabric.switches.values())
-    assert recorded["make_before_break_mode"] == "overlap"
-    assert recorded["make_before_break"] == "removed"
-
-
 def test_a_fake_fabric_of_the_default_topology_opens_a_window(topology: Topology) -> None:
     fabric = FakeFabric.of(topology)
     for switch, port in (("tor1", "h-host1"), ("tor1", "t-spine"), ("spine", "t-tor1"),
@@ -272,9 +283,52 @@ def test_a_fake_fabric_of_the_default_topology_opens_a_window(topology: Topology
         migration_id=9, vm="vm1", mac=MAC, vlan=100, source="host1", destination="host3",
         has_profile=False, topology=topology, fabric=fabric,
         agent=lambda host: FakeAgent(host, calls)))
-    mbb.open()
+    mbb.prepare()
     assert {n for n, s in fabric.switches.items() if s.rules} == {"tor1", "spine", "tor2"}
     assert leftovers(fabric, list(fabric.switches), live=set()) == [
         (n, mbb_cookie(9)) for n in sorted(fabric.switches)]
     mbb.close()
     assert leftovers(fabric, list(fabric.switches), live=set()) == []
+
+
+def test_the_host_gate_is_armed_opened_in_one_bundle_and_removed_by_cookie() -> None:
+    from vmferry.agent.switchover import (
+        host_rule_cookies,
+        install_host_rules,
+        remove_host_rules,
+    )
+    from vmferry.drivers.softswitch.base import PortSpec
+    from vmferry.drivers.softswitch.fake import FakeSoftswitch
+    switch = FakeSoftswitch()
+    switch.ensure_bridge("br-vm")
+    switch.ensure_ports("br-vm", [PortSpec("uplink", trunks=frozenset({100})),
+                                  PortSpec("tap1", tag=100)])
+    uplink, tap = (switch.ports("br-vm")[p].ofport for p in ("uplink", "tap1"))
+    cookie = mbb_cookie(7)
+
+    def rules() -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        for stats in switch.flow_stats("br-vm"):
+            found.setdefault(stats.cookie, []).append(stats.flow.actions)
+        return found
+
+    assert install_host_rules(switch, "br-vm", "uplink", "tap1", gate_cookie(cookie), 100,
+                              MAC) == 1
+    assert rules() == {gate_cookie(cookie): ["drop"]}
+    assert [s.flow.match.split(",")[0] for s in switch.flow_stats("br-vm")] == [
+        f"in_port={uplink}"]
+    bundles = switch.calls["bundles"]
+    install_host_rules(switch, "br-vm", "uplink", "tap1", cookie, 100, MAC)
+    assert rules() == {cookie: [f"pop_vlan,output:{tap}"]}
+    assert switch.calls["bundles"] == bundles + 1       # the gate out, delivery in: one step
+    assert host_rule_cookies(switch, "br-vm") == [cookie]
+    remove_host_rules(switch, "br-vm", cookie)
+    assert rules() == {}
+    # Removing a migration's cookie takes its closed gate too; a gate cookie only the gate.
+    install_host_rules(switch, "br-vm", "uplink", "tap1", gate_cookie(cookie), 100, MAC)
+    remove_host_rules(switch, "br-vm", cookie)
+    assert rules() == {}
+    with pytest.raises(InputError, match="cookie"):
+        install_host_rules(switch, "br-vm", "uplink", "tap1", 5, 100, MAC)
+    with pytest.raises(NotFoundError, match="tap"):
+        install_host_rules(switch, "br-vm", "uplink", "tap9", cookie, 100, MAC)

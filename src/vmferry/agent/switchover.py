@@ -1,12 +1,29 @@
 """The host side of the make-before-break switchover (``vmferry.model.switchover``): the
-destination host's temporary rule that hands frames for the arriving VM from the uplink to
-its tap, installed, removed and listed by cookie. The agent's routes call these (H4)."""
+destination host's gate for the arriving VM, on the uplink, by cookie.
+
+    open_switchover(gate cookie)   arm: the closed gate (frames for the VM from the uplink are
+                                   dropped); the controller does this before the fabric rules
+                                   go in, long before the guest stops
+    open_switchover(cookie)        open: the same match now hands the frames to the VM's tap
+                                   (one OpenFlow bundle: the gate's flow out, this in)
+    close_switchover(gate cookie)  remove the gate only (a guest with a port profile: its own
+                                   flows deliver)
+    close_switchover(cookie)       remove everything of the migration, gate included
+
+The agent's routes call these (H4); the cookie says which rule is meant, so the route's
+contract is unchanged."""
 
 from __future__ import annotations
 
 from vmferry.drivers.softswitch.base import Flow, Softswitch
 from vmferry.errors import InputError, NotFoundError
-from vmferry.model.switchover import host_rules, is_mbb_cookie
+from vmferry.model.switchover import (
+    gate_cookie,
+    gate_rules,
+    host_rules,
+    is_gate_cookie,
+    is_mbb_cookie,
+)
 
 
 def _check(cookie: int) -> None:
@@ -14,32 +31,46 @@ def _check(cookie: int) -> None:
         raise InputError("cookie", f"{cookie:#x} is not a switchover cookie")
 
 
+def _ofport(softswitch: Softswitch, bridge: str, port: str, what: str) -> int:
+    state = softswitch.ports(bridge, [port]).get(port)
+    if state is None or state.ofport is None or state.ofport < 0:
+        raise NotFoundError(what, f"no port {port} on {bridge}")
+    return state.ofport
+
+
 def install_host_rules(softswitch: Softswitch, bridge: str, uplink: str, tap: str, cookie: int,
                        vlan: int, mac: str) -> int:
-    """Deliver frames for ``mac`` tagged ``vlan`` entering ``uplink`` straight to ``tap``
-    (untagged); returns the number of rules. Raises ``InputError`` (not a switchover cookie),
-    ``NotFoundError`` (no tap or uplink on the bridge)."""
+    """Arm (a gate cookie) or open (the migration's cookie) the gate for ``mac`` tagged
+    ``vlan`` entering ``uplink``; returns the number of rules. Raises ``InputError`` (not a
+    switchover cookie, bad VLAN), ``NotFoundError`` (no tap or uplink on the bridge)."""
     _check(cookie)
     if not 1 <= vlan <= 4094:
         raise InputError("vlan", f"{vlan} is not a VLAN id 1-4094")
-    ports = softswitch.ports(bridge, [uplink, tap])
-    tap_state, uplink_state = ports.get(tap), ports.get(uplink)
-    if tap_state is None or tap_state.ofport is None:
-        raise NotFoundError("tap", f"no port {tap} on {bridge}")
-    if uplink_state is None or uplink_state.ofport is None:
-        raise NotFoundError("uplink", f"no port {uplink} on {bridge}")
-    flows = [Flow(0, rule.priority, rule.match, rule.actions)
-             for rule in host_rules(uplink_state.ofport, tap_state.ofport, vlan, mac)]
-    # The window opens once per migration while its guest is stopped: add without reading
-    # the bridge's flows first (an ovs-ofctl call less; adding an existing flow replaces it).
-    softswitch.replace_flows_many(bridge, {cookie: flows}, actual={cookie: []})
+    uplink_ofport = _ofport(softswitch, bridge, uplink, "uplink")
+    gate = [Flow(0, r.priority, r.match, r.actions) for r in gate_rules(uplink_ofport, vlan, mac)]
+    changes: dict[int, list[Flow]]
+    actual: dict[int, list[Flow]]
+    if is_gate_cookie(cookie):
+        changes, actual = {cookie: gate}, {cookie: []}
+        flows = gate
+    else:
+        flows = [Flow(0, r.priority, r.match, r.actions) for r in host_rules(
+            uplink_ofport, _ofport(softswitch, bridge, tap, "tap"), vlan, mac)]
+        # One bundle, atomic: the gate's flow goes, the delivering one comes.
+        changes = {cookie: flows, gate_cookie(cookie): []}
+        actual = {cookie: [], gate_cookie(cookie): gate}
+    # Written without reading the bridge's flows first (an ovs-ofctl call less: opening is on
+    # the guest's switchover path); deleting a gate that is not there changes nothing.
+    softswitch.replace_flows_many(bridge, changes, actual=actual)
     return len(flows)
 
 
 def remove_host_rules(softswitch: Softswitch, bridge: str, cookie: int) -> None:
-    """Remove the rules with ``cookie`` (idempotent). Raises ``InputError``."""
+    """Remove the rules with ``cookie`` and, for a migration's cookie, its gate's too
+    (idempotent). Raises ``InputError``."""
     _check(cookie)
-    softswitch.replace_flows(bridge, cookie, [])
+    cookies = [cookie] if is_gate_cookie(cookie) else [cookie, gate_cookie(cookie)]
+    softswitch.replace_flows_many(bridge, {c: [] for c in cookies})
 
 
 def host_rule_cookies(softswitch: Softswitch, bridge: str) -> list[int]:

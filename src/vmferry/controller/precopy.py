@@ -2,11 +2,12 @@
 round and reports ``completed``.
 
 The engine follows the source guest's QMP events (the agent's long poll) and reacts to them at
-once: ``STOP`` and ``completed`` are timestamped in the result, "pre-switchover" opens the
-make-before-break window and lets QEMU continue, ``completed`` ends the phase so the switchover
-starts without waiting for a poll. Between events it reads QEMU's progress at a bounded rate
-(for the progress display, the convergence timeout, postcopy, cancel and the destination's
-health). An agent without the events route is polled instead (``FALLBACK_POLL_S``).
+once: ``STOP`` and ``completed`` are timestamped in the result, ``STOP`` opens the
+make-before-break gate (staged when the precopy starts; QEMU is not held for it),
+``completed`` ends the phase so the switchover starts without waiting for a poll. Between
+events it reads QEMU's progress at a bounded rate (for the progress display, the convergence
+timeout, postcopy, cancel and the destination's health). An agent without the events route
+is polled instead (``FALLBACK_POLL_S``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def precopy(run: Run) -> None:
     """Start the outgoing migration (once per run) and follow it to ``completed``."""
     result = run.result()
     mbb = run.make_before_break()
+    # The gate opens on the source's STOP as the agent's own QEMU reports it. libvirt hosts
+    # get no window (as before: they could not hold QEMU for it); how fast libvirt's STOP
+    # arrives is not measured yet, and a gate opened after the resume would delay delivery.
+    if mbb is not None and run.controller.topology().host(run.source).hypervisor != "qemu":
+        mbb = None
     if mbb is not None:
-        _switchover_step(run, mbb.prepare, "prepared")
+        _switchover_step(run, mbb.prepare, "staged")
     # A guest that itself arrived by migration reports that incoming migration as
     # "completed": only what this run recorded says whether the outgoing one was issued.
     if not result.get("migrate_issued"):
@@ -125,6 +131,7 @@ class _Follow:
         run = self.run
         if event.kind == "STOP":
             run.record_event("source_stop", event.timestamp)
+            self.open_window(stop_recorded=True)
         elif event.kind == "MIGRATION" and event.status is not None:
             if event.status == "completed":
                 run.record_event("source_completed", event.timestamp)
@@ -133,10 +140,10 @@ class _Follow:
     def on_status(self, status: str, progress: MigrationProgress | None) -> None:
         """React to QEMU's migration status (from an event or a progress read)."""
         run = self.run
+        if status in ("pre-switchover", "device", "completed"):
+            self.open_window()      # the guest has stopped (no STOP event seen: polling)
         if status == "pre-switchover" and not self.continued:
             self.continued = True
-            if self.mbb is not None:
-                _switchover_step(run, self.mbb.open, "installed")
             run.src.continue_migration(run.vm)
         elif status == "completed":
             # A controller killed here: QEMU completed, the controller has not acted on it.
@@ -157,6 +164,14 @@ class _Follow:
                                  vm=run.vm)
         elif status not in ACTIVE_QEMU_STATES:
             raise MigrationError(f"source QEMU reports migration status {status!r}", vm=run.vm)
+
+    def open_window(self, stop_recorded: bool = False) -> None:
+        """The source stopped the guest: open the make-before-break gate, once. The store
+        says the guest stopped before the gate opens (its STOP, else "opening")."""
+        if self.mbb is not None and not self.mbb.opened:
+            if not stop_recorded:
+                self.run.record_result(make_before_break="opening")
+            _switchover_step(self.run, self.mbb.open, "opened")
 
     def poll(self) -> None:
         """Progress, and the checks that need no event: destination alive, cancel,

@@ -1,30 +1,31 @@
-"""Make-before-break switchover: while a VM's guest is stopped for the last round of its
+"""Make-before-break switchover: once a VM's guest has stopped for the last round of its
 migration, frames for its MAC go to both hosts (rules: ``vmferry.model.switchover``).
 
 One ``MakeBeforeBreak`` per migration run (H5):
 
-    prepare()   when the precopy starts: read the path switches' ports, compute the rules
-                (no rule goes in: dual delivery before the source stops the guest would queue
-                frames the source answers in the destination's tap, to be answered again)
-    open()      when the source has stopped the guest (QEMU status "pre-switchover", the
-                engine holds the migration there with ``pause_before_switchover``): install
-                the rules on every fabric switch on the path and on the destination host, side
-                by side; frames sent during the rest of the pause wait in the destination's
-                tap instead of being lost at the stopped source
+    prepare()   when the precopy starts: arm the closed gate on the destination host, then
+                install the rules on every fabric switch on the path, side by side. Frames for
+                the VM now also reach the destination host, where the gate drops them: none
+                waits in the tap of a guest that the source still runs (it would be answered
+                twice)
+    open()      when the source has stopped the guest (its QMP ``STOP``): open the gate, one
+                OpenFlow bundle on the destination host; QEMU is not held for it, so the
+                guest's pause is not lengthened; frames sent during the rest of the pause wait
+                in the destination's tap instead of being lost at the stopped source
     close()     after the destination announced itself, and on every ending: remove by cookie
                 on every switch and both hosts (idempotent; needs no memory of what went in)
 
 ``leftovers`` finds rules of migrations that are no longer running (``vmferry audit``); a
 controller that died mid-window closes them on recovery, by cookie.
 
-A guest with a port profile gets no rule on its host (a direct output would bypass the
-profile's ACLs); the fabric rules still bring its frames to the destination host.
+A guest with a port profile gets no delivering rule on its host (a direct output would bypass
+the profile's ACLs): its gate is armed the same way and opening removes it, so the fabric
+rules bring its frames to the destination host and its own flows deliver them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,8 +41,8 @@ from vmferry.model.switchover import (
     COOKIE_MASK,
     COOKIE_PREFIX,
     PRIORITY,
-    Rule,
     fabric_rules,
+    gate_cookie,
     is_mbb_cookie,
     mbb_cookie,
     migration_of,
@@ -54,16 +55,13 @@ __all__ = ["COOKIE_MASK", "COOKIE_PREFIX", "PRIORITY", "MakeBeforeBreak", "Switc
 
 log = logging.getLogger(__name__)
 
-WINDOW_FAILPOINT = "switchover-window"      # held with the rules in place (tests)
-# "wait": QEMU continues once the rules are in; "overlap": they go in while it finishes.
-OPEN_MODE_ENV = "VMFERRY_SWITCHOVER_OPEN"
-DEFAULT_OPEN_MODE = "wait"   # A/B: overlap lengthened QEMU downtime 2-5x (CPU contention)
-INSTALL_JOIN_S = 30.0
+WINDOW_FAILPOINT = "switchover-window"      # held with the gate open (tests)
 
 
 class SwitchoverAgent(Protocol):
     """What the switchover needs of a host's agent (``vmferry.api.agent_client.AgentClient``
-    has these methods, H4)."""
+    has these methods, H4). The cookie says which rule: a gate cookie arms the closed gate,
+    the migration's cookie opens it (``vmferry.agent.switchover``)."""
 
     def open_switchover(self, vm: str, cookie: int, vlan: int, mac: str) -> int: ...
 
@@ -93,83 +91,84 @@ class SwitchoverError(VmferryError):
 class MakeBeforeBreak:
     """The temporary rules of one migration run."""
 
-    pause_before_switchover = True
+    # QEMU is not held in "pre-switchover": the rules are staged before the guest stops and
+    # opening the gate does not need the guest to wait (an A/B with the rules installed in
+    # a held pause made QEMU's downtime 1.6x the hand-wired floor's).
+    pause_before_switchover = False
 
     def __init__(self, ctx: SwitchoverContext) -> None:
         self.ctx = ctx
         self.cookie = mbb_cookie(ctx.migration_id)
-        self._rules: dict[str, list[Rule]] | None = None
         self._lock = threading.Lock()
+        self.staged = False
         self.opened = False
         self.closed = False
         self.open_ms: float | None = None
-        # The held-window failpoint needs the rules in before open() returns.
-        self.overlap = (os.environ.get(OPEN_MODE_ENV, DEFAULT_OPEN_MODE) == "overlap"
-                        and WINDOW_FAILPOINT not in failpoints.active())
-        self._installing: threading.Thread | None = None
 
     def prepare(self) -> None:
-        """Read the path's ports and compute the rules, so ``open`` only writes. Raises
-        ``VmferryError`` (the engine may log it: ``open`` computes them again)."""
+        """Stage the window: the closed gate on the destination host first, then the fabric
+        rules (never the other way round: a fabric rule without the gate would queue frames
+        in the destination's tap). Raises ``SwitchoverError``; a partial staging is closed
+        like a whole one, and ``open`` then does nothing."""
         ctx = self.ctx
-        switches = list(path_ports(ctx.topology, ctx.source, ctx.destination))
-        ports = dict(zip(switches, _side_by_side(
-            [partial(ctx.fabric.switch_ports, s) for s in switches]), strict=True))
+        with self._lock:
+            if self.staged or self.closed:
+                return
+            self.staged = True
+        started = time.monotonic()
         try:
-            self._rules = fabric_rules(ctx.topology, ctx.vlan, ctx.mac, ctx.source,
-                                       ctx.destination, ports)
+            switches = list(path_ports(ctx.topology, ctx.source, ctx.destination))
+            ports = dict(zip(switches, _side_by_side(
+                [partial(ctx.fabric.switch_ports, s) for s in switches]), strict=True))
+            rules = fabric_rules(ctx.topology, ctx.vlan, ctx.mac, ctx.source,
+                                 ctx.destination, ports)
         except (KeyError, ValueError) as exc:
+            self._failed([f"no switchover rules for {ctx.vm}: {exc}"])
             raise SwitchoverError(f"no switchover rules for {ctx.vm}: {exc}") from exc
+        except VmferryError as exc:
+            self._failed([exc.message])
+            raise SwitchoverError(exc.message) from exc
+        problems = _problems([partial(_arm_host, ctx, gate_cookie(self.cookie))])
+        if not problems:
+            problems = _problems([
+                partial(ctx.fabric.replace_rules, switch, self.cookie, switch_rules,
+                        known_empty=True)
+                for switch, switch_rules in rules.items() if switch_rules])
+        if problems:
+            self._failed(problems)
+            raise SwitchoverError("; ".join(problems))
+        ctx.record(make_before_break_installs=1,
+                   make_before_break_cookie=f"{self.cookie:#x}",
+                   make_before_break_stage_ms=round((time.monotonic() - started) * 1000, 1))
+        log.info("migration %s: switchover staged on %s behind a closed gate on %s",
+                 ctx.migration_id, ", ".join(rules), ctx.destination)
+
+    def _failed(self, problems: list[str]) -> None:
+        """A staging that failed: the window never opens (``close`` removes what went in)."""
+        with self._lock:
+            self.opened = True
+        self.ctx.record(make_before_break_installs=1,
+                        make_before_break_cookie=f"{self.cookie:#x}",
+                        make_before_break_problems=problems)
 
     def open(self) -> None:
-        """Install every rule, side by side; the guest is stopped. In "wait" mode open()
-        returns once they are in (the time adds to the guest's pause: frames sent during all
-        of the rest of it wait in the destination's tap); in "overlap" mode the rules go in
-        while QEMU sends the last state (the pause is not lengthened; frames sent before they
-        are in are lost at the stopped source). A partial install is closed like a whole one.
-        Raises ``SwitchoverError`` ("wait" mode; "overlap" logs)."""
+        """Open the gate on the destination host; the source has stopped the guest. Once
+        per run, and only after a complete ``prepare``. Raises ``SwitchoverError``."""
         with self._lock:
-            if self.opened or self.closed:
+            if self.opened or self.closed or not self.staged:
                 return
             self.opened = True
-            if self.overlap:
-                self._installing = threading.Thread(target=self._install_logged,
-                                                    name=f"switchover-{self.cookie:#x}",
-                                                    daemon=True)
-                self._installing.start()
-                return
-        self._install()
-
-    def _install_logged(self) -> None:
-        try:
-            self._install()
-        except VmferryError as exc:
-            log.warning("migration %s: switchover rules not all installed: %s",
-                        self.ctx.migration_id, exc.message)
-
-    def _install(self) -> None:
-        started = time.monotonic()
-        if self._rules is None:
-            self.prepare()
-        assert self._rules is not None
         ctx = self.ctx
-        tasks: list[Callable[[], object]] = [
-            partial(ctx.fabric.replace_rules, switch, self.cookie, rules, known_empty=True)
-            for switch, rules in self._rules.items() if rules]
-        if not ctx.has_profile:
-            tasks.append(partial(_open_host, ctx, self.cookie))
-        problems = _problems(tasks)
+        started = time.monotonic()
+        problems = _problems([partial(_open_host, ctx, self.cookie)])
         self.open_ms = round((time.monotonic() - started) * 1000, 1)
-        ctx.record(make_before_break="installed" if not problems else "install-failed",
-                   make_before_break_installs=1,
-                   make_before_break_cookie=f"{self.cookie:#x}",
-                   make_before_break_open_ms=self.open_ms,
-                   make_before_break_mode="overlap" if self.overlap else "wait",
+        ctx.record(make_before_break_open_ms=self.open_ms,
+                   make_before_break_opened_at=time.time(),
                    **({"make_before_break_problems": problems} if problems else {}))
         if problems:
             raise SwitchoverError("; ".join(problems))
-        log.info("migration %s: switchover rules in place on %s in %.1f ms",
-                 ctx.migration_id, ", ".join(self._rules), self.open_ms)
+        log.info("migration %s: switchover gate open on %s in %.1f ms", ctx.migration_id,
+                 ctx.destination, self.open_ms)
         failpoints.reached(WINDOW_FAILPOINT)
 
     def close(self) -> list[str]:
@@ -177,9 +176,6 @@ class MakeBeforeBreak:
         problems met (never raises: every ending of a migration calls this)."""
         with self._lock:
             self.closed = True
-            installing = self._installing
-        if installing is not None:
-            installing.join(timeout=INSTALL_JOIN_S)     # never remove before it is all in
         ctx = self.ctx
         tasks: list[Callable[[], object]] = [
             partial(ctx.fabric.replace_rules, switch.name, self.cookie, [])
@@ -198,8 +194,16 @@ class MakeBeforeBreak:
         return problems
 
 
-def _open_host(ctx: SwitchoverContext, cookie: int) -> int:
+def _arm_host(ctx: SwitchoverContext, cookie: int) -> int:
     return ctx.agent(ctx.destination).open_switchover(ctx.vm, cookie, ctx.vlan, ctx.mac)
+
+
+def _open_host(ctx: SwitchoverContext, cookie: int) -> None:
+    agent = ctx.agent(ctx.destination)
+    if ctx.has_profile:
+        agent.close_switchover(gate_cookie(cookie))     # its own flows deliver
+    else:
+        agent.open_switchover(ctx.vm, cookie, ctx.vlan, ctx.mac)
 
 
 def _close_host(ctx: SwitchoverContext, host: str, cookie: int) -> None:

@@ -12,8 +12,15 @@ matched and stays dropped: VLAN isolation holds at every instant.
     that carries V                                carrying V) or in_port=P,vlan_tci=0,
                                                   dl_dst=MAC (access port P of V) -> output to
                                                   the path's ports other than P (tagged)
-    destination host                               in_port=UPLINK,dl_vlan=V,dl_dst=MAC ->
-                                                  pop_vlan, output to the VM's tap
+    destination host, the gate                     in_port=UPLINK,dl_vlan=V,dl_dst=MAC ->
+                                                  drop (closed: ``gate_rules``), then, once the
+                                                  source stopped the guest, the same match ->
+                                                  pop_vlan, output to the VM's tap (open:
+                                                  ``host_rules``; one flow replaces the other)
+
+The fabric rules may be in place long before the guest stops: while the gate is closed they
+deliver nothing to the destination guest, so the switchover itself only has to open the gate.
+The closed gate carries its own cookie (``gate_cookie``: the migration's with ``GATE_BIT``).
 
 This module imports no driver: ports are plain data (``SwitchPorts``), rules are ``Rule``.
 """
@@ -26,9 +33,11 @@ from dataclasses import dataclass, field
 from vmferry.model.fabric import path_between
 from vmferry.model.topology import Topology
 
-# "mbb" in the top 24 bits, the migration id below: a cookie of its own per migration.
+# "mbb" in the top 24 bits, the migration id below: a cookie of its own per migration. The
+# closed gate's cookie is the migration's with GATE_BIT set (so ids stay below it).
 COOKIE_PREFIX = 0x6D6262 << 40
 COOKIE_MASK = 0xFFFFFF << 40
+GATE_BIT = 1 << 39
 PRIORITY = 65000
 VLAN_PRESENT = 0x1000         # OpenFlow 1.3 vlan_vid "tag present" bit
 RESERVED_VLAN = 4095          # a trunk listing only this carries nothing (model.fabric)
@@ -36,17 +45,26 @@ RESERVED_VLAN = 4095          # a trunk listing only this carries nothing (model
 
 def mbb_cookie(migration_id: int) -> int:
     """The cookie of one migration's temporary rules. Raises ``ValueError``."""
-    if not 0 < migration_id < 1 << 40:
+    if not 0 < migration_id < GATE_BIT:
         raise ValueError(f"migration id {migration_id} does not fit a switchover cookie")
     return COOKIE_PREFIX | migration_id
 
 
 def is_mbb_cookie(cookie: int) -> bool:
-    return cookie & COOKIE_MASK == COOKIE_PREFIX and cookie != COOKIE_PREFIX
+    return cookie & COOKIE_MASK == COOKIE_PREFIX and migration_of(cookie) != 0
 
 
 def migration_of(cookie: int) -> int:
-    return cookie & ~COOKIE_MASK
+    return cookie & ~COOKIE_MASK & ~GATE_BIT
+
+
+def gate_cookie(cookie: int) -> int:
+    """The cookie of the closed gate of the migration whose cookie is ``cookie``."""
+    return cookie | GATE_BIT
+
+
+def is_gate_cookie(cookie: int) -> bool:
+    return is_mbb_cookie(cookie) and bool(cookie & GATE_BIT)
 
 
 @dataclass(frozen=True)
@@ -146,8 +164,20 @@ def fabric_rules(topology: Topology, vlan: int, mac: str, source: str, destinati
             for switch, names in path_ports(topology, source, destination).items()}
 
 
+def _host_match(uplink_ofport: int, vlan: int, mac: str) -> str:
+    return f"in_port={uplink_ofport},dl_vlan={vlan},dl_dst={mac.lower()}"
+
+
+def gate_rules(uplink_ofport: int, vlan: int, mac: str) -> list[Rule]:
+    """The destination host's closed gate: frames for the VM arriving tagged on the uplink
+    (the fabric rules bring them there) are dropped, so none waits in the tap of a guest
+    that the source still runs."""
+    return [Rule(PRIORITY, _host_match(uplink_ofport, vlan, mac), "drop")]
+
+
 def host_rules(uplink_ofport: int, tap_ofport: int, vlan: int, mac: str) -> list[Rule]:
-    """The destination host's temporary rule: frames for the VM arriving tagged on the uplink
-    go to its tap, untagged, as its access port would deliver them."""
-    return [Rule(PRIORITY, f"in_port={uplink_ofport},dl_vlan={vlan},dl_dst={mac.lower()}",
+    """The destination host's open gate: frames for the VM arriving tagged on the uplink go
+    to its tap, untagged, as its access port would deliver them. Same priority and match as
+    the closed gate, so adding it replaces the gate in one step."""
+    return [Rule(PRIORITY, _host_match(uplink_ofport, vlan, mac),
                  f"pop_vlan,output:{tap_ofport}")]

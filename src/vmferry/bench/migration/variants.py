@@ -69,6 +69,9 @@ class _HandDriven(Variant):
     """Shared by the floor and the naive order: a guest the controller does not know, started
     and moved through the agents directly, its network wired through the fabric driver."""
 
+    # One MAC per variant (floor ...:01, naive ...:03, OVN ...:04): the variants' guests run
+    # side by side, and two of them sharing one MAC made the fabric's learning flap between
+    # their hosts during every run (counted as MAC moves, probes delivered to the wrong guest).
     mac = "52:54:00:be:00:01"
 
     def __init__(self, lab: BenchLab, config: BenchConfig, address: str) -> None:
@@ -187,6 +190,7 @@ class Floor(_HandDriven):
 
 class Naive(_HandDriven):
     name = "naive"
+    mac = "52:54:00:be:00:03"
     description = ("destination QEMU's tap exists but its switch port and the VLAN on the "
                    "trunks are wired only after switchover; then announce, clean, prune")
 
@@ -247,6 +251,9 @@ class Vmferry(Variant):
         qemu = dict(result.get("qemu") or {})
         events = {k: float(v) for k, v in (result.get("events") or {}).items()
                   if isinstance(v, int | float)}
+        if isinstance(result.get("make_before_break_opened_at"), int | float):
+            # When the destination's gate was open (the controller's clock: same machine).
+            events["gate_open"] = float(result["make_before_break_opened_at"])
         timing = Timing(total_ms=total_ms, qemu=qemu, phases=phases, events=events,
                         switchover_open_ms=result.get("make_before_break_open_ms"))
         if cpu_before is not None and cpu_after is not None:
