@@ -86,9 +86,10 @@ def controller_log(lab: LabRun) -> Path:
 
 
 def wait_failpoint(lab: LabRun, migration_id: int, point: str, since: int,
-                   timeout: float = 120) -> None:
+                   timeout: float = 120) -> float:
     """Wait until the controller stalls at ``point``: its log says so after byte ``since``
-    (the log outlives restarts and earlier cases reached the same points)."""
+    (the log outlives restarts and earlier cases reached the same points). Returns when
+    (``time.monotonic()``) it was seen: the controller got there no later."""
     needle = f"failpoint {point} reached"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +97,7 @@ def wait_failpoint(lab: LabRun, migration_id: int, point: str, since: int,
             f.seek(since)
             if needle in f.read():
                 log.info("failpoint %s reached", point)
-                return
+                return time.monotonic()
         record = api(lab, "GET", f"/v1/migrations/{migration_id}")
         assert record["state"] == "running", f"migration ended before {point}: {record}"
         time.sleep(0.2)
@@ -255,15 +256,16 @@ def test_cancel_or_timeout_landing_after_qemu_completed_goes_forward(
     try:
         since = controller_log(lab).stat().st_size
         timeout_s = 20 if late == "timeout" else 300
-        started = time.monotonic()
         # Without make-before-break QEMU needs no controller to complete.
         migration_id = migrate(lab, destination, make_before_break=False, timeout_s=timeout_s)
-        wait_failpoint(lab, migration_id, "inside:precopy-copying", since)
+        # The controller times the copy from the start of its precopy phase; the failpoint
+        # is on a progress poll of that phase, so it started no later than this.
+        copying = wait_failpoint(lab, migration_id, "inside:precopy-copying", since)
         if late == "cancel":
             api(lab, "POST", f"/v1/migrations/{migration_id}/cancel")
         wait_arrived(lab, destination)
         if late == "timeout":           # the controller's clock runs past the timeout
-            time.sleep(max(0.0, started + timeout_s + 1 - time.monotonic()))
+            time.sleep(max(0.0, copying + timeout_s + 1 - time.monotonic()))
         release.touch()
         record = wait_end(lab, migration_id)
         assert record["state"] == "completed", record
