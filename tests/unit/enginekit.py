@@ -41,6 +41,8 @@ from vmferry.model.topology import (
 from vmferry.store.db import Store
 
 PUMP_S = 0.005
+# How long closing a site waits for the runs a test left going (cancelled, released).
+CLOSE_WAIT_S = 10.0
 STEPPING = {"setup", "active", "device", "postcopy-active"}
 
 
@@ -102,6 +104,7 @@ class Site:
         self.topology = Topology.model_validate(data)
         self.fabric = fake_fabric(self.topology)
         self.held: dict[tuple[str, str], str] = {}
+        self.engines: list[Migrations] = []
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._step_migrations, daemon=True)
         self._pump.start()
@@ -114,7 +117,9 @@ class Site:
     def new_controller(self) -> tuple[Controller, Migrations]:
         """A controller (a restarted one, when there was one) on the same store and hosts."""
         controller = Controller(self.store, agent_transport=self.transport, fabric=self.fabric)
-        return controller, Migrations(controller)
+        migrations = Migrations(controller)
+        self.engines.append(migrations)
+        return controller, migrations
 
     def transport(self, host: str) -> httpx.BaseTransport:
         client = self.clients[host]
@@ -171,10 +176,28 @@ class Site:
         raise AssertionError(f"{vm} on {host} never reached {status}")
 
     def close(self) -> None:
+        self._end_runs()
         self._stop.set()
         self._pump.join()
         self.controller.close()
         self.store.dispose()
+
+
+    def _end_runs(self) -> None:
+        """Let every run this site started end (cancelled, hosts back, holds released) and
+        wait for it, bounded: a thread left running would act during later tests (it once
+        hit another test's monkeypatch of ``Run.progress``)."""
+        self.unreachable.clear()
+        self.held.clear()
+        threads = []
+        for engine in self.engines:
+            for migration_id, thread in list(engine._threads.items()):
+                if thread.is_alive():
+                    engine._cancel.setdefault(migration_id, threading.Event()).set()
+                    threads.append(thread)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def site_at(tmp: Path) -> Iterator[Site]:
