@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from vmferry.api.agent import HostReport
 from vmferry.api.controller import HostOut, InventoryLoaded, TrunkOut
-from vmferry.api.links import OP_DRAIN, OP_DRAIN_STATUS, link, links
+from vmferry.api.links import OP_CREATE_VM, OP_DRAIN, OP_DRAIN_STATUS, link, links
 from vmferry.controller import auth
 from vmferry.controller.auth import Role
 from vmferry.controller.deps import Caller
@@ -29,7 +29,12 @@ def router(controller: Controller, metrics: Metrics) -> APIRouter:
         controller.set_inventory(body, caller)
         return InventoryLoaded(status="ok", hosts=[h.name for h in body.hosts])
 
-    @api.get("/v1/inventory", response_model=Topology)
+    @api.get("/v1/inventory", response_model=Topology, responses=links(
+        200, CreateVmThere=link(
+            OP_CREATE_VM, "a VM on the first host and VLAN (addressed by the VLAN's subnet)",
+            request_body={"host": "$response.body#/hosts/0/name",
+                          "vlan": "$response.body#/vlans/0/id",
+                          "ip": "$response.body#/vlans/0/subnet"})))
     def get_inventory(caller: Caller) -> Topology:
         auth.require(caller, auth.READ, "read the inventory")
         return controller.topology()

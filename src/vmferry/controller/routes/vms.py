@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from vmferry.api.controller import MigrationCreate, MigrationRecord, VmCreate, VmOut
 from vmferry.api.links import (
     OP_CANCEL_MIGRATION,
+    OP_CREATE_VM,
     OP_GET_MIGRATION,
     OP_MIGRATE,
     OP_WHERE,
@@ -36,9 +37,10 @@ def router(controller: Controller, migrations: Migrations,
         auth.require(caller, auth.READ, "list VMs")
         return controller.vms()
 
-    @api.post("/v1/vms", response_model=VmOut, status_code=201, responses=links(
-        201, WhereMayItGo=link(OP_WHERE, "the hosts the new VM may move to",
-                               parameters={"name": "$response.body#/name"})))
+    @api.post("/v1/vms", response_model=VmOut, status_code=201, operation_id=OP_CREATE_VM,
+              responses=links(201, WhereMayItGo=link(
+                  OP_WHERE, "the hosts the new VM may move to",
+                  parameters={"name": "$response.body#/name"})))
     def create_vm(body: VmCreate, caller: Caller) -> VmOut:
         auth.require(caller, auth.SERVERS, "create VMs")
         profile = port_profiles.for_new_vm(body)
