@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["OP_CANCEL_MIGRATION", "OP_CLOSE_SWITCHOVER", "OP_CREATE_VM", "OP_DRAIN",
-           "OP_DRAIN_STATUS", "OP_GET_MIGRATION", "OP_MIGRATE", "OP_UNDRAIN", "OP_WHERE", "link", "links"]
+           "OP_DRAIN_STATUS", "OP_GET_MIGRATION", "OP_MIGRATE", "OP_UNDRAIN", "OP_WHERE", "link",
+           "links"]
 
 OP_CREATE_VM = "createVm"
 OP_MIGRATE = "startMigration"
