@@ -4,8 +4,10 @@ against a running lab, so that VMs, hosts, migrations and tokens exist.
 Each run is a Hypothesis state machine built from the API's own OpenAPI: the links it
 declares (``vmferry.api.links``) and those schemathesis infers chain operations, e.g. create
 a VM, then read, migrate, re-profile or delete it; start a migration, then wait on or cancel
-it. Valid and invalid (negative) requests are both generated. The controller is called in
-turn with a viewer, a server-admin, a network-admin and an admin token.
+it. Then every operation is also fuzzed on its own (links reach only the operations they
+join). Valid and invalid (negative) requests are both generated. The controller is called
+in turn with a viewer, a server-admin, a network-admin and an admin token; the agent as the
+controller calls it (its certificate and token, over TLS on its unix socket).
 
 Every response must be declared by the schema (status code, content type, body: errors
 included, see ``vmferry.api.errors``), and none may be a 5xx. Failures are collected, not
