@@ -380,8 +380,9 @@ def test_colliding_vm_names_are_refused(lab: LabRun) -> None:
 
 # ---- processes ----------------------------------------------------------------------------
 
-def argvs_under(root: Path) -> list[list[str]]:
-    found = []
+def all_argvs() -> dict[int, list[str]]:
+    """Every process's argv on the machine, as /proc/PID/cmdline has it (``ps`` may cut it)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -389,34 +390,58 @@ def argvs_under(root: Path) -> list[list[str]]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        text = [a.decode(errors="replace") for a in argv if a]
-        if any(str(root) in a for a in text):
-            found.append(text)
+        found[int(proc.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
+def secret_material(lab: LabRun) -> dict[str, str]:
+    """Each secret of the lab (tokens, private keys line by line) and where it is kept."""
+    found = {}
+    for path in (lab_dir(lab) / "secrets").iterdir():
+        if path.is_file() and path.read_text().strip():
+            found[path.read_text().strip()] = str(path)
+    for key in (lab_dir(lab) / "pki").rglob("*-key.pem"):
+        for line in key.read_text().splitlines()[1:-1]:
+            if len(line) >= 16:         # the base64 body, not the PEM armour
+                found[line] = str(key)
     return found
 
 
 def test_ps_shows_qemu_sandboxed_and_no_secret_in_any_argv(lab: LabRun) -> None:
+    """What ``ps`` shows during ``make demo`` (the same ``lab up`` and migration): every QEMU
+    with ``-sandbox on`` denying spawn and elevation, and no token or key in any process's
+    arguments, the controller's and the agents' included."""
     started = api(lab, "POST", "/v1/migrations", {"vm": "s1", "to": "host2",
                                                  "bandwidth_mbps": 40}).json()
     try:
         time.sleep(2)      # during the migration: both QEMUs run
-        argvs = argvs_under(lab_dir(lab))
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        argvs = all_argvs()
+        ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True,
+                            text=True).stdout
     finally:
         api(lab, "GET", f"/v1/migrations/{started['id']}?wait=300", timeout=330)
-    qemus = [a for a in argvs if Path(a[0]).name.startswith("qemu-system")]
-    assert len(qemus) >= 2, argvs
+    ours = {pid: a for pid, a in argvs.items() if any(str(lab_dir(lab)) in x for x in a)}
+    qemus = [a for a in ours.values() if Path(a[0]).name.startswith("qemu-system")]
+    assert len(qemus) >= 2, ours
     for argv in qemus:
         assert "-sandbox" in argv, argv
-        assert argv[argv.index("-sandbox") + 1].startswith("on,"), argv
-        assert "spawn=deny" in argv[argv.index("-sandbox") + 1]
-    secrets = [p.read_text().strip() for p in (lab_dir(lab) / "secrets").iterdir()]
-    keys = [p.read_text() for p in (lab_dir(lab) / "pki").rglob("*-key.pem")]
-    for secret in secrets:
-        assert secret not in ps
-    for key in keys:
-        body = "".join(key.splitlines()[1:-1])[:40]
-        assert body not in ps
+        sandbox = argv[argv.index("-sandbox") + 1]
+        assert sandbox.startswith("on,"), argv
+        for rule in ("spawn=deny", "elevateprivileges=deny"):
+            assert rule in sandbox.split(","), argv
+        assert any(f"-sandbox {sandbox}" in line for line in ps.splitlines()), ps[:2000]
+    daemons = [" ".join(a) for a in ours.values() if "serve" in a]
+    assert any("controller" in d for d in daemons), daemons
+    assert sum("agent" in d for d in daemons) >= 4, daemons
+    secrets = secret_material(lab)
+    assert any(p.endswith(".token") for p in secrets.values()), secrets.values()
+    assert any(p.endswith("-key.pem") for p in secrets.values()), secrets.values()
+    leaks = [f"pid {pid} ({argv[0]}) shows the content of {where}"
+             for pid, argv in argvs.items() for secret, where in secrets.items()
+             if any(secret in arg for arg in argv)]
+    leaks += [f"ps shows the content of {where}" for secret, where in secrets.items()
+              if secret in ps]
+    assert not leaks, "\n".join(leaks)
 
 
 def test_the_labs_state_and_secrets_are_roots_alone(lab: LabRun) -> None:

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request
 
 from vmferry.agent.routes import guests, host, ports
 from vmferry.agent.service import HostAgent
+from vmferry.api.errors import ERROR_RESPONSES
 from vmferry.errors import AuthError, VmferryError
 from vmferry.http import ClientTls, client_for
 from vmferry.web import bearer_token, install_error_handlers, tokens_equal
@@ -31,7 +32,7 @@ def create_app(agent: HostAgent, token: str) -> FastAPI:
             raise AuthError("wrong token for this agent")
 
     app = FastAPI(title=f"vmferry agent {agent.config.host}", version="1",
-                  dependencies=[Depends(authenticated)])
+                  dependencies=[Depends(authenticated)], responses=ERROR_RESPONSES)
     install_error_handlers(app)
     for routes in (host, guests, ports):
         app.include_router(routes.router(agent))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from vmferry.api.errors import ERROR_RESPONSES
 from vmferry.controller import profiles
 from vmferry.controller.auth import RefusalLog
 from vmferry.controller.metrics import Metrics
@@ -18,7 +19,8 @@ from vmferry.web import install_error_handlers
 
 def create_app(controller: Controller, migrations: Migrations | None = None) -> FastAPI:
     app = FastAPI(title="vmferry controller", version="1",
-                  description="Live-migrate VMs and carry their network with them.")
+                  description="Live-migrate VMs and carry their network with them.",
+                  responses=ERROR_RESPONSES)
     install_error_handlers(app)
     store = controller.store
     migrations = migrations or Migrations(controller)

@@ -21,6 +21,7 @@ from vmferry.api.agent import (
     SwitchoverRulesOut,
     UplinkVlans,
 )
+from vmferry.api.links import OP_CLOSE_SWITCHOVER, link, links
 from vmferry.errors import InputError
 
 
@@ -54,16 +55,22 @@ def router(agent: HostAgent) -> APIRouter:
     def set_uplink(body: UplinkVlans) -> UplinkVlans:
         return UplinkVlans(vlans=agent.set_uplink_vlans(body.vlans))
 
-    @api.put("/v1/make-before-break/{name}", response_model=SwitchoverRulesOut)
+    @api.put("/v1/make-before-break/{name}", response_model=SwitchoverRulesOut,
+             responses=links(200, CloseThem=link(
+                 OP_CLOSE_SWITCHOVER, "remove the rules just opened",
+                 parameters={"cookie": "$request.body#/cookie"})))
     def open_switchover(name: str, body: SwitchoverRules) -> SwitchoverRulesOut:
         return SwitchoverRulesOut(rules=agent.open_switchover(name, body.cookie, body.vlan,
                                                               str(body.mac)))
 
-    @api.delete("/v1/make-before-break/{cookie}", status_code=204)
+    @api.delete("/v1/make-before-break/{cookie}", status_code=204,
+                operation_id=OP_CLOSE_SWITCHOVER)
     def close_switchover(cookie: int) -> None:
         agent.close_switchover(cookie)
 
-    @api.get("/v1/make-before-break", response_model=SwitchoverCookies)
+    @api.get("/v1/make-before-break", response_model=SwitchoverCookies, responses=links(
+        200, CloseFirst=link(OP_CLOSE_SWITCHOVER, "remove the first rules listed",
+                             parameters={"cookie": "$response.body#/cookies/0"})))
     def switchover_cookies() -> SwitchoverCookies:
         return SwitchoverCookies(cookies=agent.switchover_cookies())
 

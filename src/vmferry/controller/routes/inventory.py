@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from vmferry.api.agent import HostReport
 from vmferry.api.controller import HostOut, InventoryLoaded, TrunkOut
+from vmferry.api.links import OP_CREATE_VM, OP_DRAIN, OP_DRAIN_STATUS, link, links
 from vmferry.controller import auth
 from vmferry.controller.auth import Role
 from vmferry.controller.deps import Caller
@@ -28,12 +29,21 @@ def router(controller: Controller, metrics: Metrics) -> APIRouter:
         controller.set_inventory(body, caller)
         return InventoryLoaded(status="ok", hosts=[h.name for h in body.hosts])
 
-    @api.get("/v1/inventory", response_model=Topology)
+    @api.get("/v1/inventory", response_model=Topology, responses=links(
+        200, CreateVmThere=link(
+            OP_CREATE_VM, "a VM on the first host and VLAN (addressed by the VLAN's subnet)",
+            request_body={"host": "$response.body#/hosts/0/name",
+                          "vlan": "$response.body#/vlans/0/id",
+                          "ip": "$response.body#/vlans/0/subnet"})))
     def get_inventory(caller: Caller) -> Topology:
         auth.require(caller, auth.READ, "read the inventory")
         return controller.topology()
 
-    @api.get("/v1/hosts", response_model=list[HostOut])
+    @api.get("/v1/hosts", response_model=list[HostOut], responses=links(
+        200, DrainFirst=link(OP_DRAIN, "drain the first host listed",
+                             parameters={"host": "$response.body#/0/name"}),
+        ItsDrain=link(OP_DRAIN_STATUS, "the first host's drain",
+                      parameters={"host": "$response.body#/0/name"})))
     def hosts(caller: Caller) -> list[HostOut]:
         auth.require(caller, auth.READ, "list hosts")
         return controller.hosts()

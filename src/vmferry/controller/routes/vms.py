@@ -8,6 +8,15 @@ from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from vmferry.api.controller import MigrationCreate, MigrationRecord, VmCreate, VmOut
+from vmferry.api.links import (
+    OP_CANCEL_MIGRATION,
+    OP_CREATE_VM,
+    OP_GET_MIGRATION,
+    OP_MIGRATE,
+    OP_WHERE,
+    link,
+    links,
+)
 from vmferry.controller import auth, profiles
 from vmferry.controller.deps import Caller
 from vmferry.controller.migration import Migrations
@@ -28,7 +37,10 @@ def router(controller: Controller, migrations: Migrations,
         auth.require(caller, auth.READ, "list VMs")
         return controller.vms()
 
-    @api.post("/v1/vms", response_model=VmOut, status_code=201)
+    @api.post("/v1/vms", response_model=VmOut, status_code=201, operation_id=OP_CREATE_VM,
+              responses=links(201, WhereMayItGo=link(
+                  OP_WHERE, "the hosts the new VM may move to",
+                  parameters={"name": "$response.body#/name"})))
     def create_vm(body: VmCreate, caller: Caller) -> VmOut:
         auth.require(caller, auth.SERVERS, "create VMs")
         profile = port_profiles.for_new_vm(body)
@@ -49,7 +61,12 @@ def router(controller: Controller, migrations: Migrations,
         port_profiles.forget_port(name)
         return Response(status_code=204)
 
-    @api.post("/v1/migrations", status_code=202, response_model=MigrationRecord)
+    @api.post("/v1/migrations", status_code=202, response_model=MigrationRecord,
+              operation_id=OP_MIGRATE, responses=links(
+                  202, WaitForIt=link(OP_GET_MIGRATION, "the migration, waited on",
+                                      parameters={"migration_id": "$response.body#/id"}),
+                  CancelIt=link(OP_CANCEL_MIGRATION, "cancel the migration",
+                                parameters={"migration_id": "$response.body#/id"})))
     def migrate(body: MigrationCreate, caller: Caller) -> MigrationRecord:
         auth.require(caller, auth.SERVERS, "migrate VMs")
         return migrations.start(body.vm, body.to, body.options(), caller)
@@ -65,7 +82,8 @@ def router(controller: Controller, migrations: Migrations,
     waits = ConcurrencyCap("wait", per_key=MAX_WAITS_PER_CALLER, total=MAX_WAITS)
     wait_threads = anyio.CapacityLimiter(MAX_WAITS)
 
-    @api.get("/v1/migrations/{migration_id}", response_model=MigrationRecord)
+    @api.get("/v1/migrations/{migration_id}", response_model=MigrationRecord,
+             operation_id=OP_GET_MIGRATION)
     async def get_migration(migration_id: MigrationId, caller: Caller,
                             wait: float = Query(0, ge=0, le=600)) -> MigrationRecord:
         auth.require(caller, auth.READ, "read migrations")
@@ -79,7 +97,7 @@ def router(controller: Controller, migrations: Migrations,
             waits.release(caller.name)
 
     @api.post("/v1/migrations/{migration_id}/cancel", status_code=202,
-              response_model=MigrationRecord)
+              response_model=MigrationRecord, operation_id=OP_CANCEL_MIGRATION)
     def cancel_migration(migration_id: MigrationId, caller: Caller) -> MigrationRecord:
         auth.require(caller, auth.SERVERS, "cancel migrations")
         return migrations.cancel(migration_id, caller)
