@@ -171,7 +171,9 @@ class Verdict:
 class NetworkView:
     """Which nodes a VLAN can reach over trunks that may carry it. The fabric is a tree, so
     per VLAN the nodes fall into components; two nodes can exchange the VLAN's frames
-    exactly when they are in the same one. Components are computed once per VLAN."""
+    exactly when they are in the same one. VLANs carried by the same restricted trunks have
+    the same components: they are computed once per such set (a data center has thousands
+    of VLANs and few kinds of trunk restrictions)."""
 
     def __init__(self, edges: Iterable[tuple[str, str, frozenset[int] | None]],
                  vlan_anchors: Mapping[int, Iterable[str]] | None = None) -> None:
@@ -181,12 +183,20 @@ class NetworkView:
             self._adjacency[b].append((a, allowed))
         self._anchors = {v: tuple(nodes) for v, nodes in (vlan_anchors or {}).items()}
         self._components: dict[int, dict[str, int]] = {}
+        self._by_carriers: dict[frozenset[int], dict[str, int]] = {}
+        self._restricted = [allowed for peers in self._adjacency.values()
+                            for _, allowed in peers if allowed is not None]
         self.unrestricted = all(allowed is None for peers in self._adjacency.values()
                                  for _, allowed in peers)
 
     def component(self, vlan: int) -> dict[str, int]:
         found = self._components.get(vlan)
         if found is not None:
+            return found
+        carriers = frozenset(i for i, allowed in enumerate(self._restricted) if vlan in allowed)
+        found = self._by_carriers.get(carriers)
+        if found is not None:
+            self._components[vlan] = found
             return found
         found = {}
         for start in self._adjacency:
@@ -200,7 +210,7 @@ class NetworkView:
                     if peer not in found and (allowed is None or vlan in allowed):
                         found[peer] = label
                         stack.append(peer)
-        self._components[vlan] = found
+        self._components[vlan] = self._by_carriers[carriers] = found
         return found
 
     def blocked(self, vlan: int, src: str, dst: str) -> str | None:
@@ -246,6 +256,8 @@ class _Index:
     by_kind: dict[int, list[str]]
     ok: dict[str, Verdict]
     by_free: list[tuple[int, str]]
+    ok_list: list[Verdict]          # ok[name] for name in names
+    position: dict[str, int]        # name -> its place in names
 
 
 @dataclass(slots=True)
@@ -473,9 +485,16 @@ class Cluster:
             for name in names:
                 if name not in suspect:
                     answers[name] = Verdict(name, False, list(reasons))
-        ok = index.ok
-        return [answers.get(name) or (self._verdict(ctx, name, False) if name in suspect
-                                      else ok[name]) for name in index.names]
+        # Start from "yes" everywhere (a list copy) and write only the hosts looked at: a
+        # Python loop over every host would be most of the query's time.
+        result = index.ok_list.copy()
+        position = index.position
+        for name, verdict in answers.items():
+            result[position[name]] = verdict
+        for name in suspect:
+            if name in position:
+                result[position[name]] = self._verdict(ctx, name, False)
+        return result
 
     def _index(self) -> _Index:
         """Hosts sorted by name, by kind and by free memory; rebuilt after ``place``."""
@@ -484,9 +503,10 @@ class Cluster:
             by_kind: dict[int, list[str]] = defaultdict(list)
             for name in names:
                 by_kind[self._kind_key(self.hosts[name])].append(name)
+            ok = {n: Verdict(n, True, []) for n in names}
             self._cached_index = _Index(
-                size=len(names), names=names, by_kind=dict(by_kind),
-                ok={n: Verdict(n, True, []) for n in names}, by_free=[])
+                size=len(names), names=names, by_kind=dict(by_kind), ok=ok, by_free=[],
+                ok_list=[ok[n] for n in names], position={n: i for i, n in enumerate(names)})
         index = self._cached_index
         if self._free_dirty or not index.by_free:
             index.by_free = sorted((h.memory_mib - self.used[n], n)
@@ -496,12 +516,13 @@ class Cluster:
 
     def _hosts_by_component(self, vlan: int, component: dict[str, int]
                             ) -> dict[int | None, list[str]]:
-        found = self._component_hosts.get(vlan)
+        # Keyed by the components themselves: VLANs that share them share this too.
+        found = self._component_hosts.get(id(component))
         if found is None:
             found = defaultdict(list)
             for name in self.hosts:
                 found[component.get(name)].append(name)
-            self._component_hosts[vlan] = found = dict(found)
+            self._component_hosts[id(component)] = found = dict(found)
         return found
 
     def candidates(self) -> list[tuple[int, str]]:
