@@ -215,18 +215,19 @@ class NetworkView:
 
     def blocked(self, vlan: int, src: str, dst: str) -> str | None:
         """Why ``vlan`` cannot be carried between ``src`` and ``dst`` and its fixed endpoints
-        (clients on access ports); None when it can."""
+        (clients on access ports); None when it can. The answer does not name ``dst`` (the
+        caller does): it is the same for every host of ``dst``'s component."""
         if self.unrestricted:
-            return None if dst in self._adjacency else f"{dst} is not on the fabric"
+            return None if dst in self._adjacency else "the host is not on the fabric"
         comp = self.component(vlan)
         here = comp.get(dst)
         if here is None:
-            return f"{dst} is not on the fabric"
+            return "the host is not on the fabric"
         if src and comp.get(src) != here:
-            return f"no trunk path from {src} to {dst} may carry VLAN {vlan}"
+            return f"no trunk path from {src} may carry it there"
         for anchor in self._anchors.get(vlan, ()):
             if comp.get(anchor) != here:
-                return f"no trunk path from {dst} to {anchor} (on VLAN {vlan}) may carry it"
+                return f"no trunk path from there to {anchor} (its clients' switch) may carry it"
         return None
 
 
@@ -371,14 +372,20 @@ class Cluster:
                 add(Reason(Code.AFFINITY, f"affinity group {group} runs on "
                                           f"{', '.join(sorted(peers))}, not {host_name}"))
         for vlan, component in ctx.components:
-            where = component.get(host_name)
-            why = ctx.vlan_reasons.get((vlan, where), "")
-            if why == "":
-                why = ctx.vlan_reasons[(vlan, where)] = self.network.blocked(
-                    vlan, vm.host if ctx.source else "", host_name) or None
+            why = self._vlan_why(ctx, vlan, component.get(host_name), host_name)
             if why:
                 add(Reason(Code.VLAN, f"VLAN {vlan} cannot be carried to {host_name}: {why}"))
         return Verdict(host_name, not reasons, reasons)
+
+    def _vlan_why(self, ctx: _VmContext, vlan: int, label: int | None, host_name: str
+                  ) -> str | None:
+        """Why the VM's ``vlan`` cannot reach hosts of component ``label`` (one of them is
+        ``host_name``), worked out once per component."""
+        why = ctx.vlan_reasons.get((vlan, label), "")
+        if why == "":
+            why = ctx.vlan_reasons[(vlan, label)] = self.network.blocked(
+                vlan, ctx.vm.host if ctx.source else "", host_name) or None
+        return why
 
     def _anti_affinity(self, vm: VmFacts, host_name: str, add: _Add) -> None:
         here = self.on_host[host_name]
@@ -475,22 +482,30 @@ class Cluster:
             suspect.update(self.hosts.keys() - ctx.allowed)
         for _, peers in ctx.affinity_peers:
             suspect.update(self.hosts.keys() - peers)
-        for vlan, component in ctx.components:
-            for names in self._hosts_by_component(vlan, component).values():
-                if self.network.blocked(vlan, vm.host if ctx.source else "", names[0]):
-                    suspect.update(names)
-        # A host refused for its kind alone gets its kind's reasons as they are.
-        answers: dict[str, Verdict] = {}
+        # Start from "yes" everywhere (a list copy) and write only the hosts looked at: a
+        # Python loop over every host would be most of the query's time. A host no other
+        # rule suspects is refused for its kind and its VLANs' components alone: it gets
+        # those reasons as they are, in ``_verdict``'s order, without a verdict of its own.
+        result = index.ok_list.copy()
+        position = index.position
         for names, reasons in refused_kinds:
             for name in names:
                 if name not in suspect:
-                    answers[name] = Verdict(name, False, list(reasons))
-        # Start from "yes" everywhere (a list copy) and write only the hosts looked at: a
-        # Python loop over every host would be most of the query's time.
-        result = index.ok_list.copy()
-        position = index.position
-        for name, verdict in answers.items():
-            result[position[name]] = verdict
+                    result[position[name]] = Verdict(name, False, list(reasons))
+        for vlan, component in ctx.components:
+            for label, names in self._hosts_by_component(vlan, component).items():
+                why = self._vlan_why(ctx, vlan, label, names[0])
+                if not why:
+                    continue
+                for name in names:
+                    if name in suspect:
+                        continue
+                    reason = Reason(Code.VLAN, f"VLAN {vlan} cannot be carried to {name}: {why}")
+                    verdict = result[position[name]]
+                    if verdict.ok:          # the shared yes: never changed, replaced
+                        result[position[name]] = Verdict(name, False, [reason])
+                    else:                   # a verdict of this query's own
+                        verdict.reasons.append(reason)
         for name in suspect:
             if name in position:
                 result[position[name]] = self._verdict(ctx, name, False)
