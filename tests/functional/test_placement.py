@@ -12,11 +12,7 @@ import pytest
 
 from labkit import LabRun, running_lab
 
-# Not run by make test until verified on the merged main (reason below).
-UNVERIFIED = pytest.mark.xfail(run=False, reason=(
-    "issue 14: where and the refused migrate passed on a lab; the drain test timed out in its"
-    " final audit and the refused drain never ran under pytest"))
-pytestmark = [UNVERIFIED, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Three racks behind a spine. rack3 is the secure zone, and its ToR link may carry only VLAN
 # 300; host3's softswitch is declared without meters (so it cannot realize rate limits).

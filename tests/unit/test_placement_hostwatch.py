@@ -12,7 +12,7 @@ from enginekit import Site, site_at
 
 from vmferry.api.controller import VmCreate
 from vmferry.controller.hostwatch import FENCE_AFTER_S, SUSPECT_AFTER_S, HostWatch
-from vmferry.errors import PrivilegedError
+from vmferry.errors import PrivilegedError, VmferryError
 from vmferry.model.placement import VmPolicy
 from vmferry.store.schema import EventRow, HostRow
 
@@ -103,3 +103,29 @@ def test_suspected_host_that_heartbeats_again_is_up_without_fencing(site: Site) 
     beat(site)
     watch.check()
     assert failure_state(site, "host2") is None and fence.fenced == []
+
+
+def test_a_cleaning_cut_short_is_taken_up_again_before_the_host_takes_vms(site: Site) -> None:
+    site.controller.create_vm(VmCreate.model_validate(
+        {"name": "v0", "host": "host2", "vlan": 100, "ip": "192.0.2.30/24",
+         "memory_mib": 256}), site.actor())
+    fence = SiteFence(site)
+    watch = HostWatch(site.controller, fence)
+    beat(site, silent="host2", age=SUSPECT_AFTER_S + 1)
+    watch.check()
+    beat(site, silent="host2", age=FENCE_AFTER_S + 1)
+    watch.check()
+    assert failure_state(site, "host2") == "fenced"
+    assert {v.host for v in site.controller.vms()} != {"host2"}
+    site.unreachable.discard("host2")
+    beat(site)
+    site.unreachable.add("host2")                  # it answers heartbeats, not the cleaning
+    with pytest.raises(VmferryError):
+        watch.check()
+    assert failure_state(site, "host2") == "cleaning"
+    assert set(site.hypervisors["host2"].guests()) == {"v0"}
+    site.unreachable.discard("host2")
+    beat(site)
+    watch.check()
+    assert failure_state(site, "host2") is None
+    assert site.hypervisors["host2"].guests() == []

@@ -5,6 +5,10 @@ uplinks that may carry only some VLANs, and per host the facts an agent reports;
 policies (zones, anti-affinity groups, allowed and forbidden hosts, profiles that need
 meters). It runs the same ``vmferry.model.placement`` code the controller runs on its store's
 snapshot: ``Cluster.where`` for random VMs and ``plan_drain`` for hosts holding 40 VMs.
+
+With ``lab_drain_vms`` it also drains a real host on a lab of its own (real QEMU, the
+controller's drain) and sets the drain's total time against its physical bound: the bytes QEMU
+sent over the drained host's migration link divided by that link's measured rate.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from vmferry.model.placement import (
     Cluster,
@@ -42,6 +49,9 @@ class PlacementBenchConfig:
     drains: int = 20
     drain_vms: int = 40
     seed: int = 14
+    lab_drain_vms: int = 0          # 0: no lab drain
+    lab_drain_memory_mib: int = 256
+    lab_name: str = "bpl"
 
 
 def simulated_topology(cfg: PlacementBenchConfig) -> Topology:
@@ -137,7 +147,56 @@ def run_placement_bench(cfg: PlacementBenchConfig) -> dict[str, Any]:
         "drain_plan": _stats(drain_ms, len(dense)), "drain_vms": cfg.drain_vms,
         "drain_moves": moved, "drain_stuck": stuck,
         "targets": {"where_p99_ms": 50, "drain_plan_ms": 1000},
+        **({"lab_drain": run_lab_drain(cfg)} if cfg.lab_drain_vms else {}),
     }
+
+
+def run_lab_drain(cfg: PlacementBenchConfig) -> dict[str, Any]:
+    """Drain host1 of a lab holding ``cfg.lab_drain_vms`` idle VMs; the drain's total time
+    against bytes sent / the measured rate of host1's migration link. Raises
+    ``VmferryError`` (the lab is brought down in any case)."""
+    from vmferry.bench.migration.lab import BenchLab, free_port
+    from vmferry.errors import VmferryError, WaitTimeout
+    from vmferry.http import client_for
+    from vmferry.model.topology import default_topology_path
+
+    data = yaml.safe_load(default_topology_path().read_text())
+    data["name"] = cfg.lab_name
+    lab = BenchLab(Topology.model_validate(data), free_port())
+    try:
+        lab.up(lambda step: None)
+        with client_for(lab.controller_url, token=lab.admin_token, timeout=300) as api:
+            for i in range(cfg.lab_drain_vms):
+                response = api.post("/v1/vms", json={
+                    "name": f"drain{i}", "host": "host1", "ip": f"192.0.2.{60 + i}/24",
+                    "vlan": 100, "memory_mib": cfg.lab_drain_memory_mib})
+                if not response.is_success:
+                    raise VmferryError(f"creating drain{i} failed: {response.text[:300]}")
+            # Every move leaves through host1's link: its rate bounds the whole drain.
+            link_mbps = lab.link_mbps("host1", "host2")
+            response = api.post("/v1/hosts/host1/drain")
+            if not response.is_success:
+                raise VmferryError(f"the drain was refused: {response.text[:300]}")
+            job = response.json()
+            deadline = time.monotonic() + 600
+            while job["state"] == "running":
+                if time.monotonic() > deadline:
+                    raise WaitTimeout("the drain of host1 to end", 600)
+                time.sleep(0.2)
+                job = api.get("/v1/hosts/host1/drain").json()
+    finally:
+        lab.down()
+    total_s = (datetime.fromisoformat(job["ended_at"]) -
+               datetime.fromisoformat(job["started_at"])).total_seconds()
+    bound_s = job["bytes_total"] * 8 / (link_mbps * 1e6)
+    return {"state": job["state"], "vms": cfg.lab_drain_vms,
+            "memory_mib": cfg.lab_drain_memory_mib, "total_s": round(total_s, 2),
+            "bytes_total": job["bytes_total"], "link_mbps": link_mbps,
+            "bound_s": round(bound_s, 3),
+            "ratio_to_bound": round(total_s / bound_s, 2) if bound_s else None,
+            "target_ratio": 1.3,
+            "moves": [{k: m[k] for k in ("vm", "destination", "state", "bandwidth_mbps")}
+                      for m in job["moves"]]}
 
 
 def _stats(samples: list[float], n: int) -> dict[str, float]:

@@ -189,6 +189,7 @@ def placement(
     drains: int = typer.Option(20, "--drains", min=1, max=1000,
                                help="Drain plans, each of a host holding 40 VMs"),
     output: Path = typer.Option(Path("bench-results/placement.json"), "--output", "-o"),
+    lab_drain: int = typer.Option(0, "--lab-drain", min=0, max=8, help="Drain N VMs on a lab"),
 ) -> None:
     """The placement model on a simulated data center (in memory, no lab): p50/p99 of a
     `where` query and of a 40-VM drain plan; writes JSON."""
@@ -198,6 +199,7 @@ def placement(
         write_placement_report,
     )
     cfg = PlacementBenchConfig(hosts=hosts, vms=vms, where_queries=queries, drains=drains)
+    cfg.lab_drain_vms = lab_drain
     if cfg.drains * cfg.drain_vms > cfg.vms or cfg.hosts < 2 * cfg.drains:
         raise typer.BadParameter("too few VMs or hosts for that many 40-VM drains",
                                  param_hint="--drains")
@@ -214,6 +216,7 @@ def placement(
                   f"{result['setup_s']} s); drains moved {result['drain_moves']} VMs, "
                   f"{result['drain_stuck']} had nowhere to go")
     console.print(table)
+    console.print_json(data=result.get("lab_drain"))
     console.print(f"written to {output}")
 
 

@@ -5,6 +5,7 @@ it ran before it may take VMs again.
     up --(no heartbeat for SUSPECT_AFTER_S)--> suspected --(heartbeat)--> up
     suspected --(no heartbeat for FENCE_AFTER_S, fence succeeded)--> fenced -> VMs restarted
     fenced --(heartbeat again)--> cleaning --(its guests removed)--> up
+    cleaning --(cleaning failed, heartbeat)--> cleaning again (it takes no VMs until up)
 
 A VM never runs twice: its VMs restart only after the fence succeeded (a failed fence leaves
 the host suspected and is tried again). The lab's fence cuts the host's links and kills its
@@ -148,8 +149,8 @@ class HostWatch:
                 self._set(spec.name, None, age=round(age, 1))
             elif state == HostState.SUSPECTED and age > FENCE_AFTER_S:
                 self._fence_and_restart(spec.name)
-            elif state == HostState.FENCED and age <= SUSPECT_AFTER_S:
-                self._clean(spec.name)
+            elif state in (HostState.FENCED, HostState.CLEANING) and age <= SUSPECT_AFTER_S:
+                self._clean(spec.name)      # a cleaning cut short is taken up again
 
     def _set(self, host: str, state: HostState | None, **detail: object) -> None:
         with self.store.session() as session:

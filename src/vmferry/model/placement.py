@@ -171,7 +171,9 @@ class Verdict:
 class NetworkView:
     """Which nodes a VLAN can reach over trunks that may carry it. The fabric is a tree, so
     per VLAN the nodes fall into components; two nodes can exchange the VLAN's frames
-    exactly when they are in the same one. Components are computed once per VLAN."""
+    exactly when they are in the same one. VLANs carried by the same restricted trunks have
+    the same components: they are computed once per such set (a data center has thousands
+    of VLANs and few kinds of trunk restrictions)."""
 
     def __init__(self, edges: Iterable[tuple[str, str, frozenset[int] | None]],
                  vlan_anchors: Mapping[int, Iterable[str]] | None = None) -> None:
@@ -181,12 +183,20 @@ class NetworkView:
             self._adjacency[b].append((a, allowed))
         self._anchors = {v: tuple(nodes) for v, nodes in (vlan_anchors or {}).items()}
         self._components: dict[int, dict[str, int]] = {}
+        self._by_carriers: dict[frozenset[int], dict[str, int]] = {}
+        self._restricted = [allowed for peers in self._adjacency.values()
+                            for _, allowed in peers if allowed is not None]
         self.unrestricted = all(allowed is None for peers in self._adjacency.values()
                                  for _, allowed in peers)
 
     def component(self, vlan: int) -> dict[str, int]:
         found = self._components.get(vlan)
         if found is not None:
+            return found
+        carriers = frozenset(i for i, allowed in enumerate(self._restricted) if vlan in allowed)
+        found = self._by_carriers.get(carriers)
+        if found is not None:
+            self._components[vlan] = found
             return found
         found = {}
         for start in self._adjacency:
@@ -200,23 +210,24 @@ class NetworkView:
                     if peer not in found and (allowed is None or vlan in allowed):
                         found[peer] = label
                         stack.append(peer)
-        self._components[vlan] = found
+        self._components[vlan] = self._by_carriers[carriers] = found
         return found
 
     def blocked(self, vlan: int, src: str, dst: str) -> str | None:
         """Why ``vlan`` cannot be carried between ``src`` and ``dst`` and its fixed endpoints
-        (clients on access ports); None when it can."""
+        (clients on access ports); None when it can. The answer does not name ``dst`` (the
+        caller does): it is the same for every host of ``dst``'s component."""
         if self.unrestricted:
-            return None if dst in self._adjacency else f"{dst} is not on the fabric"
+            return None if dst in self._adjacency else "the host is not on the fabric"
         comp = self.component(vlan)
         here = comp.get(dst)
         if here is None:
-            return f"{dst} is not on the fabric"
+            return "the host is not on the fabric"
         if src and comp.get(src) != here:
-            return f"no trunk path from {src} to {dst} may carry VLAN {vlan}"
+            return f"no trunk path from {src} may carry it there"
         for anchor in self._anchors.get(vlan, ()):
             if comp.get(anchor) != here:
-                return f"no trunk path from {dst} to {anchor} (on VLAN {vlan}) may carry it"
+                return f"no trunk path from there to {anchor} (its clients' switch) may carry it"
         return None
 
 
@@ -246,6 +257,8 @@ class _Index:
     by_kind: dict[int, list[str]]
     ok: dict[str, Verdict]
     by_free: list[tuple[int, str]]
+    ok_list: list[Verdict]          # ok[name] for name in names
+    position: dict[str, int]        # name -> its place in names
 
 
 @dataclass(slots=True)
@@ -359,14 +372,20 @@ class Cluster:
                 add(Reason(Code.AFFINITY, f"affinity group {group} runs on "
                                           f"{', '.join(sorted(peers))}, not {host_name}"))
         for vlan, component in ctx.components:
-            where = component.get(host_name)
-            why = ctx.vlan_reasons.get((vlan, where), "")
-            if why == "":
-                why = ctx.vlan_reasons[(vlan, where)] = self.network.blocked(
-                    vlan, vm.host if ctx.source else "", host_name) or None
+            why = self._vlan_why(ctx, vlan, component.get(host_name), host_name)
             if why:
                 add(Reason(Code.VLAN, f"VLAN {vlan} cannot be carried to {host_name}: {why}"))
         return Verdict(host_name, not reasons, reasons)
+
+    def _vlan_why(self, ctx: _VmContext, vlan: int, label: int | None, host_name: str
+                  ) -> str | None:
+        """Why the VM's ``vlan`` cannot reach hosts of component ``label`` (one of them is
+        ``host_name``), worked out once per component."""
+        why = ctx.vlan_reasons.get((vlan, label), "")
+        if why == "":
+            why = ctx.vlan_reasons[(vlan, label)] = self.network.blocked(
+                vlan, ctx.vm.host if ctx.source else "", host_name) or None
+        return why
 
     def _anti_affinity(self, vm: VmFacts, host_name: str, add: _Add) -> None:
         here = self.on_host[host_name]
@@ -463,19 +482,34 @@ class Cluster:
             suspect.update(self.hosts.keys() - ctx.allowed)
         for _, peers in ctx.affinity_peers:
             suspect.update(self.hosts.keys() - peers)
-        for vlan, component in ctx.components:
-            for names in self._hosts_by_component(vlan, component).values():
-                if self.network.blocked(vlan, vm.host if ctx.source else "", names[0]):
-                    suspect.update(names)
-        # A host refused for its kind alone gets its kind's reasons as they are.
-        answers: dict[str, Verdict] = {}
+        # Start from "yes" everywhere (a list copy) and write only the hosts looked at: a
+        # Python loop over every host would be most of the query's time. A host no other
+        # rule suspects is refused for its kind and its VLANs' components alone: it gets
+        # those reasons as they are, in ``_verdict``'s order, without a verdict of its own.
+        result = index.ok_list.copy()
+        position = index.position
         for names, reasons in refused_kinds:
             for name in names:
                 if name not in suspect:
-                    answers[name] = Verdict(name, False, list(reasons))
-        ok = index.ok
-        return [answers.get(name) or (self._verdict(ctx, name, False) if name in suspect
-                                      else ok[name]) for name in index.names]
+                    result[position[name]] = Verdict(name, False, list(reasons))
+        for vlan, component in ctx.components:
+            for label, names in self._hosts_by_component(vlan, component).items():
+                why = self._vlan_why(ctx, vlan, label, names[0])
+                if not why:
+                    continue
+                for name in names:
+                    if name in suspect:
+                        continue
+                    reason = Reason(Code.VLAN, f"VLAN {vlan} cannot be carried to {name}: {why}")
+                    verdict = result[position[name]]
+                    if verdict.ok:          # the shared yes: never changed, replaced
+                        result[position[name]] = Verdict(name, False, [reason])
+                    else:                   # a verdict of this query's own
+                        verdict.reasons.append(reason)
+        for name in suspect:
+            if name in position:
+                result[position[name]] = self._verdict(ctx, name, False)
+        return result
 
     def _index(self) -> _Index:
         """Hosts sorted by name, by kind and by free memory; rebuilt after ``place``."""
@@ -484,9 +518,10 @@ class Cluster:
             by_kind: dict[int, list[str]] = defaultdict(list)
             for name in names:
                 by_kind[self._kind_key(self.hosts[name])].append(name)
+            ok = {n: Verdict(n, True, []) for n in names}
             self._cached_index = _Index(
-                size=len(names), names=names, by_kind=dict(by_kind),
-                ok={n: Verdict(n, True, []) for n in names}, by_free=[])
+                size=len(names), names=names, by_kind=dict(by_kind), ok=ok, by_free=[],
+                ok_list=[ok[n] for n in names], position={n: i for i, n in enumerate(names)})
         index = self._cached_index
         if self._free_dirty or not index.by_free:
             index.by_free = sorted((h.memory_mib - self.used[n], n)
@@ -496,12 +531,13 @@ class Cluster:
 
     def _hosts_by_component(self, vlan: int, component: dict[str, int]
                             ) -> dict[int | None, list[str]]:
-        found = self._component_hosts.get(vlan)
+        # Keyed by the components themselves: VLANs that share them share this too.
+        found = self._component_hosts.get(id(component))
         if found is None:
             found = defaultdict(list)
             for name in self.hosts:
                 found[component.get(name)].append(name)
-            self._component_hosts[vlan] = found = dict(found)
+            self._component_hosts[id(component)] = found = dict(found)
         return found
 
     def candidates(self) -> list[tuple[int, str]]:
