@@ -34,7 +34,18 @@ def emit(**event: object) -> None:
 
 
 def ask(vm: str, line: str) -> None:
-    with socket.create_connection((vm, 9), timeout=10) as control:
+    # The guest answers ping as soon as eth0 has its address; its control port listens a
+    # little later (init.sh starts its services after), so a refusal is retried for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            control = socket.create_connection((vm, 9), timeout=10)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with control:
         control.sendall(line.encode() + b"\n")
         answer = control.makefile().readline().strip()
     if not answer.startswith("VMFERRY-TALK started"):

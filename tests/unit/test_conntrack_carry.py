@@ -3,12 +3,16 @@ sweep, the agent's routes (on the in-memory switch)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from vmferry.drivers.softswitch.base import ConnEntry, Flow, PortSpec, Tuple5
 from vmferry.drivers.softswitch.fake import FakeSoftswitch
 from vmferry.drivers.softswitch.ovs import conntrack as carry
 from vmferry.drivers.softswitch.ovs import profile as port_profile
+from vmferry.drivers.softswitch.ovs.flowtext import flow_add_text
 from vmferry.drivers.softswitch.ovs.profile_flows import TABLE_FROM_VM, TABLE_TO_VM
 from vmferry.errors import InputError, SoftswitchError
 from vmferry.model.profile import PortProfile
@@ -57,6 +61,16 @@ def switch() -> FakeSoftswitch:
 def stateful(to_vm: str = "deny", from_vm: str = "allow") -> PortProfile:
     return PortProfile.model_validate({"name": "p", "vlan": 100, "acl": {
         "stateful": True, "to_vm": {"default": to_vm}, "from_vm": {"default": from_vm}}})
+
+
+def metered() -> PortProfile:
+    """The demo's kind of profile (examples/profiles.yaml "web"): stateful, to-VM default deny,
+    rate limits both ways (meters), and DSCP marking."""
+    return PortProfile.model_validate({"name": "web", "vlan": 100, "acl": {
+        "stateful": True, "to_vm": {"default": "deny", "rules": [
+            {"action": "allow", "protocol": "icmp"}]}, "from_vm": {"default": "allow"}},
+        "qos": {"to_vm": {"rate_kbps": 100000, "burst_kb": 10000},
+                "from_vm": {"rate_kbps": 100000, "burst_kb": 10000}, "dscp": 10}})
 
 
 def test_carry_flows_commit_both_directions_in_the_port_zone(switch: FakeSoftswitch) -> None:
@@ -137,3 +151,39 @@ def test_pipeline_requires_both_tables() -> None:
     with pytest.raises(SoftswitchError):
         carry.pipeline([Flow(TABLE_TO_VM, 3000, "dl_dst=x,ip,ct_state=+est+trk,ct_zone=5",
                              "NORMAL")], 3, MAC, [VM])
+
+
+def test_commit_goes_after_a_meter_and_before_the_rest() -> None:
+    assert carry.commit_then(7, "NORMAL") == "ct(commit,zone=7),NORMAL"
+    assert carry.commit_then(7, "meter:3,NORMAL") == "meter:3,ct(commit,zone=7),NORMAL"
+    assert (carry.commit_then(7, "meter:2,set_field:10->ip_dscp,goto_table:42")
+            == "meter:2,ct(commit,zone=7),set_field:10->ip_dscp,goto_table:42")
+
+
+def test_carry_flows_of_a_metered_profile_keep_the_meter_first(switch: FakeSoftswitch) -> None:
+    """The demo's move: ovs-ofctl refused ``ct(commit,...),meter:N,...`` ("invalid instruction
+    ordering: meter must appear before apply_actions")."""
+    report = port_profile.realize(switch, BRIDGE, PORT, MAC, [VM], metered())
+    zone, block = 0x1000 + report.meter_block, report.meter_block
+    to_meter, from_meter = block * 8 + 1, block * 8 + 2
+    carry.install(switch, BRIDGE, PORT, MAC, [VM], carry.parse_dump_conntrack(DUMP))
+    actions = {(f.table, f.match.split(",")[0]): f.actions
+               for f in switch.dump_flows(BRIDGE, carry.carry_cookie(PORT))}
+    assert actions[(TABLE_TO_VM, "tcp")] == f"meter:{to_meter},ct(commit,zone={zone}),NORMAL"
+    assert actions[(TABLE_FROM_VM, "udp")] == (
+        f"meter:{from_meter},ct(commit,zone={zone}),set_field:10->ip_dscp,goto_table:42")
+
+
+@pytest.mark.skipif(shutil.which("ovs-ofctl") is None, reason="needs ovs-ofctl (its parser)")
+@pytest.mark.parametrize("profile", [metered(), stateful()], ids=["metered", "plain"])
+def test_ovs_ofctl_accepts_every_carry_flow(switch: FakeSoftswitch,
+                                            profile: PortProfile) -> None:
+    """OVS's own parser (no switch needed) takes each carry flow as written."""
+    port_profile.realize(switch, BRIDGE, PORT, MAC, [VM], profile)
+    carry.install(switch, BRIDGE, PORT, MAC, [VM], carry.parse_dump_conntrack(DUMP))
+    cookie = carry.carry_cookie(PORT)
+    for flow in switch.dump_flows(BRIDGE, cookie):
+        text = flow_add_text(cookie, flow).removeprefix("add ")
+        parsed = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "parse-flow", text],
+                                capture_output=True, text=True, timeout=10)
+        assert parsed.returncode == 0, parsed.stderr

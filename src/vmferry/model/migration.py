@@ -92,10 +92,9 @@ class MigrationOptions(BaseModel):
     make_before_break: bool = True
     # How long before QEMU's expected end the switchover rules may go in (default 1 s).
     make_before_break_lead_s: float | None = Field(None, gt=0, le=3600)
-    # Carry the VM's connection-tracking state to the destination (stateful profiles).
-    # Off by default until verified: installing the carry flows failed on the demo's move
-    # (ovs-ofctl refused them on the destination), which rolled the migration back.
-    carry_conntrack: bool = False
+    # Carry the VM's connection-tracking state to the destination (stateful profiles), so
+    # connections it has open survive a to-VM default of deny (controller/phases.py).
+    carry_conntrack: bool = True
 
     @property
     def postcopy_allowed(self) -> bool:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vmferry.drivers.softswitch.base import ConnEntry, Flow, Softswitch, Tuple5
+from vmferry.drivers.softswitch.ovs.flowtext import split_top_level
 from vmferry.drivers.softswitch.ovs.profile_flows import (
     PRIO_CT,
     TABLE_FROM_VM,
@@ -100,6 +101,17 @@ def _tuple_match(proto: str, way: Tuple5) -> str:
     return f"{proto},nw_src={way.src},nw_dst={way.dst},tp_src={way.sport},tp_dst={way.dport}"
 
 
+def commit_then(zone: int, allow: str) -> str:
+    """The actions of a carry flow: commit in ``zone``, then what the profile does with an
+    allowed packet (``allow``). A meter of ``allow`` stays first: OpenFlow 1.1+ makes a meter
+    an instruction that must precede the action list, and ovs-ofctl refuses
+    ``ct(...),meter:N,...`` ("invalid instruction ordering")."""
+    parts = split_top_level(allow)
+    meters = [part for part in parts if part.strip().lower().startswith("meter:")]
+    rest = [part for part in parts if part not in meters]
+    return ",".join([*meters, f"ct(commit,zone={zone})", *rest])
+
+
 @dataclass(frozen=True)
 class PortPipeline:
     """What carry flows need of the destination port: its OpenFlow number, the VM's MAC and
@@ -131,13 +143,12 @@ def carry_flows(entries: Iterable[ConnEntry], pipe: PortPipeline) -> list[Flow]:
                 continue      # echo/timestamp/info/mask replies
             match = _tuple_match(entry.protocol, way)
             state = f"ct_state=+new+trk,ct_zone={pipe.zone}"
-            commit = f"ct(commit,zone={pipe.zone})"
             if way.src in pipe.ips:
                 flow = Flow(TABLE_FROM_VM, PRIO_CARRY, f"in_port={pipe.ofport},{match},{state}",
-                            f"{commit},{pipe.allow_from_vm}")
+                            commit_then(pipe.zone, pipe.allow_from_vm))
             elif way.dst in pipe.ips:
                 flow = Flow(TABLE_TO_VM, PRIO_CARRY, f"dl_dst={pipe.mac},{match},{state}",
-                            f"{commit},{pipe.allow_to_vm}")
+                            commit_then(pipe.zone, pipe.allow_to_vm))
             else:
                 continue
             flows[(flow.table, flow.match)] = flow
