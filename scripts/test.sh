@@ -14,5 +14,5 @@ $PY scripts/check_sizes.py src || status=$?
 echo "== unit tests"
 $PY -m pytest -q -p no:cacheprovider tests/unit || status=$?
 echo "== functional tests"
-$PY -m pytest -q -p no:cacheprovider tests/functional || status=$?
+$PY -m pytest -q -p no:cacheprovider --durations=40 tests/functional || status=$?
 exit $status

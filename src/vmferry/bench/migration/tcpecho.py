@@ -24,6 +24,7 @@ from vmferry.errors import WaitTimeout
 
 MESSAGE = 8                    # bytes per message
 PORT = 7
+CONNECT_WINDOW_S = 25.0        # the parent waits 30 s for the first line
 
 
 def stall(sent: Sequence[float], echoed: Sequence[tuple[float, int]], ended: float) -> float:
@@ -41,6 +42,22 @@ def stall(sent: Sequence[float], echoed: Sequence[tuple[float, int]], ended: flo
     return round(longest * 1000, 1)
 
 
+def connect(address: str, window_s: float) -> socket.socket:
+    """Connect to the guest's echo service, trying again (a SYN lost while the guest is busy
+    under TCG costs a 1 s retransmission, a listener restarting refuses) until ``window_s``
+    has passed; the last error is reported on stdout and raised."""
+    deadline = time.monotonic() + window_s
+    while True:
+        try:
+            return socket.create_connection((address, PORT), timeout=3)
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                print(json.dumps({"connected": False, "error": f"{type(exc).__name__}: {exc}"}),
+                      flush=True)
+                raise
+            time.sleep(0.2)
+
+
 def session(address: str, seconds: float, interval_ms: float) -> dict[str, Any]:
     stop = False
 
@@ -53,7 +70,8 @@ def session(address: str, seconds: float, interval_ms: float) -> dict[str, Any]:
     sent: list[float] = []
     echoed: list[tuple[float, int]] = []
     total = 0
-    with socket.create_connection((address, PORT), timeout=5) as sock:
+    sock = connect(address, CONNECT_WINDOW_S)
+    with sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         print(json.dumps({"connected": True}), flush=True)
@@ -98,8 +116,11 @@ class EchoSession:
         assert self._proc.stdout is not None
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
         line = self._proc.stdout.readline() if ready else ""
-        if '"connected"' not in line:
+        if '"connected": true' not in line:
             self.kill()
+            if '"error"' in line:
+                reason = json.loads(line)["error"]
+                raise WaitTimeout(f"a TCP echo session to connect (last: {reason})", timeout)
             raise WaitTimeout("a TCP echo session to connect", timeout)
 
     def stop(self) -> dict[str, Any]:
