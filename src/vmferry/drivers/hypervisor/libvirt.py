@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -69,6 +70,8 @@ from vmferry.errors import HypervisorError, WaitTimeout
 from vmferry.image.builder import GuestImage
 
 __all__ = ["PAUSE_BEFORE_SWITCHOVER", "LibvirtHypervisor"]
+
+log = logging.getLogger(__name__)
 
 #: This driver cannot hold a migration in "pre-switchover" (see the module docstring).
 PAUSE_BEFORE_SWITCHOVER = False
@@ -316,6 +319,8 @@ class LibvirtHypervisor(Hypervisor):
             if found is not None and found[2]:
                 return GuestState.RUNNING if found[0] == libvirt.VIR_DOMAIN_RUNNING \
                     else GuestState.PAUSED
+            log.info("libvirt: source %s reads %s before its migration returned: waiting "
+                     "for libvirt's outcome", name, found)
             self._settle(name)
             found = self._read(name)
         if outgoing.done.is_set() and outgoing.status == "completed" and \
@@ -332,6 +337,8 @@ class LibvirtHypervisor(Hypervisor):
         if found is not None and found[0] == libvirt.VIR_DOMAIN_RUNNING:
             self.files(name)["incoming"].unlink(missing_ok=True)
             return GuestState.RUNNING
+        if found is not None and found[0] != libvirt.VIR_DOMAIN_PAUSED:
+            log.info("libvirt: incoming %s reads %s: still inmigrate", name, found)
         return GuestState.INMIGRATE
 
     def _read(self, name: str) -> tuple[int, int, bool] | None:
