@@ -38,11 +38,7 @@ from test_migration import (
 
 from labkit import LabRun, default_topology, running_lab
 
-# Not run by make test until verified on the merged main (reason below).
-UNVERIFIED = pytest.mark.xfail(run=False, reason=(
-    "issue 15: migrations through libvirt fail intermittently (the source domain reads shut "
-    "off between QEMU's completion and libvirt's Confirm); fix not verified"))
-pytestmark = [UNVERIFIED, pytest.mark.root, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

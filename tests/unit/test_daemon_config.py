@@ -119,7 +119,7 @@ def test_shipped_site_inventory_is_valid() -> None:
     assert site.kind == "site" and all(h.agent_url for h in site.hosts)
     agent = daemons.read_config(DEPLOY / "config" / "agent-host1.toml", daemons.AgentSettings)
     host1 = next(h for h in site.hosts if h.name == agent["host"])
-    assert host1.agent_url == f"http://{agent['listen'][0]}"
+    assert host1.agent_url == f"https://{agent['listen'][0]}"
 
 
 def test_relative_paths_in_a_config_are_beside_it(tmp_path: Path, started: list[Any]) -> None:

@@ -19,7 +19,9 @@ app = typer.Typer(help="The lab: racks, switches, hosts and clients in namespace
 @app.command("up")
 def up(topology: Path | None = typer.Option(None, "--topology", "-t",
                                             help="Topology YAML (default: two racks)"),
-       controller_port: int = typer.Option(8470, help="TCP port of the lab's controller")) -> None:
+       controller_port: int = typer.Option(8470, help="TCP port of the lab's controller"),
+       site: bool = typer.Option(False, help="Reach agents and switches over TCP on a "
+                                 "management network, as a real site (lab/site.py)")) -> None:
     """Build the lab and start its controller and agents (idempotent)."""
     from vmferry.image.builder import ensure_image
     from vmferry.lab.builder import Lab
@@ -28,7 +30,7 @@ def up(topology: Path | None = typer.Option(None, "--topology", "-t",
         topo = load_topology(topology or default_topology_path())
         with console.status("guest image"):
             ensure_image()
-        lab = Lab(topo, controller_port=controller_port)
+        lab = Lab(topo, controller_port=controller_port, site=site)
         set_current_lab(topo.name)
         with console.status("building the lab") as status:
             lab.up(progress=lambda step: status.update(f"lab: {step}"))

@@ -32,6 +32,7 @@ from vmferry.http import ClientTls, client_for
 from vmferry.lab import libvirt as lab_libvirt
 from vmferry.lab.names import MIGRATION_BRIDGE, LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
+from vmferry.lab.site import ManagementNetwork
 from vmferry.model.fabric import NO_VLANS
 from vmferry.model.network import short_ifname
 from vmferry.model.topology import (
@@ -62,12 +63,14 @@ class Lab:
     """One lab on this machine, named by its topology's ``name``."""
 
     def __init__(self, topology: Topology, *, controller_port: int = CONTROLLER_PORT,
-                 tls: bool = True) -> None:
+                 tls: bool = True, site: bool = False) -> None:
         self.topology = topology
         self.layout = LabLayout(topology.name)
         self.controller_port = controller_port
         # TLS between controller and agents (client certificates) and for QEMU migration.
         self.tls = tls
+        # ``site``: daemons reached over TCP on a management network (lab/site.py).
+        self.site = ManagementNetwork(self.layout, topology) if site else None
 
     # ---- up ---------------------------------------------------------------------------------
 
@@ -104,6 +107,9 @@ class Lab:
         self._clients()
         say("migration network")
         self._migration_network()
+        if self.site:
+            say("management network")
+            self.site.build()
         lab_libvirt.start_daemons(layout, self.topology)
         inventory = self.inventory()
         layout.inventory_file.write_text(yaml.safe_dump(inventory.model_dump(mode="json"),
@@ -142,6 +148,8 @@ class Lab:
         for host in data["hosts"]:
             host["agent_url"] = f"unix:{layout.agent_socket(host['name'])}"
             host["agent_token_file"] = str(layout.agent_token_file(host["name"]))
+        if self.site:
+            data = self.site.inventory(data, tls=self.tls)
         return Topology.model_validate(data)
 
     @property
@@ -223,6 +231,7 @@ class Lab:
             if not (self.tls_dir(name) / "server-cert.pem").exists():
                 ips = [self.topology.migration_address(name).split("/")[0]] \
                     if name != CONTROLLER_NAME else ["127.0.0.1"]
+                ips += self.site.certificate_ips(name) if self.site else []
                 pki.issue(self.pki_dir, name, ips=ips)
 
     def _start_controller(self) -> None:
@@ -233,7 +242,8 @@ class Lab:
             return
         argv = [*vmferry_argv(), "controller", "serve",
                 "--db", f"sqlite:///{layout.database}",
-                "--listen", f"unix:{layout.controller_socket}",
+                "--listen", self.site.controller_listen(self.controller_port) if self.site
+                else f"unix:{layout.controller_socket}",
                 "--bootstrap-token-file", str(layout.admin_token_file),
                 "--secrets-dir", str(layout.secrets_dir), "--run-dir", str(layout.run_dir)]
         # Agents reach the controller over TLS on the socket; users (CLI, tests, the
@@ -257,8 +267,10 @@ class Lab:
         ovs = self._ovs(host)
         argv = [*vmferry_argv(), "agent", "serve",
                 "--host", host,
-                "--listen", f"unix:{layout.agent_socket(host)}",
-                "--controller", f"unix:{layout.controller_socket}",
+                "--listen", self.site.agent_listen(host) if self.site
+                else f"unix:{layout.agent_socket(host)}",
+                "--controller", self.site.controller_url(self.controller_port, tls=self.tls)
+                if self.site else f"unix:{layout.controller_socket}",
                 "--token-file", str(layout.agent_token_file(host)),
                 "--ovsdb", f"unix:{ovs.db_socket}",
                 "--ovs-rundir", str(ovs.rundir),

@@ -104,7 +104,9 @@ class LibvirtDaemon:
         lines = [f'unix_sock_dir = "{self.socket_dir}"', 'unix_sock_group = "root"',
                  'unix_sock_rw_perms = "0700"', 'auth_unix_rw = "none"',
                  'auth_unix_ro = "none"', f'host_uuid = "{self.host_uuid()}"',
-                 "listen_tls = 0", f'log_outputs = "3:file:{self.root / "libvirtd.log"}"']
+                 "listen_tls = 0", f'log_outputs = "1:file:{self.root / "libvirtd.log"}"',
+                 # Warnings, and the migration phases in full (what a failed run needs).
+                 'log_filters = "1:qemu.qemu_migration 3:*"']
         if self.listen_address:
             # Peer-to-peer migration: the source's daemon opens qemu+tcp://DEST/system. Only
             # the lab's migration network carries it; a real site uses qemu+tls.

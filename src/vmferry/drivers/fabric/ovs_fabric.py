@@ -33,7 +33,8 @@ class OvsFabric(Fabric):
                     if spec.openflow and spec.openflow.startswith("unix:") else None
                 self._switches[name] = OvsSoftswitch(
                     spec.ovsdb, rundir=rundir,
-                    vswitchd_ctl=Path(spec.unixctl) if spec.unixctl else None)
+                    vswitchd_ctl=Path(spec.unixctl) if spec.unixctl else None,
+                    openflow=spec.openflow if rundir is None else None)
             return self._switches[name]
 
     def trunk_vlans(self, switch: str, port: str) -> frozenset[int]:
@@ -50,6 +51,10 @@ class OvsFabric(Fabric):
                               cause=exc.message) from exc
 
     def forget_mac(self, switch: str, mac: str) -> None:
+        # Only the switch's unixctl socket can flush learned MACs; a site's switch reached
+        # by OVSDB and OpenFlow alone relearns the MAC from the guest's RARP announcements.
+        if self.topology.switch(switch).unixctl is None:
+            return
         self._switch(switch).flush_fdb(SWITCH_BRIDGE, mac)
 
     # Temporary switchover rules (vmferry.model.switchover) and MAC learning counters.

@@ -7,6 +7,15 @@ How the interface maps onto libvirt:
 * A guest is a persistent domain (defined, then started). After an outgoing migration the
   source's definition stays, shut off with reason "migrated": that is POSTMIGRATE, and its
   job statistics stay readable until ``stop`` undefines it.
+* A migration walks libvirt's phases: Begin (source), Prepare (destination: a new domain
+  object, shut off, then a paused QEMU waiting for the stream), Perform (source: QEMU copies,
+  pauses for the last round, completes), Finish (destination: resumes the guest), Confirm
+  (source: stops its QEMU). libvirt's readings on the way are no verdict -- a source shut
+  off before Confirm returned, a destination shut off or paused before it runs -- so
+  ``state`` reports the side that runs the guest: the source RUNNING/PAUSED while the job
+  runs, POSTMIGRATE once migrateToURI3 returned success; the destination INMIGRATE until it
+  runs. A failed migration fails the source's job (libvirt resumes the source), and that
+  decides.
 * Migration is libvirt's peer-to-peer live migration (``migrateToURI3``): the source's daemon
   talks to the destination's (``peer_uri``, e.g. ``qemu+tcp://{host}/system``; a real site
   uses qemu+tls) and QEMU's stream goes to the agent's ``tcp:HOST:PORT`` on the migration
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -60,6 +70,8 @@ from vmferry.errors import HypervisorError, WaitTimeout
 from vmferry.image.builder import GuestImage
 
 __all__ = ["PAUSE_BEFORE_SWITCHOVER", "LibvirtHypervisor"]
+
+log = logging.getLogger(__name__)
 
 #: This driver cannot hold a migration in "pre-switchover" (see the module docstring).
 PAUSE_BEFORE_SWITCHOVER = False
@@ -284,29 +296,63 @@ class LibvirtHypervisor(Hypervisor):
             outgoing.done.wait(SETTLE_TIMEOUT)
 
     def state(self, name: str) -> GuestState:
-        found = self._state(name)
+        """The guest's state as the engine must see it. libvirt's own (state, reason) passes
+        through readings during a migration that are no verdict: the side that runs the
+        guest decides, and libvirt's job tells the ending (see ``_source_state`` and
+        ``_destination_state``)."""
         outgoing = self._outgoing.get(name)
-        if found in (GuestState.ABSENT, GuestState.SHUTDOWN, GuestState.POSTMIGRATE) and \
-                outgoing is not None and not outgoing.done.is_set():
-            self._settle(name)
-            found = self._state(name)
-        return found
+        if outgoing is not None:
+            return self._source_state(name, outgoing)
+        found = self._read(name)
+        if self.files(name)["incoming"].exists():
+            return self._destination_state(name, found)
+        return _plain_state(found)
 
-    def _state(self, name: str) -> GuestState:
+    def _source_state(self, name: str, outgoing: _Outgoing) -> GuestState:
+        """The source of this driver's outgoing migration. While it runs, a domain with a
+        process runs or is paused (the last round, and after QEMU completed until libvirt's
+        Confirm stops it); one without a process is being stopped by Confirm, so its
+        outcome is awaited. After a completed migration the source is POSTMIGRATE until
+        ``stop`` (libvirt already ended its QEMU; its definition stays shut off)."""
+        found = self._read(name)
+        if not outgoing.done.is_set():
+            if found is not None and found[2]:
+                return GuestState.RUNNING if found[0] == libvirt.VIR_DOMAIN_RUNNING \
+                    else GuestState.PAUSED
+            log.info("libvirt: source %s reads %s before its migration returned: waiting "
+                     "for libvirt's outcome", name, found)
+            self._settle(name)
+            found = self._read(name)
+        if outgoing.done.is_set() and outgoing.status == "completed" and \
+                (found is None or not found[2]):
+            return GuestState.POSTMIGRATE
+        return _plain_state(found)
+
+    def _destination_state(self, name: str, found: tuple[int, int, bool] | None) -> GuestState:
+        """A guest expected by an incoming migration is INMIGRATE until it runs here. On
+        the way libvirt's domain is absent (before Prepare), shut off (the new domain object
+        before its QEMU starts), paused (starting up, receiving, Finish) -- none of which
+        is a verdict: a failed incoming migration fails the source's job, which decides.
+        Once it runs the arrival is over and the guest is an ordinary one."""
+        if found is not None and found[0] == libvirt.VIR_DOMAIN_RUNNING:
+            self.files(name)["incoming"].unlink(missing_ok=True)
+            return GuestState.RUNNING
+        if found is not None and found[0] != libvirt.VIR_DOMAIN_PAUSED:
+            log.info("libvirt: incoming %s reads %s: still inmigrate", name, found)
+        return GuestState.INMIGRATE
+
+    def _read(self, name: str) -> tuple[int, int, bool] | None:
+        """libvirt's (state, reason, has a process) of the domain, None without one."""
         dom = self._domain(name)
         if dom is None:
-            incoming = self.files(name)["incoming"].exists()
-            return GuestState.INMIGRATE if incoming else GuestState.ABSENT
+            return None
         try:
             state, reason = dom.state()
+            return int(state), int(reason), bool(dom.isActive())
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return GuestState.ABSENT
+                return None
             raise self._error(f"read the state of {name}", exc, name) from exc
-        found = state_from_libvirt(state, reason)
-        # A domain that stopped for any other reason than a migration has no process.
-        return GuestState.ABSENT if found is GuestState.SHUTDOWN and not dom.isActive() \
-            else found
 
     def guests(self) -> list[str]:
         """Defined or running domains, and guests expected by an incoming migration."""
@@ -528,3 +574,12 @@ class LibvirtHypervisor(Hypervisor):
         if not outgoing.done.wait(timeout):
             raise WaitTimeout(f"migration of guest {name} to cancel", timeout,
                               host=self.host, vm=name)
+
+
+def _plain_state(found: tuple[int, int, bool] | None) -> GuestState:
+    """GuestState of a domain no migration of this driver is about."""
+    if found is None:
+        return GuestState.ABSENT
+    state = state_from_libvirt(found[0], found[1])
+    # A domain that stopped for any other reason than a migration has no process.
+    return GuestState.ABSENT if state is GuestState.SHUTDOWN and not found[2] else state

@@ -76,7 +76,8 @@ class OvsSoftswitch(Softswitch):
     """
 
     def __init__(self, db_socket: Path | str, *, rundir: Path | None = None,
-                 vswitchd_ctl: Path | None = None, timeout: float = 10) -> None:
+                 vswitchd_ctl: Path | None = None, timeout: float = 10,
+                 openflow: str | None = None) -> None:
         text = str(db_socket)
         self.remote = text if re.match(r"^(unix|tcp|ssl):", text) else f"unix:{text}"
         socket_path = Path(text.split(":", 1)[1]) if text.startswith("unix:") else Path(text)
@@ -84,6 +85,9 @@ class OvsSoftswitch(Softswitch):
         self.vswitchd_ctl = (Path(vswitchd_ctl) if vswitchd_ctl is not None
                              else self.rundir / "ovs-vswitchd.ctl")
         self.timeout = timeout
+        # A switch reached over the network: its (one) bridge's OpenFlow address, e.g.
+        # tcp:IP:6653, instead of the local <bridge>.mgmt socket.
+        self.openflow = openflow
         self.write_transactions = 0       # committed OVSDB write transactions, for tests
         self._closed = False
         self._lock = threading.Lock()
@@ -370,7 +374,7 @@ class OvsSoftswitch(Softswitch):
 
     def mgmt_target(self, bridge: str) -> str:
         """The OpenFlow management socket of a bridge, as ovs-ofctl takes it."""
-        return f"unix:{self.rundir / bridge}.mgmt"
+        return self.openflow or f"unix:{self.rundir / bridge}.mgmt"
 
     def _tool(self, argv: list[str], what: str,
               stdin: str | None = None) -> subprocess.CompletedProcess[str]:
