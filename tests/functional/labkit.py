@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vmferry import privileged
 
 VMFERRY = [sys.executable, "-m", "vmferry"]
 IMAGE_DIR = "/var/lib/vmferry/images"   # shared by every test run: building it takes a while
@@ -123,3 +126,35 @@ def leftovers(lab_name: str, state_dir: Path) -> list[str]:
     if lab_dir.exists():
         found.append(f"directory {lab_dir}")
     return found
+
+
+def lab_dir(lab: LabRun) -> Path:
+    return lab.state_dir / "labs" / lab.name
+
+
+def kill_controller(lab: LabRun) -> None:
+    """SIGKILL the lab's controller and wait (bounded) until it is gone."""
+    pid = int(json.loads((lab_dir(lab) / "lab.json").read_text())["pids"]["controller"])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while privileged.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not privileged.pid_alive(pid)
+
+
+def restart_controller(lab: LabRun, failpoint: str | None = None,
+                       release: Path | None = None) -> None:
+    """`lab up` restarts what died (controller, agents); the failpoint (and the file that
+    releases its hold) travel in its environment."""
+    env = {k: v for k, v in lab.env.items()
+           if k not in ("VMFERRY_FAILPOINTS", "VMFERRY_FAILPOINTS_RELEASE")}
+    if failpoint:
+        env["VMFERRY_FAILPOINTS"] = failpoint
+    if release is not None:
+        env["VMFERRY_FAILPOINTS_RELEASE"] = str(release)
+    saved, lab.env = lab.env, env
+    try:
+        lab.cli("lab", "up", "--topology", str(lab.topology_file), "--controller-port",
+                str(lab.port), timeout=300)
+    finally:
+        lab.env = saved

@@ -4,17 +4,23 @@ completes or rolls back, the VM runs on exactly one host, and nothing is left be
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from labkit import VMFERRY, LabRun, default_topology, free_port, running_lab
+from labkit import (
+    VMFERRY,
+    LabRun,
+    default_topology,
+    free_port,
+    kill_controller,
+    lab_dir,
+    restart_controller,
+    running_lab,
+)
 from vmferry import privileged
 from vmferry.model.migration import PHASES, Phase, past_point_of_no_return
 
@@ -32,35 +38,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
         yield run
 
 
-def lab_dir(lab: LabRun) -> Path:
-    return lab.state_dir / "labs" / lab.name
-
-
 def controller_pid(lab: LabRun) -> int:
     return int(json.loads((lab_dir(lab) / "lab.json").read_text())["pids"]["controller"])
-
-
-def kill_controller(lab: LabRun) -> None:
-    pid = controller_pid(lab)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while privileged.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not privileged.pid_alive(pid)
-
-
-def restart_controller(lab: LabRun, failpoint: str | None) -> None:
-    """`lab up` restarts what died; the failpoint travels in its environment."""
-    env = dict(lab.env)
-    env.pop("VMFERRY_FAILPOINTS", None)
-    if failpoint:
-        env["VMFERRY_FAILPOINTS"] = failpoint
-    saved, lab.env = lab.env, env
-    try:
-        lab.cli("lab", "up", "--topology", str(lab.topology_file), "--controller-port",
-                str(lab.port), timeout=300)
-    finally:
-        lab.env = saved
 
 
 def wait_failpoint(lab: LabRun, migration_id: int, point: str, timeout: float = 120) -> None:

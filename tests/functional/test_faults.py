@@ -21,9 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
-from test_crash_recovery import kill_controller, lab_dir
 
-from labkit import LabRun, default_topology, running_lab
+from labkit import (
+    LabRun,
+    default_topology,
+    kill_controller,
+    lab_dir,
+    restart_controller,
+    running_lab,
+)
 from vmferry import privileged
 from vmferry.agent.service import memcheck_verdict
 from vmferry.lab.ovs_instance import OvsInstance
@@ -60,25 +66,6 @@ def migrate(lab: LabRun, destination: str, **options: Any) -> int:
     record = api(lab, "POST", "/v1/migrations", {"vm": VM, "to": destination, **options})
     log.info("migration %s to %s started", record["id"], destination)
     return int(record["id"])
-
-
-def restart_controller(lab: LabRun, failpoint: str | None = None,
-                       release: Path | None = None) -> None:
-    """`lab up` restarts what died (controller, agents); the failpoint (and the file that
-    releases its hold) travel in its environment."""
-    env = {k: v for k, v in lab.env.items()
-           if k not in ("VMFERRY_FAILPOINTS", "VMFERRY_FAILPOINTS_RELEASE")}
-    if failpoint:
-        env["VMFERRY_FAILPOINTS"] = failpoint
-    if release is not None:
-        env["VMFERRY_FAILPOINTS_RELEASE"] = str(release)
-    saved, lab.env = lab.env, env
-    try:
-        lab.cli("lab", "up", "--topology", str(lab.topology_file), "--controller-port",
-                str(lab.port), timeout=300)
-    finally:
-        lab.env = saved
-    log.info("lab up done (failpoint %s)", failpoint)
 
 
 def controller_log(lab: LabRun) -> Path:

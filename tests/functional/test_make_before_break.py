@@ -8,8 +8,6 @@ holds while they are in place. Not timed."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from labkit import LabRun, default_topology, running_lab
-from vmferry import privileged
+from labkit import (
+    LabRun,
+    default_topology,
+    kill_controller,
+    restart_controller,
+    running_lab,
+)
 from vmferry.model.switchover import is_mbb_cookie, mbb_cookie
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -215,32 +218,6 @@ def test_no_duplicate_reply_under_a_2ms_ping(lab: LabRun) -> None:
 # ---- VLAN isolation inside the window, and a controller killed there ---------------------
 
 FRAMEKIT = str(Path(__file__).with_name("framekit.py"))
-
-
-def lab_dir(lab: LabRun) -> Path:
-    return lab.state_dir / "labs" / lab.name
-
-
-def kill_controller(lab: LabRun) -> None:
-    pid = int(json.loads((lab_dir(lab) / "lab.json").read_text())["pids"]["controller"])
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while privileged.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not privileged.pid_alive(pid)
-
-
-def restart_controller(lab: LabRun, failpoint: str | None) -> None:
-    env = dict(lab.env)
-    env.pop("VMFERRY_FAILPOINTS", None)
-    if failpoint:
-        env["VMFERRY_FAILPOINTS"] = failpoint
-    saved, lab.env = lab.env, env
-    try:
-        lab.cli("lab", "up", "--topology", str(lab.topology_file), "--controller-port",
-                str(lab.port), timeout=300)
-    finally:
-        lab.env = saved
 
 
 def capture(lab: LabRun, node: str, iface: str, marker: str, seconds: float,
