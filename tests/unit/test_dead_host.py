@@ -208,3 +208,15 @@ def test_a_restart_cut_short_by_the_controller_dying_is_finished(site: Site) -> 
     vm = next(v for v in site.controller.vms() if v.name == "v0")
     assert (vm.host, vm.state) == ("host2", "running")
     assert site.hypervisors["host2"].state("v0").value == "running"
+
+
+def test_a_started_watch_does_not_count_the_controllers_own_downtime_as_silence(
+        site: Site) -> None:
+    beat(site, silent="host2", age=FENCE_AFTER_S + 1)   # its last beat before we went down
+    fence = SiteFence(site)
+    watch = HostWatch(site.controller, fence)
+    watch.start()                                       # the controller starts again
+    watch.stop()                                        # (its own passes: none)
+    watch.check()
+    watch.check()
+    assert host_row(site, "host2")[0] is None and "host2" not in site.unreachable

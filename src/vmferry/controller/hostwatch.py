@@ -111,8 +111,13 @@ class HostWatch:
         self.profiles = Profiles(controller)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the running watch started: no heartbeat could arrive while the controller was
+        # down or starting, so a host's silence counts from then at the earliest (else every
+        # host of a controller restarted after 12 s would be fenced). None: from the beat.
+        self._watching_since: datetime | None = None
 
     def start(self) -> None:
+        self._watching_since = datetime.now(UTC)
         self._thread = threading.Thread(target=self._loop, name="hostwatch", daemon=True)
         self._thread.start()
 
@@ -142,13 +147,15 @@ class HostWatch:
                     beat = beat.replace(tzinfo=UTC)
                 age = (now - beat).total_seconds() if beat else None
                 state = row.failure_state
-            if age is None:
+            if age is None or beat is None:
                 continue            # never heard of: not started yet, nothing runs there
-            if state is None and age > SUSPECT_AFTER_S:
+            since = max(beat, self._watching_since or beat)
+            silent = (now - since).total_seconds()
+            if state is None and silent > SUSPECT_AFTER_S:
                 self._set(spec.name, HostState.SUSPECTED, age=round(age, 1))
             elif state == HostState.SUSPECTED and age <= SUSPECT_AFTER_S:
                 self._set(spec.name, None, age=round(age, 1))
-            elif state == HostState.SUSPECTED and age > FENCE_AFTER_S:
+            elif state == HostState.SUSPECTED and silent > FENCE_AFTER_S:
                 self._fence_and_restart(spec.name)
             elif state == HostState.FENCED and age > SUSPECT_AFTER_S:
                 self._restart_remaining(spec.name)  # e.g. a controller restarted midway
