@@ -33,7 +33,7 @@ VMS = {"crit": ("192.0.2.21", "0"), "bulk": ("192.0.2.22", "5")}
 # two VMs on a loaded 2-core machine). The test waits up to this long for the restarts.
 RESTART_BOUND_S = 90
 # Bounds on single operations while host3 is dead: `fabric show` reads every trunk end in
-# parallel, each read bounded (5 s, controller/service.py); a create or a migration is not
+# parallel, each read bounded (10 s, controller/service.py); a create or a migration is not
 # held up by the dead host's ends (they are not on its path, and a fenced host's are skipped).
 FABRIC_SHOW_BOUND_S = 60
 OPERATION_BOUND_S = 240

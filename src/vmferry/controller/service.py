@@ -47,7 +47,7 @@ HEARTBEAT_FRESH = timedelta(seconds=10)
 FABRIC_WORKERS = 8
 # The longest a trunk end's read may take: a hung agent or switch delays a reconcile (so a VM
 # create or migration) and ``fabric show`` by at most this much; ends are read in parallel.
-FABRIC_READ_TIMEOUT_S = 5.0
+FABRIC_READ_TIMEOUT_S = 10.0
 # VM states in which the VM occupies its host (and so needs its VLAN there).
 PLACED_STATES = {"creating", "running", "migrating"}
 # Another controller on the same store may replace the inventory: re-read it this often.
@@ -487,6 +487,7 @@ class Controller:
             why = f"softswitch of {node} unreachable: {exc.message}" if is_host else \
                 f"switch {node} unreachable: {exc.message}"
             return None, f"{why} ({out_of_service})" if out_of_service else why
+
 
 def memory_used(session: Any, host: str, *, except_migration: int | None = None) -> int:
     """Memory the VMs on ``host`` take, counting the VMs migrating in (their destination QEMU
