@@ -73,7 +73,7 @@ def test_fake_recovery_resumes_to_the_new_listener_and_completes() -> None:
 
 
 def test_fake_recover_incoming_needs_a_paused_postcopy() -> None:
-    _, src, dst = postcopy_pair()
+    _, _, dst = postcopy_pair()
     with pytest.raises(HypervisorError) as info:
         dst.recover_incoming(SPEC.name, AGAIN)
     assert "paused" in str(info.value.fields["cause"])

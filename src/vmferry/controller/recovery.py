@@ -44,6 +44,8 @@ NEEDS_OPERATOR = "needs-operator"
 RECOVER_WAIT_S = 120.0
 # Postcopy statuses of a re-link under way (QEMU >= 9.1 has the setup step).
 RELINKING = {"postcopy-recover-setup", "postcopy-recover"}
+# Longest wait for the source's next event while a re-link is under way.
+RELINK_EVENT_S = 5.0
 
 
 def forward(run: Run, from_phase: Phase, turns: int = 0) -> None:
@@ -183,8 +185,11 @@ def recover_postcopy(run: Run, reason: str, turns: int) -> None:
             attempts += 1
             _relink(run, truth.destination)
             next_attempt = time.monotonic() + BACKOFF_S[min(attempts, len(BACKOFF_S) - 1)]
-        # Woken by the source's next MIGRATION event (a re-link that took or failed).
-        wait = max(0.05, min(next_attempt, deadline) - time.monotonic())
+        # Paused: the next attempt comes after a backoff. Re-linking (or the source away):
+        # its next event says how it went. Either way the source's next MIGRATION event
+        # wakes this up early.
+        until = next_attempt if s.migration == "postcopy-paused" else now + RELINK_EVENT_S
+        wait = max(0.05, min(until, deadline) - time.monotonic())
         cursor = _wait_source_event(run, cursor, wait)
 
 
