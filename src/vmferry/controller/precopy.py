@@ -7,7 +7,8 @@ make-before-break gate (staged when the precopy starts; QEMU is not held for it)
 ``completed`` ends the phase so the switchover starts without waiting for a poll. Between
 events it reads QEMU's progress at a bounded rate (for the progress display, the convergence
 timeout, postcopy, cancel and the destination's health). An agent without the events route
-is polled instead (``FALLBACK_POLL_S``).
+is polled instead (``FALLBACK_POLL_S``). A postcopy whose stream hangs is paused on both ends
+(``POSTCOPY_STALL_S``); a paused postcopy ends this phase and ``recovery`` re-links it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Driving a run: forward through the phases, and -- when a phase fails before switchover, or a
 restarted controller finds a migration a dead one left -- the way out the two QEMUs' own state
-decides (``controller.truth``): forward, follow the postcopy, roll back, or hold for an
-operator. Never from the recorded phase alone: a rollback must not delete the running VM."""
+decides (``controller.truth``): forward, follow the postcopy, re-link a paused postcopy
+(``recover_postcopy``), roll back, or hold for an operator. Never from the recorded phase
+alone: a rollback must not delete the running VM."""
 
 from __future__ import annotations
 
