@@ -380,6 +380,15 @@ class QemuHypervisor(Hypervisor):
     def continue_migration(self, name: str) -> None:
         self.migration.continue_(name)
 
+    def pause_migration(self, name: str) -> None:
+        self.migration.pause(name)
+
+    def recover_incoming(self, name: str, uri: str) -> None:
+        self.migration.recover(name, uri)
+
+    def resume_migration(self, name: str, uri: str) -> None:
+        self.migration.resume(name, uri)
+
     def cancel_migration(self, name: str, *, timeout: float = 15.0) -> None:
         self.migration.cancel(name, timeout=timeout)
 
