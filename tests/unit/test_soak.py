@@ -69,6 +69,7 @@ class Site:
         if (method, path) == ("POST", "/v1/vms"):
             self.vms[body["name"]] = body["host"]
             self.failures[body["name"]] = 0
+            self.passes[body["name"]] = 0
             return {"name": body["name"]}
         if method == "DELETE":
             name = path.rsplit("/", 1)[1]
@@ -122,6 +123,7 @@ def test_a_clean_site_passes_with_every_move_checked_twice() -> None:
     assert all(m["memory"]["after_move"]["passes"] >= 2 for m in document["moves"])
     assert all(m["moved_s"] == m["total_s"] - 0.5 for m in document["moves"])
     assert site.audits == 7                   # after each move, and once at the end
+    assert all(w["passes"] == 1 for w in document["config"]["warm_up"].values())
     assert site.vms == {}                     # the soak's guests are deleted
     again = run(Site().api, migrations=6, guests=2, seed=7)
     assert [m["destination"] for m in again["moves"]] == \
