@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from vmferry.controller.boundary import crossings
-from vmferry.errors import InputError
-from vmferry.model.boundary import Way, crossing_facts, plan_crossing
+from vmferry.drivers.fabric.fake import FakeRouter
+from vmferry.errors import FabricError, InputError
+from vmferry.model.boundary import HostRoute, Way, crossing_facts, host_route, plan_crossing
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.topology import default_topology_path, load_topology
 
@@ -103,3 +104,26 @@ def test_where_lists_only_moves_across_a_boundary() -> None:
     assert [(c.destination, c.way) for c in out] == [("host5", "stretch")]
     assert set(out[0].reasons) == {"same-l2", "route", "nat", "dual"}
     assert crossings(load_topology(default_topology_path()), "vm", "host1", (100,)) == []
+
+
+def test_the_route_way_needs_a_host_route_only_in_a_routed_rack() -> None:
+    topo = load_topology(EXAMPLE)
+    assert host_route(topo, "192.0.2.30/24", 100, "host5") == HostRoute("rtr-rack3",
+                                                                        "192.0.2.30")
+    assert host_route(topo, "192.0.2.30/24", 100, "host1") is None
+    assert host_route(topo, "198.18.3.9/24", 300, "host5") is None   # its own subnet
+
+
+def test_the_fake_router_keeps_host_routes_and_fails_like_an_unreachable_one() -> None:
+    routers = FakeRouter(["rtr-rack3"])
+    routers.add_host_route("rtr-rack3", "192.0.2.30/24")
+    routers.add_host_route("rtr-rack3", "192.0.2.30")
+    assert routers.host_routes("rtr-rack3") == {"192.0.2.30"}
+    routers.remove_host_route("rtr-rack3", "192.0.2.30")
+    routers.remove_host_route("rtr-rack3", "192.0.2.30")
+    assert routers.host_routes("rtr-rack3") == set()
+    routers.fail.add("rtr-rack3")
+    with pytest.raises(FabricError):
+        routers.host_routes("rtr-rack3")
+    with pytest.raises(FabricError):
+        routers.add_host_route("rtr-x", "192.0.2.1")

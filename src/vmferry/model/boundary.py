@@ -144,3 +144,21 @@ def crossing_facts(topology: Topology, vm: str, vlan: int, source: str,
         destination_subnet=rack.subnet if routed_here else None,
         tunnel_endpoints=bool(hops & tunnels),
         routers=(rack.router,) if routed_here else ())
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    """A /32 the "route" way needs: ``router`` routes ``address`` into its rack."""
+
+    router: str
+    address: str
+
+
+def host_route(topology: Topology, ip: str, vlan: int, host: str) -> HostRoute | None:
+    """The host route a VM of ``vlan`` with address ``ip`` (CIDR or bare) needs on ``host``
+    when it crossed by the "route" way: the router of the host's rack, if that rack is
+    routed and its router has a leg in ``vlan``; None otherwise."""
+    rack = next(r for r in topology.racks if r.name == topology.host(host).rack)
+    if not rack.routed or rack.uplink is None or rack.uplink.vlan != vlan:
+        return None
+    return HostRoute(rack.router, ip.split("/")[0])
