@@ -141,6 +141,7 @@ def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
         record, sent, lost = move(lab, vm, "host5")
         print(f"\nstretch into rack3: {sent} pings at 10 ms, {lost} lost")
         assert record["state"] == "completed", (record.get("error"), record.get("phases"))
+        assert record["result"]["plan"]["crossing"] == "stretch"
         assert lost <= MAX_LOST_AT_10MS
         assert tcp_round(tcp) == "OK 2", "the TCP session must survive the move"
         assert lab.pings(CLIENT, VM_IP)
