@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
+from vmferry.bench.migration import BenchConfig
+from vmferry.bench.migration.lab import BenchLab
 from vmferry.controller.boundary import crossings
 from vmferry.drivers.fabric.fake import FakeRouter
-from vmferry.errors import FabricError, InputError
+from vmferry.errors import ConflictError, FabricError, InputError
 from vmferry.model.boundary import HostRoute, Way, crossing_facts, host_route, plan_crossing
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.topology import default_topology_path, load_topology
@@ -127,3 +129,21 @@ def test_the_fake_router_keeps_host_routes_and_fails_like_an_unreachable_one() -
         routers.host_routes("rtr-rack3")
     with pytest.raises(FabricError):
         routers.add_host_route("rtr-x", "192.0.2.1")
+
+
+def test_the_benchmark_takes_a_built_boundary_and_refuses_the_others_saying_why() -> None:
+    assert BenchConfig(boundary="stretch").boundary == "stretch"
+    with pytest.raises(ValueError, match="'route' is not realized on the lab yet"):
+        BenchConfig(boundary="route")
+    with pytest.raises(ValueError, match="'teleport' is not one of stretch, route"):
+        BenchConfig(boundary="teleport")
+    with pytest.raises(ValueError, match="ovn peer has no routed rack"):
+        BenchConfig(boundary="stretch", variants=("vmferry", "ovn"))
+
+
+def test_the_benchmark_moves_into_the_routed_rack_by_the_way_asked() -> None:
+    lab = BenchLab(load_topology(EXAMPLE), 1)
+    assert lab.rack_hosts() == ("host1", "host3")
+    assert lab.rack_hosts("stretch") == ("host1", "host5")
+    with pytest.raises(ConflictError, match="one of them routed"):
+        BenchLab(load_topology(default_topology_path()), 1).rack_hosts("stretch")
