@@ -124,7 +124,6 @@ def move(lab: LabRun, vm: str, to: str) -> tuple[dict[str, Any], int, int]:
     return record, sent, lost
 
 
-@pytest.mark.xfail(run=False, reason="UNVERIFIED: not yet run under funclock")
 def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
     vm = "bs"
     lab.cli("vm", "create", vm, "--host", "host1", "--vlan", "100", "--ip", f"{VM_IP}/24",
@@ -182,7 +181,6 @@ def ovs_vsctl(lab: LabRun, switch: str, *args: str) -> None:
     subprocess.run(["ovs-vsctl", f"--db=unix:{db}", *args], check=True, timeout=15)
 
 
-@pytest.mark.xfail(run=False, reason="UNVERIFIED: not yet run under funclock")
 def test_a_host_route_carries_a_kept_address_through_the_router(lab: LabRun) -> None:
     probe_ns = lab.namespace(PROBE)      # under the lab's prefix: lab down removes it too
     port = "a-probe"
