@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vmferry.api.boundary import CrossingOut
 from vmferry.model.placement import VmPolicy
 
 __all__ = ["BalanceOut", "DrainOut", "HostPlacementOut", "MoveOut", "PolicyBody",
@@ -40,6 +41,7 @@ class WhereOut(BaseModel):
     host: str
     policy: VmPolicy
     hosts: list[HostPlacementOut]
+    crossings: list[CrossingOut] = Field(default_factory=list)   # moves across a boundary
 
 
 class MoveOut(BaseModel):

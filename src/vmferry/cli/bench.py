@@ -42,6 +42,9 @@ def migration(
     controller_port: int = typer.Option(0, "--controller-port",
                                         help="The lab controller's TCP port (0: a free one)"),
     topology: Path | None = typer.Option(None, "--topology", help="Topology YAML"),
+    boundary: str | None = typer.Option(
+        None, "--boundary", help="Move into a routed rack by this way: stretch (built), "
+        "route|nat|dual (not yet); default topology then examples/routed-rack.yaml"),
 ) -> None:
     """Migrate a guest back and forth under a 1-2 ms ping and a 10 ms TCP echo, variants
     interleaved: the hand-wired floor, vmferry migrate, a naive wire-after-switchover order
@@ -59,7 +62,7 @@ def migration(
                                  [v.strip() for v in variants.split(",") if v.strip()]
                                  + [p.strip() for p in peer if p.strip()])),
                              lab_name=lab_name, controller_port=controller_port,
-                             topology=topology)
+                             topology=topology, boundary=boundary)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -90,6 +93,9 @@ def migration(
                       f"{variant['description']}", highlight=False)
     console.print(f"migration link: {document.get('migration_link_mbps')} Mbit/s "
                   "(bound = bytes QEMU sent / this)", highlight=False)
+    if document.get("boundary"):
+        console.print(f"every move crossed into a routed rack by {document['boundary']}",
+                      highlight=False)
     console.print(f"JSON written to {output}")
     if any(v["error"] for v in document["variants"].values()):
         raise typer.Exit(1)

@@ -38,6 +38,11 @@ def where(vm: str = typer.Argument(..., help="VM name"),
                       reasons or "-")
     console.print(f"[bold]{vm}[/bold] runs on {out['host']}; policy {_policy_text(out['policy'])}")
     console.print(table)
+    for crossing in out.get("crossings", []):
+        console.print(f"to {crossing['destination']} across a boundary: "
+                      f"{crossing['way'] or 'no way across'}")
+        for way, reason in crossing["reasons"].items():
+            console.print(f"  not {way}: {reason}")
 
 
 def policy(

@@ -25,6 +25,7 @@ from vmferry.errors import (
     NotFoundError,
     VmferryError,
 )
+from vmferry.model.boundary import crossing_facts, plan_crossing
 from vmferry.model.fabric import path_between
 from vmferry.model.migration import Phase
 from vmferry.store.schema import HostRow, VmRow
@@ -60,7 +61,10 @@ def precheck(run: Run) -> None:
         raise MigrationError(f"VLAN {vlan} cannot be carried from {run.source} to "
                              f"{run.destination}: no fabric path", vm=run.vm)
     check_hosts(run, _report(run, run.source), _report(run, run.destination))
-    run.record_result(plan={"vlan": vlan, "path": path})
+    crossing = plan_crossing(crossing_facts(topology, run.vm, vlan, run.source,
+                                            run.destination))
+    run.record_result(plan={"vlan": vlan, "path": path,
+                            "crossing": crossing.way.value if crossing.way else None})
 
 
 def check_hosts(run: Run, src: HostReport, dst: HostReport) -> None:

@@ -19,6 +19,7 @@ from vmferry.api.controller import VmCreate
 from vmferry.api.placement import BalanceOut, HostPlacementOut, MoveOut, ReasonOut, WhereOut
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
+from vmferry.controller.boundary import crossings
 from vmferry.controller.service import HEARTBEAT_FRESH, PLACED_STATES, Controller
 from vmferry.errors import ConflictError, NotFoundError, VmferryError
 from vmferry.model.migration import MigrationState
@@ -192,7 +193,9 @@ class Placement:
         if facts is None:
             raise NotFoundError("name", f"no placed VM named {vm!r}")
         return WhereOut(vm=vm, host=facts.host, policy=facts.policy,
-                        hosts=[verdict_out(cluster, v) for v in cluster.where(vm)])
+                        hosts=[verdict_out(cluster, v) for v in cluster.where(vm)],
+                        crossings=crossings(self.controller.topology(), vm, facts.host,
+                                            facts.vlans))
 
     def policy(self, vm: str) -> VmPolicy:
         with self.controller.store.session() as session:

@@ -32,6 +32,7 @@ from vmferry.http import ClientTls, client_for
 from vmferry.lab import libvirt as lab_libvirt
 from vmferry.lab.names import MIGRATION_BRIDGE, LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
+from vmferry.lab.router import build_router, router_plans
 from vmferry.lab.site import ManagementNetwork
 from vmferry.model.fabric import NO_VLANS
 from vmferry.model.network import short_ifname
@@ -101,6 +102,9 @@ class Lab:
         for host in self.topology.hosts:
             self._node_with_ovs(host.name, HOST_BRIDGE)
             layout.guest_run_dir(host.name).mkdir(parents=True, exist_ok=True)
+        if self.topology.routed_racks():
+            say("routers")
+            self._routers()
         say("trunks")
         self._trunks()
         say("clients")
@@ -168,7 +172,8 @@ class Lab:
         layout = self.layout
         for trunk in self.topology.trunks():
             ns_a, ns_b = layout.namespace(trunk.a), layout.namespace(trunk.b)
-            privileged.create_veth(ns_a, trunk.a_port, ns_b, trunk.b_port)
+            if not trunk.tunnel:    # a tunnel's ends are VXLAN devices (_routers)
+                privileged.create_veth(ns_a, trunk.a_port, ns_b, trunk.b_port)
             for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
                 bridge = HOST_BRIDGE if node in {h.name for h in self.topology.hosts} \
                     else SWITCH_BRIDGE
@@ -194,6 +199,20 @@ class Lab:
                     name=port, tag=client.vlan, vlan_mode="access",
                     external_ids={OWNER_KEY: LAB_OWNER, "vmferry-role": "access",
                                   "vmferry-client": client.name}))
+
+    def _routers(self) -> None:
+        """Each routed rack's router, its legs on access ports of the two switches, and the
+        VXLAN ends of its tunnel (lab/router.py)."""
+        for plan in router_plans(self.topology):
+            build_router(self.layout, plan)
+            rack = plan.rack
+            assert rack.uplink is not None and rack.vlan is not None
+            for switch, vlan in ((rack.uplink.switch, rack.uplink.vlan), (rack.tor, rack.vlan)):
+                with self._ovs(switch).softswitch() as softswitch:
+                    softswitch.ensure_port(SWITCH_BRIDGE, PortSpec(
+                        name=plan.access_port, tag=vlan, vlan_mode="access",
+                        external_ids={OWNER_KEY: LAB_OWNER, "vmferry-role": "access",
+                                      "vmferry-client": rack.router}))
 
     def _migration_network(self) -> None:
         layout = self.layout
@@ -413,6 +432,13 @@ def status(lab: str) -> LabStatus:
         nodes.append({"node": client.name, "kind": "client", "vlan": client.vlan,
                       "ip": client.ip, "namespace": layout.namespace(client.name),
                       "namespace_up": layout.namespace(client.name) in namespaces})
+    for rack in topology.routed_racks():
+        assert rack.uplink is not None
+        nodes.append({"node": rack.router, "kind": "router", "rack": rack.name,
+                      "ip": f"{rack.uplink.ip} (VLAN {rack.uplink.vlan}), {rack.gateway} "
+                            f"(VLAN {rack.vlan})",
+                      "namespace": layout.namespace(rack.router),
+                      "namespace_up": layout.namespace(rack.router) in namespaces})
     controller_pid = pids.get("controller")
     controller_up = bool(controller_pid and privileged.pid_alive(int(controller_pid)))
     up = controller_up and all(n.get("namespace_up") for n in nodes)
@@ -431,7 +457,7 @@ def node_namespace(lab: str, node: str) -> str:
         raise SetupError(f"lab {lab!r} is not up") from exc
     topology = Topology.model_validate(state["topology"])
     known = [s.name for s in topology.switches] + [h.name for h in topology.hosts] + \
-        [c.name for c in topology.clients]
+        [c.name for c in topology.clients] + [r.router for r in topology.routed_racks()]
     if node not in known:
         from vmferry.errors import InputError
         raise InputError("node", f"unknown node {node!r}; known: {', '.join(known)}")

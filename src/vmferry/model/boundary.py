@@ -21,10 +21,13 @@ its topology and hosts, and tests without any.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from vmferry.errors import InputError
+from vmferry.model.fabric import path_between
+from vmferry.model.topology import Topology
 
 
 class Way(StrEnum):
@@ -121,3 +124,41 @@ def plan_crossing(facts: CrossingFacts, requested: Way | str | None = None) -> C
         else:
             reasons[way] = reason or f"{chosen.value if chosen else '?'} comes first"
     return CrossingPlan(facts.vm, facts.destination, chosen, reasons)
+
+
+def crossing_facts(topology: Topology, vm: str, vlan: int, source: str,
+                   destination: str) -> CrossingFacts:
+    """The facts of moving ``vm`` (on ``vlan``) from host ``source`` to host ``destination``
+    as the topology states them: a fabric path of plain trunks is the same L2 domain; one
+    that crosses a tunnel link is a boundary the tunnel can stretch the VLAN over; a routed
+    destination rack whose router has a leg in the VM's VLAN can route to it. vmferry keeps
+    no address pool yet, so no way that needs a destination address applies."""
+    path = path_between(topology, source, destination)
+    tunnels = {frozenset((t.a, t.b)) for t in topology.trunks() if t.tunnel}
+    hops = {frozenset(pair) for pair in itertools.pairwise(path)}
+    rack = next(r for r in topology.racks if r.name == topology.host(destination).rack)
+    routed_here = rack.routed and rack.uplink is not None and rack.uplink.vlan == vlan
+    return CrossingFacts(
+        vm=vm, vlan=vlan, subnet=topology.vlan_subnet(vlan), destination=destination,
+        l2_path=bool(path) and not hops & tunnels,
+        destination_subnet=rack.subnet if routed_here else None,
+        tunnel_endpoints=bool(hops & tunnels),
+        routers=(rack.router,) if routed_here else ())
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    """A /32 the "route" way needs: ``router`` routes ``address`` into its rack."""
+
+    router: str
+    address: str
+
+
+def host_route(topology: Topology, ip: str, vlan: int, host: str) -> HostRoute | None:
+    """The host route a VM of ``vlan`` with address ``ip`` (CIDR or bare) needs on ``host``
+    when it crossed by the "route" way: the router of the host's rack, if that rack is
+    routed and its router has a leg in ``vlan``; None otherwise."""
+    rack = next(r for r in topology.racks if r.name == topology.host(host).rack)
+    if not rack.routed or rack.uplink is None or rack.uplink.vlan != vlan:
+        return None
+    return HostRoute(rack.router, ip.split("/")[0])

@@ -84,7 +84,11 @@ def path_between(topology: Topology, src: str, dst: str) -> list[str]:
 
 
 def client_endpoints(topology: Topology) -> list[Endpoint]:
-    return [Endpoint(node=c.switch, vlan=c.vlan, owner=c.name) for c in topology.clients]
+    """Fixed endpoints: clients' access ports and routed racks' router legs."""
+    legs = [Endpoint(node=switch, vlan=vlan, owner=rack.router)
+            for rack in topology.routed_racks() if rack.uplink and rack.vlan
+            for switch, vlan in ((rack.uplink.switch, rack.uplink.vlan), (rack.tor, rack.vlan))]
+    return [Endpoint(node=c.switch, vlan=c.vlan, owner=c.name) for c in topology.clients] + legs
 
 
 # Open vSwitch reads an empty trunk list as "every VLAN". A trunk that should carry none gets

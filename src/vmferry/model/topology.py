@@ -57,14 +57,56 @@ class Switch(_Strict):
         return self
 
 
+class RouterLeg(_Strict):
+    """A routed rack's router's leg in the subnet the rack is joined to: an access port of a
+    fabric switch outside the rack, in that subnet's VLAN."""
+
+    switch: str
+    vlan: VlanId
+    ip: InterfaceCidr
+
+
 class Rack(_Strict):
+    """A rack: its ToR and hosts. A ``routed`` rack is another subnet: its hosts' VLAN
+    (``vlan``, ``subnet``) reaches the rest of the site only through its router (a node with
+    IP forwarding, ``gateway`` its address in the rack's subnet, ``uplink`` its leg outside).
+    Its ToR is linked to the rest only by a ``tunnel`` link (VXLAN between the two ToRs over
+    ``transit``, a /29 the router joins: the way to stretch a VLAN into the rack)."""
+
     name: str
     tor: str
+    routed: bool = False
+    vlan: VlanId | None = None
+    subnet: NetworkCidr | None = None
+    gateway: InterfaceCidr | None = None
+    uplink: RouterLeg | None = None
+    transit: NetworkCidr | None = None
 
     @model_validator(mode="after")
     def _name(self) -> Rack:
         _check_name(self.name, "rack")
+        routed_fields = ("vlan", "subnet", "gateway", "uplink", "transit")
+        if not self.routed:
+            given = [f for f in routed_fields if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: only a routed rack has one (set routed: true)")
+            return self
+        for f in routed_fields:
+            if getattr(self, f) is None:
+                raise ValueError(f"{f}: required for a routed rack")
+        assert self.subnet and self.gateway and self.transit
+        if ipaddress.ip_interface(self.gateway).ip not in ipaddress.ip_network(self.subnet):
+            raise ValueError(f"gateway: {self.gateway} is outside the rack's subnet "
+                             f"{self.subnet}")
+        if ipaddress.ip_network(self.transit).prefixlen > 29:
+            raise ValueError(f"transit: {self.transit} is too small (a /29 or larger: two "
+                             f"point-to-point /30s through the router)")
         return self
+
+    @property
+    def router(self) -> str:
+        """The node name of a routed rack's router."""
+        return f"rtr-{self.name}"
 
 
 class Link(_Strict):
@@ -74,6 +116,9 @@ class Link(_Strict):
     a: str
     b: str
     vlans: list[VlanId] | None = None
+    # A VXLAN tunnel between a routed rack's ToR and its router's uplink switch (over the
+    # router), not a cable: the lab builds it from the rack's ``transit``.
+    tunnel: bool = False
 
 
 class Host(_Strict):
@@ -145,10 +190,11 @@ class Topology(_Strict):
         _unique("clients", [c.name for c in self.clients])
         _unique("vlans", [str(v.id) for v in self.vlans], key="id")
         nodes = [s.name for s in self.switches] + [h.name for h in self.hosts] + \
-            [c.name for c in self.clients]
+            [c.name for c in self.clients] + [r.router for r in self.racks if r.routed]
         clash = {n for n in nodes if nodes.count(n) > 1}
         if clash:
-            raise ValueError(f"node names must be unique across switches, hosts and clients: "
+            raise ValueError(f"node names must be unique across switches, hosts, clients and "
+                             f"routers: "
                              f"{sorted(clash)}")
         switches = {s.name for s in self.switches}
         racks = {r.name for r in self.racks}
@@ -161,6 +207,7 @@ class Topology(_Strict):
                     raise ValueError(f"links[{i}].{end}: unknown switch {getattr(link, end)!r}")
             if link.a == link.b:
                 raise ValueError(f"links[{i}]: a link must join two different switches")
+        _check_routed_racks(self)
         for i, host in enumerate(self.hosts):
             if host.rack not in racks:
                 raise ValueError(f"hosts[{i}].rack: unknown rack {host.rack!r}")
@@ -220,8 +267,10 @@ class Topology(_Strict):
 
     def trunks(self) -> list[Trunk]:
         """Every trunk of the fabric: switch-to-switch links and host uplinks."""
-        result = [Trunk(a=link.a, a_port=short_ifname("t-", link.b),
-                        b=link.b, b_port=short_ifname("t-", link.a)) for link in self.links]
+        prefix = {False: "t-", True: "x-"}
+        result = [Trunk(a=link.a, a_port=short_ifname(prefix[link.tunnel], link.b),
+                        b=link.b, b_port=short_ifname(prefix[link.tunnel], link.a),
+                        tunnel=link.tunnel) for link in self.links]
         for host in self.hosts:
             tor = self.tor_of(host.name)
             result.append(Trunk(a=host.name, a_port=HOST_UPLINK_PORT,
@@ -230,6 +279,12 @@ class Topology(_Strict):
 
     def access_port(self, client: str) -> str:
         return short_ifname("a-", client)
+
+    def routed_racks(self) -> list[Rack]:
+        return [rack for rack in self.racks if rack.routed]
+
+    def rack_of_tor(self, switch: str) -> Rack | None:
+        return next((rack for rack in self.racks if rack.tor == switch), None)
 
 
 class Trunk(BaseModel):
@@ -240,6 +295,7 @@ class Trunk(BaseModel):
     a_port: str
     b: str
     b_port: str
+    tunnel: bool = False
 
     @property
     def key(self) -> str:
@@ -252,6 +308,58 @@ def _unique(field: str, names: list[str], key: str = "name") -> None:
         if name in seen:
             raise ValueError(f"{field}[{i}].{key}: duplicate {name!r}")
         seen.add(name)
+
+
+def _check_routed_racks(topo: Topology) -> None:
+    """A routed rack's router legs name known switches and declared VLANs, and its ToR is
+    joined to the rest only by a tunnel to its router's uplink switch."""
+    switches = {s.name for s in topo.switches}
+    vlans = {v.id: v for v in topo.vlans}
+    routed_tors = {rack.tor for rack in topo.racks if rack.routed}
+    for j, link in enumerate(topo.links):
+        if link.tunnel and not {link.a, link.b} & routed_tors:
+            raise ValueError(f"links[{j}].tunnel: a tunnel must end at a routed rack's ToR")
+    transits: list[tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+    for i, rack in enumerate(topo.racks):
+        if not rack.routed:
+            continue
+        assert rack.uplink and rack.vlan and rack.subnet and rack.transit
+        where = f"racks[{i}]"
+        if rack.uplink.switch not in switches:
+            raise ValueError(f"{where}.uplink.switch: unknown switch {rack.uplink.switch!r}")
+        if rack.uplink.switch == rack.tor:
+            raise ValueError(f"{where}.uplink.switch: the router's uplink must be outside "
+                             f"the rack (not its ToR {rack.tor!r})")
+        for field, vlan in (("vlan", rack.vlan), ("uplink.vlan", rack.uplink.vlan)):
+            if vlans and vlan not in vlans:
+                raise ValueError(f"{where}.{field}: VLAN {vlan} is not declared in vlans")
+        if rack.vlan == rack.uplink.vlan:
+            raise ValueError(f"{where}.vlan: a routed rack needs a VLAN of its own, not its "
+                             f"uplink's {rack.uplink.vlan}")
+        declared = vlans.get(rack.vlan)
+        if declared and declared.subnet and declared.subnet != rack.subnet:
+            raise ValueError(f"{where}.subnet: {rack.subnet} differs from VLAN {rack.vlan}'s "
+                             f"subnet {declared.subnet}")
+        uplink_subnet = vlans[rack.uplink.vlan].subnet if rack.uplink.vlan in vlans else None
+        if uplink_subnet and ipaddress.ip_interface(rack.uplink.ip).ip not in \
+                ipaddress.ip_network(uplink_subnet):
+            raise ValueError(f"{where}.uplink.ip: {rack.uplink.ip} is outside VLAN "
+                             f"{rack.uplink.vlan}'s subnet {uplink_subnet}")
+        transit = ipaddress.ip_network(rack.transit)
+        for k, other in transits:
+            if transit.overlaps(other):
+                raise ValueError(f"{where}.transit: overlaps racks[{k}].transit")
+        transits.append((i, transit))
+    for rack in topo.routed_racks():
+        assert rack.uplink is not None
+        for j, link in enumerate(topo.links):
+            joins = {link.a, link.b}
+            if rack.tor in joins and not link.tunnel:
+                raise ValueError(f"links[{j}]: {rack.tor} is the ToR of routed rack "
+                                 f"{rack.name!r}: only a tunnel link may join it")
+            if rack.tor in joins and rack.uplink.switch not in joins:
+                raise ValueError(f"links[{j}]: a tunnel to routed rack {rack.name!r} must "
+                                 f"end at its router's uplink switch {rack.uplink.switch!r}")
 
 
 def _check_tree(topo: Topology) -> None:

@@ -19,6 +19,7 @@ from vmferry.errors import AgentError, ConflictError, VmferryError
 from vmferry.http import ClientTls, client_for, error_payload, raise_for_agent
 from vmferry.lab.names import LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
+from vmferry.model.boundary import Way, crossing_facts, plan_crossing
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.topology import Topology
 
@@ -120,14 +121,24 @@ class BenchLab:
     def namespace(self, node: str) -> str:
         return self.layout.namespace(node)
 
-    def rack_hosts(self) -> tuple[str, str]:
-        """A host of the first rack and a host of another rack: the path crosses the spine."""
+    def rack_hosts(self, boundary: str | None = None, vlan: int = 100) -> tuple[str, str]:
+        """A host of the first rack and a host of another rack: the path crosses the spine.
+        With ``boundary`` (a way across), the other host is in a routed rack and the move
+        there must take that way (``model.boundary``)."""
         topo = self.topology
         first = topo.racks[0].name
+        routed = {r.name for r in topo.routed_racks()}
         a = next(h.name for h in topo.hosts if h.rack == first)
-        b = next((h.name for h in topo.hosts if h.rack != first), None)
+        b = next((h.name for h in topo.hosts if h.rack != first
+                  and (boundary is None or h.rack in routed)), None)
         if b is None:
-            raise ConflictError("topology", "the benchmark needs hosts in two racks")
+            raise ConflictError("topology", "the benchmark needs hosts in two racks" +
+                                (", one of them routed" if boundary else ""))
+        if boundary is not None:
+            plan = plan_crossing(crossing_facts(topo, "bench", vlan, a, b), boundary)
+            if plan.way is None:
+                raise ConflictError("boundary", f"a move {a} -> {b} cannot cross by "
+                                    f"{boundary}: {plan.reasons.get(Way(boundary), '?')}")
         return a, b
 
     # -- wiring by hand

@@ -124,7 +124,10 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
     ``config.runs`` times each, bring the lab down (also on failure); returns the report,
     also given to ``on_report`` after every run (a benchmark cut short keeps its runs).
     Raises ``VmferryError`` when the lab cannot be brought up."""
-    topology = load_topology(config.topology or default_topology_path())
+    default = default_topology_path()
+    if config.boundary is not None:
+        default = default.with_name("routed-rack.yaml")
+    topology = load_topology(config.topology or default)
     topology = topology.model_copy(update={"name": config.lab_name})
     lab = BenchLab(topology, config.controller_port or free_port())
     started_at = datetime.now(UTC)
@@ -135,7 +138,7 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
     link_mbps: float | None = None
     try:
         lab.up(say)
-        home, away = lab.rack_hosts()
+        home, away = lab.rack_hosts(config.boundary, config.vlan)
         try:
             link_mbps = lab.link_mbps(home, away)
         except VmferryError as exc:
@@ -169,7 +172,9 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
             _finish(variant, where, errors)
         say("lab down")
         lab.down()
-    document = report(config, results, errors, started_at, lab.rack_hosts())
+    document = report(config, results, errors, started_at,
+                      lab.rack_hosts(config.boundary, config.vlan))
+    document["boundary"] = config.boundary
     document["migration_link_mbps"] = link_mbps
     return document
 

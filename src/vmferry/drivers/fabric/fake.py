@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from vmferry.drivers.fabric.base import Fabric
+from vmferry.drivers.fabric.router import Router
 from vmferry.errors import FabricError
 from vmferry.model.switchover import PortInfo, Rule, SwitchPorts
 from vmferry.model.topology import Topology
@@ -94,3 +95,25 @@ class FakeFabric(Fabric):
 
     def mac_moves(self, switch: str) -> int:
         return self._get("mac_moves", switch).moves
+
+
+class FakeRouter(Router):
+    """Routers' /32s as sets of addresses by router name; ``fail`` as FakeFabric's."""
+
+    def __init__(self, routers: list[str]) -> None:
+        self.routes: dict[str, set[str]] = {name: set() for name in routers}
+        self.fail: set[str] = set()
+
+    def _get(self, router: str) -> set[str]:
+        if router in self.fail or router not in self.routes:
+            raise FabricError(f"router {router} unreachable", switch=router)
+        return self.routes[router]
+
+    def host_routes(self, router: str) -> frozenset[str]:
+        return frozenset(self._get(router))
+
+    def add_host_route(self, router: str, address: str) -> None:
+        self._get(router).add(address.split("/")[0])
+
+    def remove_host_route(self, router: str, address: str) -> None:
+        self._get(router).discard(address.split("/")[0])
