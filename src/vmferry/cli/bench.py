@@ -91,14 +91,18 @@ def migration(
     for name, variant in document["variants"].items():
         console.print(f"{name}: split {', '.join(variant['split']) or '-'}; "
                       f"{variant['description']}", highlight=False)
+    _print_footer(document, output)
+    if any(v["error"] for v in document["variants"].values()):
+        raise typer.Exit(1)
+
+
+def _print_footer(document: dict[str, Any], output: Path) -> None:
     console.print(f"migration link: {document.get('migration_link_mbps')} Mbit/s "
                   "(bound = bytes QEMU sent / this)", highlight=False)
     if document.get("boundary"):
         console.print(f"every move crossed into a routed rack by {document['boundary']}",
                       highlight=False)
     console.print(f"JSON written to {output}")
-    if any(v["error"] for v in document["variants"].values()):
-        raise typer.Exit(1)
 
 
 def _stat(summary: dict[str, Any], digits: int = 0) -> str:
