@@ -45,13 +45,15 @@ class Mover:
         self._jobs: dict[str, DrainOut] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
-        # Set whenever some migration ends: a freed slot is taken at once, not at the next poll.
-        self._ended = threading.Event()
+        # One per running job, set whenever some migration ends: a freed slot is taken at
+        # once, not at the next poll.
+        self._wakers: set[threading.Event] = set()
         migrations.listeners.append(self._on_migration)
 
     def _on_migration(self, record: dict[str, object]) -> None:
         if record.get("state") not in LIVE:
-            self._ended.set()
+            for waker in list(self._wakers):
+                waker.set()
 
     # ---- drain ------------------------------------------------------------------------------
 
@@ -161,12 +163,20 @@ class Mover:
         """Start moves whenever both ends have a free migration slot; each gets its share of
         the source's migration link. Woken by every migration's end; ends when every move
         has ended."""
+        ended = threading.Event()
+        self._wakers.add(ended)
+        try:
+            self._moves(job, actor, ended)
+        finally:
+            self._wakers.discard(ended)
+
+    def _moves(self, job: DrainOut, actor: Principal, ended: threading.Event) -> None:
         topology = self.controller.topology()
         deadline = time.monotonic() + MOVE_TIMEOUT_S * max(1, len(job.moves))
         replanned: set[str] = set()
         while time.monotonic() < deadline:
             # Cleared before the states are read: an end after the read wakes the wait below.
-            self._ended.clear()
+            ended.clear()
             self._follow(job, replanned)
             pending = [m for m in job.moves if m.state == "planned"]
             running = [m for m in job.moves if m.state == "running"]
@@ -184,7 +194,7 @@ class Mover:
                 self._launch(move, actor)
                 busy[move.source] = busy.get(move.source, 0) + 1
                 busy[move.destination] = busy.get(move.destination, 0) + 1
-            self._ended.wait(POLL_S)
+            ended.wait(POLL_S)
         with self._lock:
             job.state = "failed"
 
