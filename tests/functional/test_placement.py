@@ -1,10 +1,13 @@
-"""Issue 14: where a VM may go and why not, a refused migration that changes nothing, and a
-drain that empties a host while every VM keeps answering (one lab for the module)."""
+"""Issue 14: where a VM may go and why not, a refused migration that changes nothing, a
+drain that empties a host while every VM keeps answering, and balancing that moves a busy
+guest (CPU read from QEMU) off its host (one lab for the module)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +43,7 @@ qos:
   to_vm: {rate_kbps: 50000, burst_kb: 5000}
 """
 IPS = {"web1": "192.0.2.11", "vm2": "192.0.2.12", "vm3": "192.0.2.13", "vm4": "192.0.2.14"}
+BUSY_IP = "192.0.2.15"
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +133,40 @@ def test_drain_refused_up_front_when_a_vm_has_nowhere_to_go(lab: LabRun) -> None
     assert "state" not in where(lab, "vm2")["host2"]        # not put in maintenance
     placed = {v["name"]: v["host"] for v in lab.json("vm", "list")}
     assert placed["vm4"] == "host2"
+
+
+def test_balance_moves_a_busy_guest_off_the_loaded_host(lab: LabRun) -> None:
+    # After the drain host1 is empty; the most loaded other host takes a guest whose
+    # workload keeps its vCPU busy, as big in memory as its neighbours: on memory alone any
+    # of them would do, only the CPU read from QEMU says which one to move.
+    placed = {v["name"]: v["host"] for v in lab.json("vm", "list")}
+    counts = Counter(h for h in placed.values() if h != "host1")
+    loaded = max(sorted(counts), key=lambda h: counts[h])
+    lab.cli("vm", "create", "busy1", "--host", loaded, "--vlan", "100", "--memory", "192",
+            "--ip", f"{BUSY_IP}/24", "--workload-mibps", "32")
+    # The agents read CPU on every heartbeat (2 s); a plan needs two readings of the guest.
+    deadline = time.monotonic() + 120
+    while True:
+        plan = lab.json("balance", "--dry-run", "--max-moves", "1")
+        moves = [(m["vm"], m["source"]) for m in plan["moves"]]
+        if moves == [("busy1", loaded)] or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert moves == [("busy1", loaded)], plan
+    assert plan["state"] == "planned" and plan["cpu_before"][loaded] > plan["cpu_after"][loaded]
+    assert {v["name"]: v["host"] for v in lab.json("vm", "list")}["busy1"] == loaded
+    text = lab.cli("balance", "--dry-run", "--max-moves", "1").stdout
+    assert "cpu before" in text and "busy1" in text
+    out = lab.json("balance", "--max-moves", "1")
+    assert out["state"] == "done", out
+    assert [(m["vm"], m["source"], m["state"]) for m in out["moves"]] == [
+        ("busy1", loaded, "completed")]
+    placed = {v["name"]: v["host"] for v in lab.json("vm", "list")}
+    assert placed["busy1"] not in (loaded, "host5")
+    assert placed["web1"] not in ("host2", "host3", "host5")       # forbidden, meters, zone
+    assert placed["vm4"] == "host2" and placed["web1"] != placed["vm4"]    # allowed, front
+    assert lab.wait_ping("client-100", BUSY_IP)
+    assert_clean(lab)
 
 
 def _stop(proc: subprocess.Popen[str]) -> tuple[int, int]:

@@ -19,7 +19,12 @@ from vmferry.model.placement import (
     network_view,
     profile_needs,
 )
-from vmferry.model.placement_plans import plan_balance, plan_drain, plan_restart
+from vmferry.model.placement_plans import (
+    plan_balance,
+    plan_drain,
+    plan_restart,
+    pressure,
+)
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import load_topology
 
@@ -165,6 +170,50 @@ def test_balance_evens_memory_within_the_move_bound() -> None:
     assert len(plan.moves) == 3
     assert plan.load_before["h1"] == 1.0 and plan.load_after["h1"] == 0.625
     assert max(plan.load_after.values()) < max(plan.load_before.values())
+
+
+def busy(name: str, on: str, cpu: float, **kw: Any) -> VmFacts:
+    facts = vm(name, on, **kw)
+    facts.cpu = cpu
+    return facts
+
+
+TWO_CPUS = {h.name: {"cpus": 2} for h in TOPO.hosts}
+
+
+def test_balance_moves_the_busy_vm_off_the_cpu_loaded_host() -> None:
+    # h1 and h2 hold the same memory; h1's "busy" keeps one of its two CPUs busy. A plan on
+    # memory alone would take "a1" (first by name): as good for memory, no help for CPU.
+    c = cluster([busy("busy", "h1", 1.0), busy("a1", "h1", 0.02), busy("a2", "h2", 0.02),
+                 busy("a3", "h2", 0.02)], **TWO_CPUS)
+    assert pressure(c, "h1") > pressure(c, "h2")      # equal memory: CPU breaks the tie
+    plan = plan_balance(c, max_moves=1)
+    assert [(m.vm, m.source) for m in plan.moves] == [("busy", "h1")]
+    assert plan.cpu_before["h1"] == 0.51 and plan.cpu_after["h1"] == 0.01
+    assert plan.memory_before["h1"] == 0.5 and plan.memory_after["h1"] == 0.25
+    dest = plan.moves[0].destination
+    assert plan.cpu_after[dest] == 0.5 and plan.load_after[dest] == 0.5
+    assert max(plan.load_after.values()) < max(plan.load_before.values())
+
+
+def test_cpu_balancing_honours_policies_and_the_move_bound() -> None:
+    def vms() -> list[VmFacts]:      # a plan moves the facts it was given: new ones each time
+        return [busy("busy", "h1", 1.6, forbidden_hosts=["h2"]), busy("a1", "h1", 0.1),
+                busy("a2", "h1", 0.1)]
+    plan = plan_balance(cluster(vms(), **TWO_CPUS), max_moves=1)
+    # h2 is forbidden, h4 lacks the memory to be cooler after, h5 is another zone: h3.
+    assert [(m.vm, m.destination) for m in plan.moves] == [("busy", "h3")]
+    plan = plan_balance(cluster(vms(), **TWO_CPUS), max_moves=5)
+    assert len(plan.moves) <= 5
+    assert all(not (m.vm == "busy" and m.destination == "h2") for m in plan.moves)
+    assert all(m.destination != "h5" for m in plan.moves)
+    assert max(plan.load_after.values()) < max(plan.load_before.values())
+
+
+def test_balance_leaves_a_lone_busy_vm_where_it_is() -> None:
+    # Moving the only VM of a host just moves its load: nothing gets cooler.
+    c = cluster([busy("busy", "h1", 1.0, memory=128)], **TWO_CPUS)
+    assert plan_balance(c, max_moves=3).moves == []
 
 
 @st.composite

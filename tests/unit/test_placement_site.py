@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from enginekit import Site, site_at
 
+from vmferry.agent.cpuload import CpuLoad
 from vmferry.api.controller import VmCreate
 from vmferry.controller.drain import Mover
 from vmferry.controller.placement import Placement
@@ -123,3 +124,21 @@ def test_balance_dry_run_plans_within_the_bound(site: Site) -> None:
     assert len(out.moves) == 2 and out.state == "planned"
     assert out.load_before["host1"] == 0.5 and out.load_after["host1"] == 0.25
     assert {v.host for v in site.controller.vms()} == {"host1"}
+
+
+def test_balance_reads_cpu_from_the_agents_and_moves_the_busy_vm(site: Site) -> None:
+    clock = [0.0]
+    for name, agent in site.agents.items():
+        agent.cpu_load = CpuLoad(site.hypervisors[name], clock=lambda: clock[0])
+    for i, vm in enumerate(("busy", "idle", "other")):
+        create(site, vm, "host1" if vm != "other" else "host2", str(30 + i))
+    beat(site)                                    # first readings: no load yet
+    site.hypervisors["host1"].burn("busy", 3.0)
+    clock[0] += 2.0
+    beat(site)
+    assert site.controller.host_report("host1").guests[0].cpu_load == 1.5
+    out = Mover(site.migrations).balance(1, True, site.actor())
+    assert [(m.vm, m.source) for m in out.moves] == [("busy", "host1")]
+    assert out.cpu_before["host1"] > out.cpu_after["host1"]
+    assert out.memory_before["host1"] > out.memory_after["host1"]
+    assert {v.host for v in site.controller.vms() if v.name == "busy"} == {"host1"}

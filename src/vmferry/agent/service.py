@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from vmferry import privileged
 from vmferry.agent import switchover
 from vmferry.agent.conntrack import CarrySweeper, from_wire, to_wire
+from vmferry.agent.cpuload import CpuLoad
 from vmferry.api.agent import (
     ConnCarried,
     ConnState,
@@ -88,6 +89,7 @@ class HostAgent:
                  links: Links | None = None) -> None:
         self.config = config
         self.hypervisor = hypervisor
+        self.cpu_load = CpuLoad(hypervisor)
         self.softswitch = softswitch
         self.links: Links = links or privileged
         self._lock = threading.RLock()
@@ -435,13 +437,16 @@ class HostAgent:
 
     def report(self) -> HostReport:
         storage = self.config.shared_storage
+        guests = self.guests()
+        loads = self.cpu_load.sample(g.name for g in guests if g.state != GuestState.ABSENT.value)
         return HostReport(
             host=self.config.host, qemu_version=self.hypervisor.version(),
             machine_types=self.hypervisor.machine_types(), memory_mib=self.config.memory_mib,
-            memory_used_mib=self.memory_used_mib(), guests=self.guests(),
+            memory_used_mib=self.memory_used_mib(),
+            guests=[g.model_copy(update={"cpu_load": loads.get(g.name)}) for g in guests],
             shared_storage=str(storage) if storage else None,
             shared_storage_ok=bool(storage and storage.is_dir() and os.access(storage, os.W_OK)),
-            migration_ip=self.config.migration_ip)
+            migration_ip=self.config.migration_ip, cpus=os.cpu_count())
 
     # ---- persistence of guest requests (so a restarted agent knows its guests) ---------------
 

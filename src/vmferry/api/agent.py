@@ -69,6 +69,9 @@ class GuestInfo(BaseModel):
     port_present: bool = False
     incoming_uri: str | None = None
     memory_mib: int | None = None
+    # CPU seconds per second its QEMU used over the last interval (1.0: one CPU busy); None
+    # until the agent has read it twice (``agent.cpuload``).
+    cpu_load: float | None = None
 
 
 class UplinkVlans(_Body):
@@ -124,6 +127,7 @@ class HostReport(BaseModel):
     shared_storage: str | None
     shared_storage_ok: bool
     migration_ip: str | None = None
+    cpus: int | None = None       # CPUs the host's guests share (the guests' cpu_load is of one)
 
 
 class MigrationResume(_Body):

@@ -53,6 +53,9 @@ class MoveOut(BaseModel):
     migration_id: int | None = None
     error: str | None = None
     bandwidth_mbps: int | None = None
+    # When the mover launched it and when it saw it end (ISO 8601, UTC).
+    started_at: str | None = None
+    ended_at: str | None = None
 
 
 class DrainOut(BaseModel):
@@ -73,8 +76,14 @@ class BalanceOut(BaseModel):
     dry_run: bool
     max_moves: int
     moves: list[MoveOut]
+    # Per up host, before and after the moves: the larger of its memory and CPU shares, then
+    # each (memory: used / capacity; CPU: its VMs' CPU load / its CPUs).
     load_before: dict[str, float]
     load_after: dict[str, float]
+    memory_before: dict[str, float] = Field(default_factory=dict)
+    memory_after: dict[str, float] = Field(default_factory=dict)
+    cpu_before: dict[str, float] = Field(default_factory=dict)
+    cpu_after: dict[str, float] = Field(default_factory=dict)
     state: str = "planned"
 
 

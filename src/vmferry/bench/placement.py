@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,8 @@ def run_lab_drain(cfg: PlacementBenchConfig) -> dict[str, Any]:
                     raise WaitTimeout("the drain of host1 to end", 600)
                 time.sleep(0.2)
                 job = api.get("/v1/hosts/host1/drain").json()
+            records = [(m, api.get(f"/v1/migrations/{m['migration_id']}").json())
+                       for m in job["moves"] if m.get("migration_id") is not None]
     finally:
         lab.down()
     total_s = (datetime.fromisoformat(job["ended_at"]) -
@@ -196,7 +198,41 @@ def run_lab_drain(cfg: PlacementBenchConfig) -> dict[str, Any]:
             "ratio_to_bound": round(total_s / bound_s, 2) if bound_s else None,
             "target_ratio": 1.3,
             "moves": [{k: m[k] for k in ("vm", "destination", "state", "bandwidth_mbps")}
-                      for m in job["moves"]]}
+                      for m in job["moves"]],
+            "breakdown": [move_breakdown(m, r, job["started_at"]) for m, r in records]}
+
+
+def move_breakdown(move: dict[str, Any], record: dict[str, Any],
+                   drain_started: str) -> dict[str, Any]:
+    """Where one move's time went, against the drain's start (ms): when the drain launched
+    it, when its first phase began and its last ended, when its record ended and when the
+    drain saw that; each phase's duration; QEMU's own setup/total/downtime figures."""
+    t0 = datetime.fromisoformat(drain_started)
+
+    def since(stamp: str | None) -> float | None:
+        if stamp is None:
+            return None
+        at = datetime.fromisoformat(stamp)
+        if at.tzinfo is None:          # the store keeps UTC without its zone
+            at = at.replace(tzinfo=UTC)
+        return round((at - t0).total_seconds() * 1000, 1)
+
+    phases = record.get("phases") or []
+    qemu = (record.get("result") or {}).get("qemu") or {}
+    return {
+        "vm": record["vm"], "destination": record["destination"],
+        "state": record["state"],
+        "launched_ms": since(move.get("started_at")),
+        "started_ms": since(phases[0]["started"] if phases else None),
+        "ended_ms": since(phases[-1].get("ended") if phases else None),
+        "record_ended_ms": since(record.get("ended_at")),
+        "seen_ended_ms": since(move.get("ended_at")),
+        "phases_ms": {p["phase"]: p.get("duration_ms") for p in phases},
+        "qemu_ms": {k: qemu.get(f"{k}_time_ms") for k in ("setup", "total")} |
+                   {"downtime": qemu.get("downtime_ms")},
+        "qemu_bytes": qemu.get("transferred_bytes"), "qemu_mbps": qemu.get("mbps"),
+        "bandwidth_mbps": (record.get("options") or {}).get("bandwidth_mbps"),
+    }
 
 
 def _stats(samples: list[float], n: int) -> dict[str, float]:

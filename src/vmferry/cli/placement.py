@@ -125,15 +125,17 @@ def _follow_drain(host: str, job: dict[str, Any], quiet: bool) -> dict[str, Any]
 def balance(dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan"),
             max_moves: int = typer.Option(10, "--max-moves", help="At most this many moves"),
             as_json: bool = typer.Option(False, "--json")) -> None:
-    """Even out memory load over the hosts: plan (and unless --dry-run, make) moves."""
+    """Even out memory and CPU load over the hosts: plan (and unless --dry-run, make) moves.
+    A host's load is the larger of its memory and CPU shares (CPU read from QEMU)."""
     out = api_call("POST", "/v1/balance", params={"dry_run": dry_run, "max_moves": max_moves},
                    timeout=3600)
     if as_json:
         print_json(out)
         return
-    table = Table("host", "load before", "load after")
-    for host, before in out["load_before"].items():
-        table.add_row(host, f"{before:.0%}", f"{out['load_after'][host]:.0%}")
+    table = Table("host", "memory before", "cpu before", "memory after", "cpu after")
+    for host in out["load_before"]:
+        table.add_row(host, *(f"{out[key].get(host, 0):.0%}" for key in (
+            "memory_before", "cpu_before", "memory_after", "cpu_after")))
     console.print(table)
     moves = Table("vm", "from", "to", "memory", "state")
     for m in out["moves"]:

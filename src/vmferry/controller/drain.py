@@ -30,6 +30,8 @@ from vmferry.store.schema import HostRow, MigrationRow
 log = logging.getLogger(__name__)
 
 MOVE_TIMEOUT_S = 600.0
+# A move's end wakes the drain at once (a migration listener); this bounds the wait for ends
+# it cannot hear of (another controller's migrations holding a slot).
 POLL_S = 0.5
 
 
@@ -43,6 +45,15 @@ class Mover:
         self._jobs: dict[str, DrainOut] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        # One per running job, set whenever some migration ends: a freed slot is taken at
+        # once, not at the next poll.
+        self._wakers: set[threading.Event] = set()
+        migrations.listeners.append(self._on_migration)
+
+    def _on_migration(self, record: dict[str, object]) -> None:
+        if record.get("state") not in LIVE:
+            for waker in list(self._wakers):
+                waker.set()
 
     # ---- drain ------------------------------------------------------------------------------
 
@@ -150,11 +161,23 @@ class Mover:
 
     def _execute(self, job: DrainOut, actor: Principal) -> None:
         """Start moves whenever both ends have a free migration slot; each gets its share of
-        the source's migration link. Ends when every move has ended."""
+        the source's migration link. Woken by every migration's end; ends when every move
+        has ended."""
+        ended = threading.Event()
+        self._wakers.add(ended)
+        try:
+            self._moves(job, actor, ended)
+        finally:
+            self._wakers.discard(ended)
+
+    def _moves(self, job: DrainOut, actor: Principal, ended: threading.Event) -> None:
         topology = self.controller.topology()
         deadline = time.monotonic() + MOVE_TIMEOUT_S * max(1, len(job.moves))
         replanned: set[str] = set()
         while time.monotonic() < deadline:
+            # Cleared before the states are read: an end after the read wakes the wait below.
+            ended.clear()
+            self._follow(job, replanned)
             pending = [m for m in job.moves if m.state == "planned"]
             running = [m for m in job.moves if m.state == "running"]
             if not pending and not running:
@@ -171,36 +194,31 @@ class Mover:
                 self._launch(move, actor)
                 busy[move.source] = busy.get(move.source, 0) + 1
                 busy[move.destination] = busy.get(move.destination, 0) + 1
-            self._follow(job, replanned)
+            ended.wait(POLL_S)
         with self._lock:
             job.state = "failed"
 
     def _launch(self, move: MoveOut, actor: Principal) -> None:
         options = MigrationOptions.model_validate({"bandwidth_mbps": move.bandwidth_mbps})
+        move.started_at = _now()
         try:
             record = self.migrations.start(move.vm, move.destination, options, actor)
         except VmferryError as exc:
             with self._lock:
-                move.state, move.error = "failed", exc.message
+                move.state, move.error, move.ended_at = "failed", exc.message, _now()
             return
         with self._lock:
             move.state, move.migration_id = "running", record.id
 
     def _follow(self, job: DrainOut, replanned: set[str]) -> None:
-        """Wait (bounded) for a running move to end; a failed move is planned once more."""
-        running = [m for m in job.moves if m.state == "running" and m.migration_id]
-        if running and running[0].migration_id is not None:
-            self.migrations.wait(running[0].migration_id, POLL_S)
-        else:
-            time.sleep(POLL_S)     # moves wait for slots other migrations hold
-        for move in running:
+        """Read the running moves' ends; a failed move is planned once more."""
+        for move in [m for m in job.moves if m.state == "running" and m.migration_id]:
             assert move.migration_id is not None
             record = self.migrations.get(move.migration_id)
-            if record.state in (MigrationState.RUNNING.value,
-                                MigrationState.ROLLING_BACK.value):
+            if record.state in LIVE:
                 continue
             with self._lock:
-                move.state, move.error = record.state, record.error
+                move.state, move.error, move.ended_at = record.state, record.error, _now()
         for move in [m for m in job.moves if m.state in ("failed", "rolled-back")]:
             if move.vm in replanned or job.host == "*balance*":
                 continue
@@ -211,7 +229,7 @@ class Mover:
             if target is not None:
                 with self._lock:
                     move.destination, move.state, move.error = target, "planned", None
-                    move.migration_id = None
+                    move.migration_id = move.started_at = move.ended_at = None
 
     def _busy_hosts(self) -> dict[str, int]:
         busy: dict[str, int] = {}

@@ -75,6 +75,7 @@ def snapshot(controller: Controller, *, skip_migration: int | None = None,
     topology = controller.topology()
     now = datetime.now(UTC)
     hosts = []
+    cpu: dict[str, float] = {}      # each VM's CPU load as its host's agent last read it
     with controller.store.session() as session:
         rows = {r.name: r for r in session.scalars(select(HostRow))}
         for spec in topology.hosts:
@@ -91,15 +92,27 @@ def snapshot(controller: Controller, *, skip_migration: int | None = None,
                 shared_storage=report.get("shared_storage"),
                 shared_storage_ok=bool(report.get("shared_storage_ok")),
                 migration_ip=report.get("migration_ip"),
-                features=frozenset(spec.softswitch_features)))
+                features=frozenset(spec.softswitch_features), cpus=report.get("cpus") or 1))
+            cpu.update(_guest_cpu(spec.name, report))
         needs = {p.name: profile_needs(_profile(p)) for p in session.scalars(select(ProfileRow))}
         vms = [VmFacts(name=v.name, host=v.host, memory_mib=v.memory_mib, vlans=(v.vlan,),
                        policy=policy_of(v), needs=needs.get(v.profile or "", frozenset()),
-                       workload_mibps=v.workload_mibps)
+                       workload_mibps=v.workload_mibps, cpu=cpu.get(f"{v.host}/{v.name}", 0.0))
                for v in session.scalars(select(VmRow)) if v.state in PLACED_STATES]
         incoming = [(m.vm, m.destination) for m in session.scalars(select(MigrationRow).where(
             MigrationRow.state == MigrationState.RUNNING.value)) if m.id != skip_migration]
     return Cluster(hosts, vms, network_view(topology), incoming)
+
+
+def _guest_cpu(host: str, report: dict[str, Any]) -> dict[str, float]:
+    """``host/guest`` -> CPU load from a stored report (a migrating guest is on both hosts:
+    the VM's own host's reading counts)."""
+    loads = {}
+    for guest in report.get("guests") or ():
+        load = guest.get("cpu_load") if isinstance(guest, dict) else None
+        if isinstance(load, int | float):
+            loads[f"{host}/{guest.get('name')}"] = float(load)
+    return loads
 
 
 def _profile(row: ProfileRow) -> PortProfile | None:
@@ -235,7 +248,8 @@ class Placement:
         plan = plan_balance(cluster, max_moves)
         return cluster, BalanceOut(
             dry_run=True, max_moves=max_moves, load_before=plan.load_before,
-            load_after=plan.load_after,
+            load_after=plan.load_after, memory_before=plan.memory_before,
+            memory_after=plan.memory_after, cpu_before=plan.cpu_before, cpu_after=plan.cpu_after,
             moves=[MoveOut(vm=m.vm, source=m.source, destination=m.destination,
                            memory_mib=m.memory_mib) for m in plan.moves])
 

@@ -139,6 +139,7 @@ class HostFacts:
     shared_storage_ok: bool = False
     migration_ip: str | None = None
     features: frozenset[str] = frozenset({"meters"})
+    cpus: int = 1            # CPUs its guests share (agent report); a VM's ``cpu`` is of one
 
 
 @dataclass(slots=True)
@@ -150,6 +151,7 @@ class VmFacts:
     policy: VmPolicy = field(default_factory=lambda: VmPolicy())
     needs: frozenset[str] = frozenset()
     workload_mibps: int = 0
+    cpu: float = 0.0         # CPU seconds per second its QEMU used lately (agent.cpuload)
 
 
 @dataclass(frozen=True, slots=True)

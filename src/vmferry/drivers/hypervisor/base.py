@@ -189,6 +189,12 @@ class Hypervisor(ABC):
         it. Not abstract: drivers without a console file keep this."""
         return None
 
+    def cpu_seconds(self, name: str) -> float | None:
+        """CPU time (user + system, seconds) the guest has cost this host since it started;
+        None when it has no process or the driver cannot tell. The agent turns two readings
+        into a load (``agent.cpuload``). Not abstract: a driver that cannot tell keeps this."""
+        return None
+
     @abstractmethod
     def announce(self, name: str) -> None:
         """Make the guest's NIC announce its MAC (RARP/GARP) so switches learn where it is."""

@@ -145,6 +145,8 @@ class FakeHypervisor(Hypervisor):
         self.announcements: dict[str, int] = {}
         #: What each guest printed on its console here (a test writes it).
         self.consoles: dict[str, str] = {}
+        #: CPU seconds each guest has used (a test advances it: ``burn``).
+        self.cpu_used: dict[str, float] = {}
         self._pids = itertools.count(1000)
         self._changed = self.network.changed
 
@@ -182,6 +184,7 @@ class FakeHypervisor(Hypervisor):
         in fails at its next step."""
         with self._changed:
             guest = self._guests.pop(name, None)
+            self.cpu_used.pop(name, None)
             if guest is not None and guest.incoming_uri is not None:
                 self.network.unlisten(guest.incoming_uri)
             self._changed.notify_all()
@@ -260,6 +263,18 @@ class FakeHypervisor(Hypervisor):
     def console(self, name: str) -> str | None:
         with self._changed:
             return self.consoles.get(name)
+
+    def burn(self, name: str, seconds: float) -> None:
+        """The guest used ``seconds`` more CPU time (what ``cpu_seconds`` reads next)."""
+        with self._changed:
+            self._guest(name)
+            self.cpu_used[name] = self.cpu_used.get(name, 0.0) + seconds
+
+    def cpu_seconds(self, name: str) -> float | None:
+        with self._changed:
+            if name not in self._guests:
+                return None
+            return self.cpu_used.get(name, 0.0)
 
     def announce(self, name: str) -> None:
         with self._changed:

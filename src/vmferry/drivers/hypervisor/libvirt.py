@@ -64,6 +64,7 @@ from vmferry.drivers.hypervisor.libvirt_xml import (
     state_from_libvirt,
     version_from_number,
 )
+from vmferry.drivers.hypervisor.procstat import process_cpu_seconds
 from vmferry.drivers.hypervisor.qemu_cmdline import READY_MARKER, validate_spec
 from vmferry.drivers.hypervisor.uri import validate_migration_uri
 from vmferry.errors import HypervisorError, WaitTimeout
@@ -193,6 +194,11 @@ class LibvirtHypervisor(Hypervisor):
         except (OSError, ValueError, TypeError) as exc:
             raise HypervisorError(f"no spec recorded for guest {name}", host=self.host,
                                   vm=name, cause=str(exc)) from exc
+
+    def cpu_seconds(self, name: str) -> float | None:
+        """utime + stime of the domain's QEMU process (as the QEMU driver reads it)."""
+        pid = self.pid(name)
+        return None if pid is None else process_cpu_seconds(pid)
 
     def pid(self, name: str) -> int | None:
         """The pid of the guest's QEMU: the process in this network namespace whose command

@@ -32,6 +32,7 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
     ProgressCallback,
 )
+from vmferry.drivers.hypervisor.procstat import process_cpu_seconds
 from vmferry.drivers.hypervisor.qemu_cmdline import (
     MIN_QEMU_VERSION,
     NAME_RE,
@@ -135,6 +136,11 @@ class QemuHypervisor(Hypervisor):
             return None
         qmp_arg = f"unix:{files['qmp']},server=on,wait=off".encode()
         return pid if qmp_arg in cmdline else None
+
+    def cpu_seconds(self, name: str) -> float | None:
+        """utime + stime of the guest's QEMU (``procstat``: TCG has no vCPU stats in QMP)."""
+        pid = self.pid(name)
+        return None if pid is None else process_cpu_seconds(pid)
 
     def spec(self, name: str) -> GuestSpec:
         """The GuestSpec a running guest was started with. Raises HypervisorError."""
