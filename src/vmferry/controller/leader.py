@@ -7,6 +7,11 @@ theirs (``LeaderLease.check``), so a deposed leader that did not notice yet cann
 renewal notices a lost lease (someone else's epoch, or no renewal within the lease's time) and
 stops the controller acting (``lost``). On PostgreSQL the leader also holds a session advisory
 lock, which the database drops with the connection of a dead controller.
+
+A store that is down for a few seconds (a PostgreSQL restart) is ridden out: a failed renewal
+is retried every ``RETRY_S``, the lease lasts ``DEFAULT_TTL`` (several renewal periods plus
+such an outage), and an advisory lock lost with its connection is taken again (or, if another
+controller took it meanwhile, the lease is lost).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # The advisory lock's key on PostgreSQL ("vmferry" in ASCII, as a 64-bit number).
 ADVISORY_KEY = 0x766D6665727279
+DEFAULT_TTL = 15.0
+RENEWALS_PER_TTL = 5
+RETRY_S = 0.5          # after a failed renewal: back as soon as the store is
 
 
 # Not a VmferryError on purpose: nothing that handles errors may catch it.
@@ -62,7 +70,7 @@ def store_now(session: Session) -> datetime:
 
 
 class LeaderLease:
-    def __init__(self, store: Store, *, holder: str | None = None, ttl: float = 10.0,
+    def __init__(self, store: Store, *, holder: str | None = None, ttl: float = DEFAULT_TTL,
                  on_lost: Callable[[], None] | None = None) -> None:
         self.store = store
         self.holder = holder or this_process()
@@ -125,9 +133,13 @@ class LeaderLease:
         if self.store.engine.dialect.name != "postgresql" or self._advisory is not None:
             return
         connection = self.store.engine.connect()
-        got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                 {"key": ADVISORY_KEY}).scalar_one()
-        connection.commit()
+        try:
+            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                     {"key": ADVISORY_KEY}).scalar_one()
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
         if not got:
             connection.close()
             raise ConflictError("leader", "another controller holds this store's leader lock")
@@ -174,16 +186,34 @@ class LeaderLease:
                 if result.rowcount != 1:  # type: ignore[attr-defined]
                     self._lose("another controller took the lease")
                     return False
-            if self._advisory is not None:
-                self._advisory.execute(text("SELECT 1"))
+            self._keep_advisory_lock()
             self._renewed_at = time.monotonic()
             return True
+        except ConflictError as exc:
+            self._lose(exc.message)
+            return False
         except SQLAlchemyError as exc:
             # Not renewed: once the lease's time is over by our own clock, we stop.
             log.warning("renewing the leader lease failed: %s", exc)
             if time.monotonic() - self._renewed_at >= self.ttl:
                 self._lose("the lease could not be renewed in time")
             return False
+
+    def _keep_advisory_lock(self) -> None:
+        """The lock's connection dies with a restart of the database, and the lock with it:
+        take it again on a new connection. ConflictError if another controller holds it."""
+        if self.store.engine.dialect.name != "postgresql":
+            return
+        if self._advisory is not None:
+            try:
+                self._advisory.execute(text("SELECT 1"))
+                self._advisory.commit()
+                return
+            except SQLAlchemyError as exc:
+                log.warning("the leader lock's connection is gone (%s): taking the lock again",
+                            exc.__class__.__name__)
+                self._drop_advisory_lock()
+        self._take_advisory_lock()
 
     def _lose(self, why: str) -> None:
         if self.lost.is_set():
@@ -198,8 +228,9 @@ class LeaderLease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3) and not self.lost.is_set():
-            self.renew()
+        wait = self.ttl / RENEWALS_PER_TTL
+        while not self._stop.wait(wait) and not self.lost.is_set():
+            wait = self.ttl / RENEWALS_PER_TTL if self.renew() else min(RETRY_S, wait)
 
     def release(self) -> None:
         self._stop.set()
