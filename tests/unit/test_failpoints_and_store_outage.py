@@ -116,3 +116,27 @@ def test_an_outage_longer_than_the_lease_stops_the_controller(
         assert not lease.is_leader()    # lost stays lost: a restart takes the lease again
     finally:
         lease._stop.set()
+
+
+def test_sqlite_a_live_local_holder_keeps_the_lease_from_a_clock_ahead(store: Store) -> None:
+    """SQLite's "now" is the contender's own clock: a clock hours ahead sees every lease
+    expired. A holder alive on this machine keeps it all the same; a dead one does not."""
+    import os
+    import socket
+    from datetime import UTC, datetime, timedelta
+
+    from vmferry.errors import ConflictError
+    from vmferry.store.schema import LeaderRow
+    here = f"{socket.gethostname()}:{os.getpid()}:abcd1234"
+    with store.session() as session:
+        session.add(LeaderRow(id=1, holder=here, epoch=3,
+                              expires_at=datetime.now(UTC) - timedelta(hours=2)))
+    with pytest.raises(ConflictError, match="leads this store"):
+        LeaderLease(store, holder="b:2:y", ttl=30).acquire()
+    with store.session() as session:
+        row = session.get(LeaderRow, 1)
+        assert row is not None and row.holder == here and row.epoch == 3
+        row.holder = f"{socket.gethostname()}:999999999:abcd1234"   # that process is gone
+    taker = LeaderLease(store, holder="b:2:y", ttl=30)
+    taker.acquire()
+    assert taker.epoch == 4

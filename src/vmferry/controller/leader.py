@@ -1,12 +1,14 @@
 """One controller acts at a time, fenced.
 
 The lease is a row in the store, timed by the store's own clock (never a controller's wall
-clock, which may be skewed). Every change of holder raises the row's ``epoch``: the fencing
-token. A controller's migration writes check, in the same transaction, that the epoch is still
-theirs (``LeaderLease.check``), so a deposed leader that did not notice yet cannot write. The
-renewal notices a lost lease (someone else's epoch, or no renewal within the lease's time) and
-stops the controller acting (``lost``). On PostgreSQL the leader also holds a session advisory
-lock, which the database drops with the connection of a dead controller.
+clock, which may be skewed; on SQLite, which has no clock but the process's, a holder alive
+on this machine keeps the lease however far another controller's clock runs ahead). Every
+change of holder raises the row's ``epoch``: the fencing token. A controller's migration
+writes check, in the same transaction, that the epoch is still theirs (``LeaderLease.check``),
+so a deposed leader that did not notice yet cannot write. The renewal notices a lost lease
+(someone else's epoch, or no renewal within the lease's time) and stops the controller acting
+(``lost``). On PostgreSQL the leader also holds a session advisory lock, which the database
+drops with the connection of a dead controller.
 
 A store that is down for a few seconds (a PostgreSQL restart) is ridden out: a failed renewal
 is retried every ``RETRY_S``, the lease lasts ``DEFAULT_TTL`` (several renewal periods plus
@@ -53,10 +55,21 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _holder_gone(holder: str) -> bool:
+def _holder_here(holder: str) -> int | None:
+    """The pid of a holder on this machine (None: elsewhere, or no pid in its name)."""
     host, _, rest = holder.partition(":")
     pid = rest.split(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not privileged.pid_alive(int(pid))
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def _holder_gone(holder: str) -> bool:
+    pid = _holder_here(holder)
+    return pid is not None and not privileged.pid_alive(pid)
+
+
+def _holder_alive_here(holder: str) -> bool:
+    pid = _holder_here(holder)
+    return pid is not None and privileged.pid_alive(pid)
 
 
 def store_now(session: Session) -> datetime:
@@ -113,8 +126,12 @@ class LeaderLease:
                     assert row is not None
             current, current_expiry, epoch = row.holder, _aware(row.expires_at), row.epoch
             ours = current == self.holder and epoch == self.epoch
-            takeable = ours or current_expiry < now or _holder_gone(current) \
-                or self._advisory is not None
+            # SQLite has no clock of its own: "now" is this process's clock, which may be
+            # skewed. Every controller of a SQLite store runs on its machine, so a holder
+            # that is alive here keeps the lease whatever the clocks say.
+            expired = current_expiry < now and not (
+                session.get_bind().dialect.name == "sqlite" and _holder_alive_here(current))
+            takeable = ours or expired or _holder_gone(current) or self._advisory is not None
             if not takeable:
                 raise ConflictError("leader", f"another controller ({current}) leads this store "
                                     f"until {current_expiry.isoformat()}")
