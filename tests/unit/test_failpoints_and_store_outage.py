@@ -11,10 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from enginekit import Site, site_at
 from sqlalchemy.exc import OperationalError
 
 from vmferry import failpoints
+from vmferry.controller import run as run_module
 from vmferry.controller.leader import LeaderLease
+from vmferry.controller.migration import Migrations
+from vmferry.controller.run import Run
+from vmferry.model.migration import MigrationOptions
 from vmferry.store.db import Store
 
 WAIT_S = 10.0
@@ -140,3 +145,29 @@ def test_sqlite_a_live_local_holder_keeps_the_lease_from_a_clock_ahead(store: St
     taker = LeaderLease(store, holder="b:2:y", ttl=30)
     taker.acquire()
     assert taker.epoch == 4
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Iterator[Site]:
+    yield from site_at(tmp_path)
+
+
+def test_a_migration_write_waits_for_a_store_that_is_down_for_a_moment(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_module, "STORE_RETRY_POLL_S", 0.05)
+    site.create_vm()
+    site.hold("host1", "vm1")
+    record = Migrations(site.controller).start("vm1", "host3", MigrationOptions(),
+                                               site.actor())
+    run = Run(site.controller, record.id, threading.Event(), lambda r: None)
+    outage = _Outage(site.store, monkeypatch)
+    outage.down = True
+    threading.Timer(0.5, lambda: setattr(outage, "down", False)).start()
+    run.record_result(during_outage=True)           # waits, then writes
+    assert run.result()["during_outage"] is True
+    monkeypatch.setattr(run_module, "STORE_RETRY_S", 0.3)
+    outage.down = True
+    with pytest.raises(OperationalError):          # down for longer: the error goes on
+        run.record_result(too_long=True)
+    outage.down = False
+    site.release("host1", "vm1")
