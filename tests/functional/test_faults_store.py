@@ -127,6 +127,7 @@ def test_store_stopped_for_5s_during_precopy(lab: LabRun, postgres: PostgresClus
     before = leader_row(postgres.url)
     migration_id = migrate(lab, VM, destination, bandwidth_mbps=BANDWIDTH_MBPS)
     wait_copying(lab, migration_id)
+    stopped = time.time()
     postgres.stop_server()
     log.info("PostgreSQL stopped")
     try:
@@ -135,6 +136,11 @@ def test_store_stopped_for_5s_during_precopy(lab: LabRun, postgres: PostgresClus
         postgres.start_server()
         log.info("PostgreSQL started again")
     record = wait_end(lab, migration_id)
+    if record["state"] == "completed":
+        # The outage began while QEMU copied a running guest: the source stopped it later.
+        events = record["result"]["events"]
+        first = events.get("source_stop") or events.get("source_completed")
+        assert first is not None and first > stopped, (stopped, events)
     with controller_log(lab).open(errors="replace") as f:
         f.seek(since)
         said = f.read()
