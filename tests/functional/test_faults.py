@@ -3,9 +3,12 @@ its memory intact; the controller SIGKILLed inside precopy (while QEMU copies, a
 QEMU's completion and the controller noticing it) is restarted and ends the migration
 completed or rolled back; the same when the source's or the destination's agent is SIGKILLed
 mid-migration and restarted; a cancel or a timeout that lands after QEMU completed goes
-forward; an agent that does not answer for 5 s around switchover is waited for. Each case
-ends with the VM on exactly one host, its memory intact, the fabric in sync, audit clean and
-no migration left running. One lab for the whole file."""
+forward; an agent that does not answer for 5 s around switchover is waited for; the
+controller SIGKILLed at a point a seed picks inside a phase (mid-fabric-reconcile, or after
+QEMU completed on its own before the controller noticed). Each case ends with the VM on
+exactly one host, its memory intact, the fabric in sync, audit clean and no migration left
+running (faultkit.check_one_vm). One lab for the whole file; the store's faults (PostgreSQL)
+are in test_faults_store.py."""
 
 from __future__ import annotations
 
