@@ -241,28 +241,6 @@ def test_agent_call_failing_right_after_completion(site: Site) -> None:
     moved(site)
 
 
-def test_postcopy_paused_is_held_never_deleted(site: Site) -> None:
-    site.create_vm()
-    hv = site.hypervisors["host1"]
-    hv.script_migration("vm1", ["setup", "active"], converge=False)
-    site.hold("host1", "vm1", "postcopy-active")
-    record = site.migrate(postcopy="auto", postcopy_after_s=0.2, make_before_break=False)
-    site.wait_status("host1", "vm1", "postcopy-active")
-    uri = site.migrations.get(record.id).result.incoming_uri
-    assert uri is not None
-    site.network.break_link(uri)
-    hv.step("vm1")
-    assert site.status("host1", "vm1") == "postcopy-paused"
-    record = finish(site, record)
-    assert record.state == "failed"
-    assert record.error is not None and "needs-operator" in record.error
-    assert "postcopy-paused" in record.error
-    # Both halves of the guest are kept: the destination runs, the source holds pages.
-    assert site.hypervisors["host3"].state("vm1") is GuestState.RUNNING
-    assert hv.state("vm1") is GuestState.PAUSED
-    assert site.status("host1", "vm1") == "postcopy-paused"
-
-
 def test_unexpected_error_in_a_phase_rolls_back(site: Site,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(run: Run) -> None:

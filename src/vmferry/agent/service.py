@@ -341,6 +341,24 @@ class HostAgent:
         self._require(name)
         self.hypervisor.cancel_migration(name)
 
+    def pause_migration(self, name: str) -> None:
+        """Break a postcopy's hung stream: this end goes to postcopy-paused."""
+        self._require(name)
+        self.hypervisor.pause_migration(name)
+
+    def recover_incoming(self, name: str) -> str:
+        """On the destination of a paused postcopy: listen again (a fresh port) for the
+        source to resume it. Returns the URI."""
+        self._require(name)
+        uri = self._incoming_uri(name)
+        self.hypervisor.recover_incoming(name, uri)
+        return uri
+
+    def resume_migration(self, name: str, uri: str) -> None:
+        """On the source of a paused postcopy: reconnect to ``uri`` and go on."""
+        self._require(name)
+        self.hypervisor.resume_migration(name, uri)
+
     def memcheck(self, name: str) -> MemcheckVerdict:
         """The guest's memory-check verdict from its console on this host."""
         self._require(name)

@@ -126,6 +126,18 @@ class HostReport(BaseModel):
     migration_ip: str | None = None
 
 
+class MigrationResume(_Body):
+    """Resume a paused postcopy from the source, to where its destination listens again."""
+
+    uri: MigrationUri
+
+
+class RecoveryListening(BaseModel):
+    """Where the destination of a paused postcopy listens for the source to resume it."""
+
+    uri: MigrationUri
+
+
 class Accepted(BaseModel):
     """The answer of an action that was started or done: what state it is in now."""
 

@@ -27,12 +27,14 @@ from vmferry.api.agent import (
     MemcheckVerdict,
     MigrateRequest,
     MigrationProgress,
+    MigrationResume,
     PortOutcome,
     PortOutcomes,
     PortProfileBody,
     PortProfiles,
     PortStatus,
     Realization,
+    RecoveryListening,
     SwitchoverCookies,
     SwitchoverRules,
     SwitchoverRulesOut,
@@ -185,6 +187,19 @@ class AgentClient:
 
     def continue_migration(self, vm: str) -> None:
         self.request("POST", f"/v1/guests/{vm}/migration/continue")
+
+    def pause_migration(self, vm: str) -> None:
+        """migrate-pause: a postcopy's hung stream is broken and this end pauses."""
+        self.request("POST", f"/v1/guests/{vm}/migration/pause")
+
+    def recover_incoming(self, vm: str) -> str:
+        """migrate-recover on the destination; returns the URI it listens on."""
+        return self._get(RecoveryListening, "POST", f"/v1/guests/{vm}/migration/recover").uri
+
+    def resume_migration(self, vm: str, uri: str) -> None:
+        """migrate with resume on the source, to ``uri``."""
+        self.request("POST", f"/v1/guests/{vm}/migration/resume",
+                     body=MigrationResume(uri=uri))
 
     def guest_events(self, vm: str, after: int, wait: float) -> list[GuestEvent]:
         """The guest's events after ``after`` (waits up to ``wait`` s for one)."""

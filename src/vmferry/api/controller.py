@@ -73,7 +73,12 @@ class TrunkOut(BaseModel):
     actual_a: list[int] | None
     actual_b: list[int] | None
     in_sync: bool
-    error: str | None = None
+    # Per end: whether it could be read, and why it is unknown or out of line (None: fine).
+    a_reachable: bool = True
+    b_reachable: bool = True
+    a_reason: str | None = None
+    b_reason: str | None = None
+    error: str | None = None          # both ends' reasons, "node:port: why; ..."
 
 
 class TokenCreate(_Body):

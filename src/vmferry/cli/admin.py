@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
@@ -19,12 +21,23 @@ def fabric_show(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(trunks)
         return
-    table = Table("trunk", "desired VLANs", "actual (a)", "actual (b)", "in sync")
+    table = Table("trunk", "desired VLANs", "actual (a)", "actual (b)", "in sync", "why")
     for t in trunks:
         table.add_row(f"{t['a']}:{t['a_port']} — {t['b']}:{t['b_port']}",
                       _vlans(t["desired"]), _vlans(t["actual_a"]), _vlans(t["actual_b"]),
-                      "yes" if t["in_sync"] else "[red]NO[/red]")
+                      "yes" if t["in_sync"] else "[red]NO[/red]", _why(t))
     console.print(table)
+
+
+def _why(trunk: dict[str, Any]) -> str:
+    """Each end's reason: unreachable (and why) or out of line (and why)."""
+    lines = []
+    for side in ("a", "b"):
+        reason = trunk.get(f"{side}_reason")
+        if reason:
+            state = "unreachable" if not trunk.get(f"{side}_reachable", True) else "drift"
+            lines.append(f"{trunk[side]}: {state}: {reason}")
+    return "\n".join(lines)
 
 
 def _vlans(vlans: list[int] | None) -> str:

@@ -8,7 +8,10 @@ it ran before it may take VMs again.
     cleaning --(cleaning failed, heartbeat)--> cleaning again (it takes no VMs until up)
 
 A VM never runs twice: its VMs restart only after the fence succeeded (a failed fence leaves
-the host suspected and is tried again). The lab's fence cuts the host's links and kills its
+the host suspected and is tried again). What the host ran when it was fenced is kept in the
+store (``HostRow.fenced_vms``) in the same write that marks it fenced: a controller restarted
+at any point after that restarts the VMs still placed on the fenced host and cleans every one of
+them off the host when it returns. The lab's fence cuts the host's links and kills its
 QEMUs (``LabFence``, through ``vmferry.privileged``); a site plugs in a command
 (``CommandFence``: ``VMFERRY_FENCE_COMMAND``, ``{host}`` replaced); with neither, hosts are
 suspected but never fenced, and their VMs wait.
@@ -32,7 +35,7 @@ from vmferry.api.agent import GuestRequest
 from vmferry.controller import events
 from vmferry.controller.placement import snapshot
 from vmferry.controller.profiles import Profiles, stored_profile
-from vmferry.controller.service import Controller
+from vmferry.controller.service import PLACED_STATES, Controller
 from vmferry.errors import HostUnavailableError, PrivilegedError, VmferryError
 from vmferry.lab.names import LabLayout
 from vmferry.model.placement import HostState
@@ -108,10 +111,13 @@ class HostWatch:
         self.profiles = Profiles(controller)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # VMs each fenced host ran: removed from it when it returns.
-        self._left_behind: dict[str, set[str]] = {}
+        # When the running watch started: no heartbeat could arrive while the controller was
+        # down or starting, so a host's silence counts from then at the earliest (else every
+        # host of a controller restarted after 12 s would be fenced). None: from the beat.
+        self._watching_since: datetime | None = None
 
     def start(self) -> None:
+        self._watching_since = datetime.now(UTC)
         self._thread = threading.Thread(target=self._loop, name="hostwatch", daemon=True)
         self._thread.start()
 
@@ -141,23 +147,31 @@ class HostWatch:
                     beat = beat.replace(tzinfo=UTC)
                 age = (now - beat).total_seconds() if beat else None
                 state = row.failure_state
-            if age is None:
+            if age is None or beat is None:
                 continue            # never heard of: not started yet, nothing runs there
-            if state is None and age > SUSPECT_AFTER_S:
+            since = max(beat, self._watching_since or beat)
+            silent = (now - since).total_seconds()
+            if state is None and silent > SUSPECT_AFTER_S:
                 self._set(spec.name, HostState.SUSPECTED, age=round(age, 1))
             elif state == HostState.SUSPECTED and age <= SUSPECT_AFTER_S:
                 self._set(spec.name, None, age=round(age, 1))
-            elif state == HostState.SUSPECTED and age > FENCE_AFTER_S:
+            elif state == HostState.SUSPECTED and silent > FENCE_AFTER_S:
                 self._fence_and_restart(spec.name)
+            elif state == HostState.FENCED and age > SUSPECT_AFTER_S:
+                self._restart_remaining(spec.name)  # e.g. a controller restarted midway
             elif state in (HostState.FENCED, HostState.CLEANING) and age <= SUSPECT_AFTER_S:
                 self._clean(spec.name)      # a cleaning cut short is taken up again
 
-    def _set(self, host: str, state: HostState | None, **detail: object) -> None:
+    def _set(self, host: str, state: HostState | None, *, fenced_vms: list[str] | None = None,
+             **detail: object) -> None:
+        """Record ``host``'s state; ``fenced_vms`` replaces the VMs kept as the host's."""
         with self.store.session() as session:
             row = session.get(HostRow, host)
             if row is not None:
                 row.failure_state = state.value if state else None
                 row.failure_at = datetime.now(UTC)
+                if fenced_vms is not None:
+                    row.fenced_vms = fenced_vms
         events.record(self.store, ACTOR, "host.state", host, state.value if state else "up",
                       **detail)
 
@@ -169,11 +183,29 @@ class HostWatch:
         except VmferryError as exc:
             events.record(self.store, ACTOR, "host.fence", host, "failed", error=exc.message)
             return
+        ran = sorted(snapshot(self.controller).on_host.get(host, set()))
+        with self.store.session() as session:   # a fence tried again keeps the first list
+            row = session.get(HostRow, host)
+            kept = set(row.fenced_vms or ()) if row is not None else set()
+        self._set(host, HostState.FENCED, fenced_vms=sorted(kept | set(ran)), vms=ran)
+        self._restart_remaining(host)
+
+    def _restart_remaining(self, host: str) -> None:
+        """Restart elsewhere, by tier, the VMs still placed on the fenced ``host``; first finish
+        the restarts a stopped controller left half done (moved in the store, ``creating``)."""
+        with self.store.session() as session:
+            row = session.get(HostRow, host)
+            ran = list(row.fenced_vms or ()) if row is not None else []
+            unfinished = [(v.name, v.host) for v in session.scalars(select(VmRow).where(
+                VmRow.name.in_(ran), VmRow.host != host, VmRow.state == "creating"))]
+            remaining = session.scalars(select(VmRow.name).where(
+                VmRow.host == host, VmRow.state.in_(PLACED_STATES))).first()
+        for vm, destination in unfinished:
+            self._restart(vm, host, destination)
+        if remaining is None:
+            return
         cluster = snapshot(self.controller)
-        self._set(host, HostState.FENCED)
         cluster.hosts[host].state = HostState.FENCED
-        running = set(cluster.on_host.get(host, set()))
-        self._left_behind.setdefault(host, set()).update(running)
         plan = plan_restart(cluster, host)
         for move in plan.moves:
             self._restart(move.vm, host, move.destination)
@@ -186,8 +218,10 @@ class HostWatch:
         """Start ``vm`` on ``destination`` with its MAC, address, VLAN and profile."""
         with self.store.session() as session:
             row = session.get(VmRow, vm)
-            if row is None or row.host != failed:
+            if row is None or row.host not in (failed, destination):
                 return
+            if row.host == destination and row.state != "creating":
+                return              # restarted already
             request = GuestRequest(name=vm, memory_mib=row.memory_mib, mac=row.mac, ip=row.ip,
                                    vlan=row.vlan, workload_mibps=row.workload_mibps,
                                    memcheck_mib=row.memcheck_mib,
@@ -228,12 +262,14 @@ class HostWatch:
         agent = self.controller.agent(host)
         with self.store.session() as session:
             ours = {v.name for v in session.scalars(select(VmRow).where(VmRow.host == host))}
-        names = {g.name for g in agent.report().guests} | self._left_behind.get(host, set())
+        with self.store.session() as session:
+            row = session.get(HostRow, host)
+            ran = set(row.fenced_vms or ()) if row is not None else set()
+        names = {g.name for g in agent.report().guests} | ran
         for name in sorted(names - ours):
             agent.delete_guest(name)
         self.controller.reconcile_fabric()
-        self._left_behind.pop(host, None)
-        self._set(host, None, cleaned=sorted(names - ours))
+        self._set(host, None, fenced_vms=[], cleaned=sorted(names - ours))
 
 
 def from_environment(controller: Controller) -> HostWatch | None:

@@ -7,7 +7,8 @@ make-before-break gate (staged when the precopy starts; QEMU is not held for it)
 ``completed`` ends the phase so the switchover starts without waiting for a poll. Between
 events it reads QEMU's progress at a bounded rate (for the progress display, the convergence
 timeout, postcopy, cancel and the destination's health). An agent without the events route
-is polled instead (``FALLBACK_POLL_S``).
+is polled instead (``FALLBACK_POLL_S``). A postcopy whose stream hangs is paused on both ends
+(``POSTCOPY_STALL_S``); a paused postcopy ends this phase and ``recovery`` re-links it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
 FALLBACK_POLL_S = 0.05
+# A postcopy that moves no byte for this long has a hung stream (a link that drops packets
+# without a reset: QEMU only notices a socket that fails): it is paused on both ends
+# (``migrate-pause``) so that recovery can re-link it.
+POSTCOPY_STALL_S = 5.0
 ACTIVE_QEMU_STATES = {"setup", "active", "pre-switchover", "device", "postcopy-active",
                       "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling"}
 
@@ -84,6 +89,9 @@ class _Follow:
         self.postcopy_requested = False
         self.continued = False
         self.done = False
+        self.postcopy_bytes = -1
+        self.postcopy_moved = 0.0
+        self.pause_requested = False
 
     def until_completed(self) -> None:
         run = self.run
@@ -165,6 +173,26 @@ class _Follow:
         elif status not in ACTIVE_QEMU_STATES:
             raise MigrationError(f"source QEMU reports migration status {status!r}", vm=run.vm)
 
+    def watch_postcopy(self, progress: MigrationProgress) -> None:
+        """Pause a postcopy whose stream hangs, on both ends (best effort: an end that
+        cannot be paused is paused again by the recovery)."""
+        now = time.monotonic()
+        if progress.transferred_bytes != self.postcopy_bytes:
+            self.postcopy_bytes, self.postcopy_moved = progress.transferred_bytes, now
+            return
+        if self.pause_requested or now - self.postcopy_moved < POSTCOPY_STALL_S:
+            return
+        run = self.run
+        self.pause_requested = True
+        log.warning("migration %s: postcopy moved no byte in %.0fs: pausing it to re-link",
+                    run.id, now - self.postcopy_moved)
+        run.record_result(postcopy_stalled_at=progress.transferred_bytes)
+        for end in (run.src, run.dst):
+            try:
+                end.pause_migration(run.vm)
+            except VmferryError as exc:
+                log.info("migration %s: migrate-pause failed: %s", run.id, exc.message)
+
     def open_window(self, stop_recorded: bool = False) -> None:
         """The source stopped the guest: open the make-before-break gate, once. The store
         says the guest stopped before the gate opens (its STOP, else "opening")."""
@@ -184,6 +212,8 @@ class _Follow:
         self.on_status(progress.status, progress)
         if self.done:
             return
+        if progress.status == "postcopy-active":
+            self.watch_postcopy(progress)
         if run.dst.guest_state(run.vm) == "absent":
             # QEMU's own verdict first: a broken stream also ends the destination's QEMU.
             latest = run.src.migration(run.vm)

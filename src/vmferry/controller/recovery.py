@@ -1,7 +1,8 @@
 """Driving a run: forward through the phases, and -- when a phase fails before switchover, or a
 restarted controller finds a migration a dead one left -- the way out the two QEMUs' own state
-decides (``controller.truth``): forward, follow the postcopy, roll back, or hold for an
-operator. Never from the recorded phase alone: a rollback must not delete the running VM."""
+decides (``controller.truth``): forward, follow the postcopy, re-link a paused postcopy
+(``recover_postcopy``), roll back, or hold for an operator. Never from the recorded phase
+alone: a rollback must not delete the running VM."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import time
 from vmferry import failpoints
 from vmferry.controller import truth as truths
 from vmferry.controller.leader import Fenced
+from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.phases import STEPS
 from vmferry.controller.run import Cancelled, Run
 from vmferry.controller.truth import (
     BACKOFF_S,
     DESTINATION_USABLE,
+    POSTCOPY_STUCK,
     PRECOPY_ACTIVE,
     Decision,
+    End,
     Truth,
     Way,
+    decide,
     decide_patiently,
     read_end,
     read_truth,
@@ -35,6 +40,13 @@ SETTLE_TIMEOUT_S = 20.0
 # operator is asked: a decision that keeps failing must not loop for ever.
 MAX_TURNS = 3
 NEEDS_OPERATOR = "needs-operator"
+# How long a paused postcopy waits for its link to come back before it is held for an
+# operator (both halves kept).
+RECOVER_WAIT_S = 120.0
+# Postcopy statuses of a re-link under way (QEMU >= 9.1 has the setup step).
+RELINKING = {"postcopy-recover-setup", "postcopy-recover"}
+# Longest wait for the source's next event while a re-link is under way.
+RELINK_EVENT_S = 5.0
 
 
 def forward(run: Run, from_phase: Phase, turns: int = 0) -> None:
@@ -105,9 +117,16 @@ def truth_of(run: Run) -> Truth:
 def settle(run: Run, reason: str, turns: int = 0) -> None:
     """The way out of a migration that cannot go on as it was, from the QEMUs' state."""
     decision, truth = decide_patiently(lambda: truth_of(run),
-                                       issued=bool(run.result().get("migrate_issued")))
+                                       issued=bool(run.result().get("migrate_issued")),
+                                       recoverable=recoverable(run))
     _note(run, decision, truth)
     take(run, decision, reason, turns)
+
+
+def recoverable(run: Run) -> bool:
+    """A paused postcopy can be re-linked by vmferry only between two QEMU hosts."""
+    topology = run.controller.topology()
+    return all(topology.host(h).hypervisor == "qemu" for h in (run.source, run.destination))
 
 
 def take(run: Run, decision: Decision, reason: str, turns: int) -> None:
@@ -123,8 +142,89 @@ def take(run: Run, decision: Decision, reason: str, turns: int) -> None:
                 turns + 1)
     elif decision.way is Way.ROLLBACK:
         rollback(run, reason, turns)
+    elif decision.way is Way.RECOVER:
+        recover_postcopy(run, reason, turns)
     else:
         hold(run, reason, decision)
+
+
+def recover_postcopy(run: Run, reason: str, turns: int) -> None:
+    """A paused postcopy: the destination runs the guest, the source holds the pages not yet
+    sent. Re-link them -- ``migrate-recover`` on the destination, ``migrate`` with resume on
+    the source -- as soon as the link lets a connection through, then follow the postcopy
+    to completed. No QEMU is stopped, resumed or deleted here; a link that stays down for
+    RECOVER_WAIT_S holds the migration for an operator with both halves kept."""
+    run.record_result(postcopy_paused=reason)
+    deadline = time.monotonic() + RECOVER_WAIT_S
+    cursor = run.last_event_seq(run.source)
+    attempts, next_attempt = 0, 0.0
+    while True:
+        truth = truth_of(run)
+        s = truth.source
+        if s.reachable and s.migration not in POSTCOPY_STUCK:
+            # Going again (or over): QEMU's truth says what comes next. The follower starts
+            # after the pause's events, which it would take for a new failure.
+            run.record_result(postcopy_relinks=attempts,
+                              source_event_seq=run.last_event_seq(run.source))
+            decision = decide(truth, issued=True)
+            _note(run, decision, truth)
+            take(run, decision, reason, turns)
+            return
+        if run.cancelled.is_set():
+            # Nothing can be given back to the source now: the operator decides.
+            hold(run, reason, Decision(Way.HOLD, f"postcopy is {s.migration} and the "
+                                       "migration was cancelled: both ends keep their part "
+                                       "of the guest"))
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            hold(run, reason, Decision(Way.HOLD, f"postcopy is {s.migration} and could not "
+                                       f"be re-linked in {RECOVER_WAIT_S:g}s ({attempts} "
+                                       "attempts): both ends keep their part of the guest"))
+            return
+        if s.migration == "postcopy-paused" and now >= next_attempt:
+            attempts += 1
+            _relink(run, truth.destination)
+            next_attempt = time.monotonic() + BACKOFF_S[min(attempts, len(BACKOFF_S) - 1)]
+        # Paused: the next attempt comes after a backoff. Re-linking (or the source away):
+        # its next event says how it went. Either way the source's next MIGRATION event
+        # wakes this up early.
+        until = next_attempt if s.migration == "postcopy-paused" else now + RELINK_EVENT_S
+        wait = max(0.05, min(until, deadline) - time.monotonic())
+        cursor = _wait_source_event(run, cursor, wait)
+
+
+def _relink(run: Run, destination: End) -> None:
+    """One attempt to reconnect a paused postcopy (failures are logged: the next attempt
+    or the deadline decides)."""
+    try:
+        if destination.migration == "postcopy-active":
+            # Its end of a hung stream has not failed yet: break it so it can listen.
+            run.dst.pause_migration(run.vm)
+            return
+        if destination.migration == "postcopy-paused":
+            reported = run.dst.recover_incoming(run.vm)
+            run.record_result(recover_uri=incoming_uri(
+                run.controller.topology(), run.destination, reported, vm=run.vm))
+        elif destination.migration not in RELINKING:
+            log.warning("migration %s: destination is %s/%s: cannot re-link", run.id,
+                        destination.state, destination.migration)
+            return
+        uri = run.result().get("recover_uri")
+        if uri:
+            run.src.resume_migration(run.vm, str(uri))
+    except VmferryError as exc:
+        log.info("migration %s: postcopy re-link failed: %s", run.id, exc.message)
+
+
+def _wait_source_event(run: Run, cursor: int, wait: float) -> int:
+    """Wait (at most ``wait`` s) for the source guest's next event; returns the new cursor."""
+    try:
+        events = run.src.guest_events(run.vm, cursor, wait)
+    except VmferryError:
+        time.sleep(wait)        # no events route (or the agent is away): wait it out
+        return cursor
+    return events[-1].seq if events else cursor
 
 
 def hold(run: Run, reason: str, decision: Decision) -> None:

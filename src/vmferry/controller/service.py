@@ -35,7 +35,7 @@ from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.model.names import check_unique
 from vmferry.model.network import mac_for
-from vmferry.model.placement import VmPolicy
+from vmferry.model.placement import HostState, VmPolicy
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import Topology
 from vmferry.store.db import Store
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FRESH = timedelta(seconds=10)
 FABRIC_WORKERS = 8
+# The longest a trunk end's read may take: a hung agent or switch delays a reconcile (so a VM
+# create or migration) and ``fabric show`` by at most this much; ends are read in parallel.
+FABRIC_READ_TIMEOUT_S = 10.0
 # VM states in which the VM occupies its host (and so needs its VLAN there).
 PLACED_STATES = {"creating", "running", "migrating"}
 # Another controller on the same store may replace the inventory: re-read it this often.
@@ -368,18 +371,24 @@ class Controller:
         (``fabric_drift``; ``fabric show`` reports the end). Only a failed end on ``path`` (the
         nodes of the VM operation at hand) raises ``FabricError``: one dead host or switch does
         not fail every create and migration of the site. No ``path`` (a site-wide reconcile,
-        e.g. after a host failed): nothing raises; the drift is recorded and shown."""
+        e.g. after a host failed): nothing raises; the drift is recorded and shown.
+
+        A fenced host's ends are not tried (its agent is known gone): they are recorded as
+        pending and put right when the host returns and is cleaned."""
         topology = self.topology()
         with self._fabric_lock:
             desired = desired_trunk_vlans(topology, self.endpoints())
             ends = [(node, port, desired[trunk.key]) for trunk in topology.trunks()
                     for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port))]
             hosts = {h.name for h in topology.hosts}
-            failed: dict[tuple[str, str], str] = {}
+            gone = self.hosts_out_of_service()
+            failed: dict[tuple[str, str], str] = {
+                (node, port): f"pending: {gone[node][1]}" for node, port, _ in ends
+                if gone.get(node, ("", ""))[0] == HostState.FENCED}
             with ThreadPoolExecutor(max_workers=FABRIC_WORKERS) as pool:
                 futures = {(node, port): pool.submit(self._sync_trunk_end, node, port, vlans,
                                                      node in hosts)
-                           for node, port, vlans in ends}
+                           for node, port, vlans in ends if (node, port) not in failed}
                 for end, future in futures.items():
                     try:
                         future.result()
@@ -413,7 +422,7 @@ class Controller:
                         is_host: bool) -> None:
         if is_host:
             agent = self.agent(node)
-            if set(agent.uplink_vlans()) != vlans:
+            if set(agent.uplink_vlans(timeout=FABRIC_READ_TIMEOUT_S)) != vlans:
                 agent.set_uplink_vlans(sorted(vlans))
             return
         fabric = self.fabric_driver()
@@ -421,29 +430,65 @@ class Controller:
             fabric.set_trunk_vlans(node, port, vlans)
             failpoints.reached("inside:fabric-reconcile")   # this end written, others maybe not
 
+    def hosts_out_of_service(self) -> dict[str, tuple[str, str]]:
+        """Hosts the host watch holds as failed: their state (suspected, fenced, cleaning)
+        and a sentence saying so."""
+        with self.store.session() as session:
+            return {row.name: (row.failure_state, f"host {row.name} is {row.failure_state} "
+                               f"(no heartbeat since {_aware(row.last_heartbeat) or 'ever'})")
+                    for row in session.scalars(select(HostRow).where(
+                        HostRow.failure_state.is_not(None))) if row.failure_state}
+
     def fabric_state(self) -> list[TrunkOut]:
+        """Each trunk with the VLANs it should carry and those each end carries, read in
+        parallel (each read bounded by ``FABRIC_READ_TIMEOUT_S``). An end that cannot be read
+        is reported unreachable with the reason; a fenced host's softswitch is not asked."""
         topology = self.topology()
         desired = desired_trunk_vlans(topology, self.endpoints())
         host_names = {h.name for h in topology.hosts}
+        gone = self.hosts_out_of_service()
+        drift = dict(self.fabric_drift)
+        ends = {(node, port) for trunk in topology.trunks()
+                for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port))}
+        with ThreadPoolExecutor(max_workers=FABRIC_WORKERS) as pool:
+            reads = {end: pool.submit(self._read_trunk_end, end[0], end[1],
+                                      end[0] in host_names, gone.get(end[0]))
+                     for end in sorted(ends)}
+            read = {end: future.result() for end, future in reads.items()}
         result = []
         for trunk in topology.trunks():
-            actual: list[list[int] | None] = []
-            error = None
-            for node, port in ((trunk.a, trunk.a_port), (trunk.b, trunk.b_port)):
-                try:
-                    if node in host_names:
-                        actual.append(sorted(self.agent(node).uplink_vlans(timeout=10)))
-                    else:
-                        actual.append(sorted(self.fabric_driver().trunk_vlans(node, port)))
-                except VmferryError as exc:
-                    actual.append(None)
-                    error = exc.message
             want = sorted(desired[trunk.key])
-            result.append(TrunkOut(a=trunk.a, a_port=trunk.a_port, b=trunk.b,
-                                   b_port=trunk.b_port, desired=want, actual_a=actual[0],
-                                   actual_b=actual[1],
-                                   in_sync=actual[0] == want and actual[1] == want, error=error))
+            (actual_a, why_a), (actual_b, why_b) = (read[(trunk.a, trunk.a_port)],
+                                                    read[(trunk.b, trunk.b_port)])
+            in_sync = actual_a == want and actual_b == want
+            if actual_a is not None and actual_a != want:
+                why_a = drift.get(f"{trunk.a}:{trunk.a_port}", why_a)
+            if actual_b is not None and actual_b != want:
+                why_b = drift.get(f"{trunk.b}:{trunk.b_port}", why_b)
+            result.append(TrunkOut(
+                a=trunk.a, a_port=trunk.a_port, b=trunk.b, b_port=trunk.b_port, desired=want,
+                actual_a=actual_a, actual_b=actual_b, in_sync=in_sync,
+                a_reachable=actual_a is not None, b_reachable=actual_b is not None,
+                a_reason=why_a, b_reason=why_b,
+                error="; ".join(f"{node}:{port}: {why}" for node, port, why in (
+                    (trunk.a, trunk.a_port, why_a), (trunk.b, trunk.b_port, why_b)) if why)
+                or None))
         return result
+
+    def _read_trunk_end(self, node: str, port: str, is_host: bool,
+                        failure: tuple[str, str] | None) -> tuple[list[int] | None, str | None]:
+        """The VLANs a trunk end carries, or None and why it cannot be read."""
+        out_of_service = failure[1] if failure else None
+        if failure is not None and failure[0] == HostState.FENCED:
+            return None, f"softswitch of {node} unreachable: {out_of_service}; not asked"
+        try:
+            if is_host:
+                return sorted(self.agent(node).uplink_vlans(timeout=FABRIC_READ_TIMEOUT_S)), None
+            return sorted(self.fabric_driver().trunk_vlans(node, port)), None
+        except VmferryError as exc:
+            why = f"softswitch of {node} unreachable: {exc.message}" if is_host else \
+                f"switch {node} unreachable: {exc.message}"
+            return None, f"{why} ({out_of_service})" if out_of_service else why
 
 
 def memory_used(session: Any, host: str, *, except_migration: int | None = None) -> int:

@@ -37,6 +37,9 @@ class HostRow(Base):
     # Host failure handling (controller/hostwatch.py): suspected, fenced, cleaning; None: fine.
     failure_state: Mapped[str | None] = mapped_column(String(16))
     failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The VMs placed on the host when it was fenced (0008): kept so that a restarted
+    # controller still restarts them elsewhere and cleans them off the host when it returns.
+    fenced_vms: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
 
 
 class VmRow(Base):

@@ -18,6 +18,8 @@ from vmferry.api.agent import (
     MemcheckVerdict,
     MigrateRequest,
     MigrationProgress,
+    MigrationResume,
+    RecoveryListening,
 )
 from vmferry.errors import InputError
 from vmferry.web import ConcurrencyCap
@@ -86,6 +88,21 @@ def router(agent: HostAgent) -> APIRouter:
     def continue_migration(name: str) -> Accepted:
         agent.continue_migration(name)
         return Accepted(status="continuing")
+
+    @api.post("/v1/guests/{name}/migration/pause", status_code=202, response_model=Accepted)
+    def pause_migration(name: str) -> Accepted:
+        agent.pause_migration(name)
+        return Accepted(status="pausing")
+
+    @api.post("/v1/guests/{name}/migration/recover", response_model=RecoveryListening)
+    def recover_incoming(name: str) -> RecoveryListening:
+        return RecoveryListening(uri=agent.recover_incoming(name))
+
+    @api.post("/v1/guests/{name}/migration/resume", status_code=202, response_model=Accepted)
+    def resume_migration(name: str, body: MigrationResume) -> Accepted:
+        check_destination(agent, body.uri)
+        agent.resume_migration(name, body.uri)
+        return Accepted(status="resuming")
 
     # Long polls wait on threads of their own, a bounded number (429 beyond): the other
     # routes keep the default pool.

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmferry.errors import HypervisorError
+
 
 @dataclass(frozen=True)
 class GuestSpec:
@@ -156,6 +158,31 @@ class Hypervisor(ABC):
     @abstractmethod
     def resume(self, name: str) -> None:
         """Resume a paused guest (e.g. the destination after switchover if needed)."""
+
+    # ---- postcopy recovery: not abstract, a driver that cannot recover says so --------------
+
+    def pause_migration(self, name: str) -> None:
+        """``migrate-pause`` on either end of a migration in postcopy-active: breaks a stream
+        that hangs (a link that drops packets without a reset) so that both ends go to
+        "postcopy-paused" and can be recovered. Raises HypervisorError otherwise."""
+        raise HypervisorError(f"{type(self).__name__} cannot pause a postcopy migration",
+                              vm=name, cause="postcopy recovery is not supported")
+
+    def recover_incoming(self, name: str, uri: str) -> None:
+        """``migrate-recover`` on the destination of a paused postcopy: listen on ``uri``
+        for the source to resume the stream. Raises HypervisorError when the incoming
+        migration is not postcopy-paused (or the driver cannot), InputError for a bad URI."""
+        raise HypervisorError(f"{type(self).__name__} cannot recover a postcopy migration",
+                              vm=name, cause="postcopy recovery is not supported")
+
+    def resume_migration(self, name: str, uri: str) -> None:
+        """``migrate`` with ``resume``: the source of a paused postcopy reconnects to a
+        destination listening on ``uri`` (``recover_incoming``) and the postcopy goes on;
+        returns once the attempt has started (status "postcopy-recover-setup"; a connect
+        that fails goes back to "postcopy-paused"). Raises HypervisorError when the
+        outgoing migration is not postcopy-paused, InputError for a bad URI."""
+        raise HypervisorError(f"{type(self).__name__} cannot resume a postcopy migration",
+                              vm=name, cause="postcopy recovery is not supported")
 
     def console(self, name: str) -> str | None:
         """The guest's console output on this host so far; None when the driver cannot read

@@ -10,7 +10,9 @@ destination: MIGRATION active, completed, RESUME).
 
 Failures a test can inject: ``kill`` a guest (a destination dying fails the migration at its
 next step), ``FakeNetwork.break_link`` (the source fails; the destination, sent nothing,
-keeps waiting in inmigrate; a postcopy pauses in "postcopy-paused"), a script that ends in
+keeps waiting in inmigrate; a postcopy pauses in "postcopy-paused" on both ends and can be
+recovered as QEMU's: ``recover_incoming`` then ``resume_migration``; ``FakeNetwork.cut``
+takes every port of an address down), a script that ends in
 "failed", or one that never converges (``converge=False``: active until cancelled or timed
 out), and ``fail_next_start``.
 """
@@ -50,6 +52,7 @@ class FakeNetwork:
     def __init__(self) -> None:
         self._listeners: dict[str, tuple[FakeHypervisor, str]] = {}
         self._broken: set[str] = set()
+        self._cut: set[str] = set()     # "tcp:ADDR": every port of the address
         self._lock = threading.Lock()
         #: One lock and condition for every fake on this network: a migration changes two.
         self.changed = threading.Condition(threading.RLock())
@@ -78,9 +81,19 @@ class FakeNetwork:
         with self._lock:
             self._broken.discard(uri)
 
+    def cut(self, address: str) -> None:
+        """Every migration to ``address``, on any port, fails or pauses (a link down) until
+        ``restore``; a postcopy cannot be resumed to it meanwhile."""
+        with self._lock:
+            self._cut.add(f"tcp:{address}")
+
+    def restore(self, address: str) -> None:
+        with self._lock:
+            self._cut.discard(f"tcp:{address}")
+
     def is_broken(self, uri: str) -> bool:
         with self._lock:
-            return uri in self._broken
+            return uri in self._broken or uri.rsplit(":", 1)[0] in self._cut
 
 
 @dataclass
@@ -106,6 +119,7 @@ class _Guest:
     state: GuestState
     incoming_uri: str | None = None
     tuning: MigrationTuning = field(default_factory=MigrationTuning)
+    incoming_status: str | None = None     # a destination's view of its postcopy
 
 
 class FakeHypervisor(Hypervisor):
@@ -290,7 +304,7 @@ class FakeHypervisor(Hypervisor):
             self._guest(name)
             migration = self._migrations.get(name)
             if migration is None:
-                return MigrationProgress(status="none")
+                return MigrationProgress(status=self._guest(name).incoming_status or "none")
             return MigrationProgress(
                 status=migration.status, transferred_bytes=migration.transferred_bytes,
                 remaining_bytes=max(0, migration.total_bytes - migration.transferred_bytes),
@@ -366,7 +380,68 @@ class FakeHypervisor(Hypervisor):
             self._end(name, migration, "cancelled", error=None)
             self._changed.notify_all()
 
+    # ---- postcopy recovery --------------------------------------------------------------
+
+    def pause_migration(self, name: str) -> None:
+        with self._changed:
+            migration = self._migrations.get(name)
+            if migration is None or migration.status != "postcopy-active":
+                raise HypervisorError(f"QMP migrate-pause failed for guest {name}",
+                                      host=self.host, vm=name,
+                                      cause="migrate-pause is currently only supported "
+                                            "during postcopy-active state")
+            self._pause_postcopy(name, migration, "paused by migrate-pause")
+            self._changed.notify_all()
+
+    def recover_incoming(self, name: str, uri: str) -> None:
+        validate_migration_uri(uri)
+        with self._changed:
+            guest = self._guest(name)
+            if guest.incoming_status != "postcopy-paused":
+                raise HypervisorError(f"QMP migrate-recover failed for guest {name}",
+                                      host=self.host, vm=name,
+                                      cause="Migrate recover can only be run when postcopy "
+                                            "is paused.")
+            if guest.incoming_uri is not None:
+                self.network.unlisten(guest.incoming_uri)
+            self.network.listen(uri, self, name)
+            guest.incoming_uri = uri
+
+    def resume_migration(self, name: str, uri: str) -> None:
+        validate_migration_uri(uri)
+        with self._changed:
+            migration = self._migration(name)
+            if migration.status != "postcopy-paused":
+                raise HypervisorError(f"QMP migrate failed for guest {name}", host=self.host,
+                                      vm=name, cause="Cannot resume if there is no paused "
+                                                     "migration")
+            self._set_status(name, migration, "postcopy-recover-setup")
+            listener = self.network.listener(uri)
+            if listener is None or self.network.is_broken(uri):
+                # As QEMU's: a connect that fails leaves the postcopy paused.
+                self._set_status(name, migration, "postcopy-paused")
+                migration.error = "Connection refused"
+            else:
+                migration.uri, migration.destination, migration.error = uri, listener, None
+                self._set_status(name, migration, "postcopy-recover")
+                self._set_status(name, migration, "postcopy-active")
+                dest, dest_name = listener
+                dest._run_destination(dest_name, "postcopy-active")
+                migration.script = ["completed"]
+            self._changed.notify_all()
+
     # ---- internals (called with the network's lock held) ------------------------------------
+
+    def _pause_postcopy(self, name: str, migration: FakeMigration, cause: str) -> None:
+        """As QEMU's: a postcopy that loses its stream pauses on both ends, each keeping
+        its pages."""
+        migration.error = cause
+        self._set_status(name, migration, "postcopy-paused")
+        dest = self._destination_guest(migration)
+        if dest is not None and migration.destination is not None:
+            dest_hv, dest_name = migration.destination
+            dest.incoming_status = "postcopy-paused"
+            dest_hv._emit(dest_name, "MIGRATION", "postcopy-paused")
 
     def _history(self, name: str) -> EventHistory:
         with self._changed:
@@ -411,6 +486,7 @@ class FakeHypervisor(Hypervisor):
         if guest is None:
             return
         self._emit(name, "MIGRATION", status)
+        guest.incoming_status = status
         if status == "completed" and guest.incoming_uri is not None:
             self.network.unlisten(guest.incoming_uri)
             guest.incoming_uri = None
@@ -435,8 +511,7 @@ class FakeHypervisor(Hypervisor):
         cause = self._broken_because(migration)
         if cause is not None and migration.status == "postcopy-active":
             # As QEMU's: a postcopy that loses its stream pauses (both ends keep their pages).
-            migration.error = cause
-            self._set_status(name, migration, "postcopy-paused")
+            self._pause_postcopy(name, migration, cause)
             return
         if cause is not None:
             # A broken link sends the destination nothing: it keeps waiting, as QEMU does.

@@ -154,6 +154,9 @@ class QemuMigration:
         self.qmp.execute(name, "migrate-set-parameters", {
             "downtime-limit": tuning.max_downtime_ms,
             "max-bandwidth": bandwidth,
+            # The limit holds after a switch to postcopy too (QEMU's own default there is
+            # unlimited): a postcopy must not take the whole migration network either.
+            "max-postcopy-bandwidth": bandwidth,
         })
         self.qmp.execute(name, "migrate", {"uri": uri})
 
@@ -196,6 +199,28 @@ class QemuMigration:
         """``migrate-start-postcopy``. Raises HypervisorError when postcopy-ram was not enabled
         on both sides or the migration is not running."""
         self.qmp.execute(name, "migrate-start-postcopy")
+
+    # ---- postcopy recovery (QEMU's docs/devel/migration/postcopy.rst) -------------------
+
+    def pause(self, name: str) -> None:
+        """``migrate-pause`` (either end, postcopy-active only): shuts the migration socket
+        down so that a stream hung on a dead link fails now and the end goes to
+        "postcopy-paused". Raises HypervisorError in any other status."""
+        self.qmp.execute(name, "migrate-pause")
+
+    def recover(self, name: str, uri: str) -> None:
+        """``migrate-recover`` on a destination in "postcopy-paused": listen on ``uri`` for
+        the source's resumed stream (it stays postcopy-paused until the source connects).
+        Raises InputError for a URI that is not tcp:HOST:PORT, HypervisorError."""
+        validate_migration_uri(uri)
+        self.qmp.execute(name, "migrate-recover", {"uri": uri})
+
+    def resume(self, name: str, uri: str) -> None:
+        """``migrate`` with ``resume``: the source of a paused postcopy connects to ``uri``
+        with the capabilities, TLS and parameters of the migration it resumes. Raises
+        InputError for a URI that is not tcp:HOST:PORT, HypervisorError."""
+        validate_migration_uri(uri)
+        self.qmp.execute(name, "migrate", {"uri": uri, "resume": True})
 
     def continue_(self, name: str) -> None:
         """``migrate-continue`` from pre-switchover. Raises HypervisorError otherwise."""
