@@ -9,7 +9,9 @@ need_root
 PKGS=(openvswitch-switch openvswitch-common python3-openvswitch iproute2 busybox-static cpio
       iputils-ping nftables socat curl ethtool iperf3 python3-venv postgresql ovn-central ovn-host procps kmod
       # promtool checks the shipped alerting rules; chromium is the browser Playwright drives.
-      prometheus chromium systemd)
+      prometheus chromium systemd
+      # libfaketime: a controller with a skewed clock in the fault tests (issue 11).
+      faketime)
 QEMU_MIN_MAJOR=10
 # libvirt 11 (bookworm-backports, matching QEMU 10) for hosts with `hypervisor: libvirt`; the
 # libvirt-python binding has no wheel on PyPI: it builds against libvirt-dev with pkg-config.

@@ -96,10 +96,18 @@ def test_controller_killed_during_phase(lab: LabRun, phase: Phase) -> None:
     assert lab.cli("audit", check=False).returncode == 0, lab.cli("audit", check=False).stdout
 
 
-def test_second_controller_on_the_same_store_refuses_to_lead(lab: LabRun) -> None:
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+@pytest.mark.parametrize("clock", ["same", "2h-ahead"])
+def test_second_controller_on_the_same_store_refuses_to_lead(lab: LabRun, clock: str) -> None:
+    """Also with its clock two hours ahead (libfaketime): SQLite's "now" is then the second
+    controller's own clock, by which the first's lease ran out long ago."""
     database = lab_dir(lab) / "controller.db"
+    env = lab.env if clock == "same" else {**lab.env, "LD_PRELOAD": LIBFAKETIME,
+                                           "FAKETIME": "+2h"}
     result = subprocess.run([*VMFERRY, "controller", "serve", "--db", f"sqlite:///{database}",
-                             "--listen", f"127.0.0.1:{free_port()}"], env=lab.env,
+                             "--listen", f"127.0.0.1:{free_port()}"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "another controller" in result.stderr and "leads this store" in result.stderr

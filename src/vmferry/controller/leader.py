@@ -1,12 +1,19 @@
 """One controller acts at a time, fenced.
 
 The lease is a row in the store, timed by the store's own clock (never a controller's wall
-clock, which may be skewed). Every change of holder raises the row's ``epoch``: the fencing
-token. A controller's migration writes check, in the same transaction, that the epoch is still
-theirs (``LeaderLease.check``), so a deposed leader that did not notice yet cannot write. The
-renewal notices a lost lease (someone else's epoch, or no renewal within the lease's time) and
-stops the controller acting (``lost``). On PostgreSQL the leader also holds a session advisory
-lock, which the database drops with the connection of a dead controller.
+clock, which may be skewed; on SQLite, which has no clock but the process's, a holder alive
+on this machine keeps the lease however far another controller's clock runs ahead). Every
+change of holder raises the row's ``epoch``: the fencing token. A controller's migration
+writes check, in the same transaction, that the epoch is still theirs (``LeaderLease.check``),
+so a deposed leader that did not notice yet cannot write. The renewal notices a lost lease
+(someone else's epoch, or no renewal within the lease's time) and stops the controller acting
+(``lost``). On PostgreSQL the leader also holds a session advisory lock, which the database
+drops with the connection of a dead controller.
+
+A store that is down for a few seconds (a PostgreSQL restart) is ridden out: a failed renewal
+is retried every ``RETRY_S``, the lease lasts ``DEFAULT_TTL`` (several renewal periods plus
+such an outage), and an advisory lock lost with its connection is taken again (or, if another
+controller took it meanwhile, the lease is lost).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # The advisory lock's key on PostgreSQL ("vmferry" in ASCII, as a 64-bit number).
 ADVISORY_KEY = 0x766D6665727279
+DEFAULT_TTL = 15.0
+RENEWALS_PER_TTL = 5
+RETRY_S = 0.5          # after a failed renewal: back as soon as the store is
 
 
 # Not a VmferryError on purpose: nothing that handles errors may catch it.
@@ -45,10 +55,21 @@ def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _holder_gone(holder: str) -> bool:
+def _holder_here(holder: str) -> int | None:
+    """The pid of a holder on this machine (None: elsewhere, or no pid in its name)."""
     host, _, rest = holder.partition(":")
     pid = rest.split(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not privileged.pid_alive(int(pid))
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def _holder_gone(holder: str) -> bool:
+    pid = _holder_here(holder)
+    return pid is not None and not privileged.pid_alive(pid)
+
+
+def _holder_alive_here(holder: str) -> bool:
+    pid = _holder_here(holder)
+    return pid is not None and privileged.pid_alive(pid)
 
 
 def store_now(session: Session) -> datetime:
@@ -62,7 +83,7 @@ def store_now(session: Session) -> datetime:
 
 
 class LeaderLease:
-    def __init__(self, store: Store, *, holder: str | None = None, ttl: float = 10.0,
+    def __init__(self, store: Store, *, holder: str | None = None, ttl: float = DEFAULT_TTL,
                  on_lost: Callable[[], None] | None = None) -> None:
         self.store = store
         self.holder = holder or this_process()
@@ -105,8 +126,12 @@ class LeaderLease:
                     assert row is not None
             current, current_expiry, epoch = row.holder, _aware(row.expires_at), row.epoch
             ours = current == self.holder and epoch == self.epoch
-            takeable = ours or current_expiry < now or _holder_gone(current) \
-                or self._advisory is not None
+            # SQLite has no clock of its own: "now" is this process's clock, which may be
+            # skewed. Every controller of a SQLite store runs on its machine, so a holder
+            # that is alive here keeps the lease whatever the clocks say.
+            expired = current_expiry < now and not (
+                session.get_bind().dialect.name == "sqlite" and _holder_alive_here(current))
+            takeable = ours or expired or _holder_gone(current) or self._advisory is not None
             if not takeable:
                 raise ConflictError("leader", f"another controller ({current}) leads this store "
                                     f"until {current_expiry.isoformat()}")
@@ -125,9 +150,13 @@ class LeaderLease:
         if self.store.engine.dialect.name != "postgresql" or self._advisory is not None:
             return
         connection = self.store.engine.connect()
-        got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                 {"key": ADVISORY_KEY}).scalar_one()
-        connection.commit()
+        try:
+            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                     {"key": ADVISORY_KEY}).scalar_one()
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
         if not got:
             connection.close()
             raise ConflictError("leader", "another controller holds this store's leader lock")
@@ -174,16 +203,34 @@ class LeaderLease:
                 if result.rowcount != 1:  # type: ignore[attr-defined]
                     self._lose("another controller took the lease")
                     return False
-            if self._advisory is not None:
-                self._advisory.execute(text("SELECT 1"))
+            self._keep_advisory_lock()
             self._renewed_at = time.monotonic()
             return True
+        except ConflictError as exc:
+            self._lose(exc.message)
+            return False
         except SQLAlchemyError as exc:
             # Not renewed: once the lease's time is over by our own clock, we stop.
             log.warning("renewing the leader lease failed: %s", exc)
             if time.monotonic() - self._renewed_at >= self.ttl:
                 self._lose("the lease could not be renewed in time")
             return False
+
+    def _keep_advisory_lock(self) -> None:
+        """The lock's connection dies with a restart of the database, and the lock with it:
+        take it again on a new connection. ConflictError if another controller holds it."""
+        if self.store.engine.dialect.name != "postgresql":
+            return
+        if self._advisory is not None:
+            try:
+                self._advisory.execute(text("SELECT 1"))
+                self._advisory.commit()
+                return
+            except SQLAlchemyError as exc:
+                log.warning("the leader lock's connection is gone (%s): taking the lock again",
+                            exc.__class__.__name__)
+                self._drop_advisory_lock()
+        self._take_advisory_lock()
 
     def _lose(self, why: str) -> None:
         if self.lost.is_set():
@@ -198,8 +245,9 @@ class LeaderLease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3) and not self.lost.is_set():
-            self.renew()
+        wait = self.ttl / RENEWALS_PER_TTL
+        while not self._stop.wait(wait) and not self.lost.is_set():
+            wait = self.ttl / RENEWALS_PER_TTL if self.renew() else min(RETRY_S, wait)
 
     def release(self) -> None:
         self._stop.set()

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from vmferry.api.agent import GuestRequest, MigrationProgress
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Progress reaches listeners (the event stream) at once, the store at most this often.
 PROGRESS_PERSIST_S = 0.5
+# How long a write waits for a store that is down (connection refused or dropped).
+STORE_RETRY_S = 20.0
+STORE_RETRY_POLL_S = 0.5
 FINAL = {MigrationState.COMPLETED, MigrationState.ROLLED_BACK, MigrationState.FAILED}
 
 Listener = Callable[[dict[str, Any]], None]
@@ -155,12 +159,25 @@ class Run:
             yield session
 
     def _write(self, change: Callable[[MigrationRow], None]) -> None:
-        with self.session() as session:
-            row = session.get(MigrationRow, self.id)
-            assert row is not None
-            change(row)
-            session.flush()
-            self.record = record_of(row)
+        # A store that is down for a moment (a database restart) is waited for, bounded: the
+        # write is retried whole (nothing of it was committed). Longer than the leader lease,
+        # the fence (``LeaderLease.check``) stops this controller anyway.
+        deadline = time.monotonic() + STORE_RETRY_S
+        while True:
+            try:
+                with self.session() as session:
+                    row = session.get(MigrationRow, self.id)
+                    assert row is not None
+                    change(row)
+                    session.flush()
+                    self.record = record_of(row)
+                break
+            except OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("migration %s: the store refused a write (%s): retrying", self.id,
+                            str(exc.orig or exc).splitlines()[0][:200])
+                time.sleep(STORE_RETRY_POLL_S)
         self._persisted_at = time.monotonic()
         self._notify(self.record)
 

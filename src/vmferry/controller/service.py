@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from vmferry import failpoints
 from vmferry.api.agent import GuestRequest, HostReport
 from vmferry.api.agent_client import AgentClient, AgentClients, TransportFactory
 from vmferry.api.controller import HostOut, TrunkOut, VmCreate, VmOut
@@ -427,6 +428,7 @@ class Controller:
         fabric = self.fabric_driver()
         if fabric.trunk_vlans(node, port) != vlans:
             fabric.set_trunk_vlans(node, port, vlans)
+            failpoints.reached("inside:fabric-reconcile")   # this end written, others maybe not
 
     def hosts_out_of_service(self) -> dict[str, tuple[str, str]]:
         """Hosts the host watch holds as failed: their state (suspected, fenced, cleaning)

@@ -55,6 +55,9 @@ class LabStatus:
     nodes: list[dict[str, Any]]
 
 
+LAB_DB_ENV = "VMFERRY_LAB_DB"
+
+
 def vmferry_argv() -> list[str]:
     """How to start vmferry itself in a child process (the same interpreter)."""
     return [sys.executable, "-m", "vmferry"]
@@ -259,8 +262,12 @@ class Lab:
         pid = state["pids"].get("controller")
         if pid and privileged.pid_alive(pid):
             return
-        argv = [*vmferry_argv(), "controller", "serve",
-                "--db", f"sqlite:///{layout.database}",
+        # The store: SQLite in the lab's directory, unless ``VMFERRY_LAB_DB`` names another
+        # (a PostgreSQL URL) at the lab's first ``up``; later ``up``s keep the first choice.
+        database = state.get("db") or os.environ.get(LAB_DB_ENV) \
+            or f"sqlite:///{layout.database}"
+        state["db"] = database
+        argv = [*vmferry_argv(), "controller", "serve", "--db", database,
                 "--listen", self.site.controller_listen(self.controller_port) if self.site
                 else f"unix:{layout.controller_socket}",
                 "--bootstrap-token-file", str(layout.admin_token_file),
