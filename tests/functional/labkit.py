@@ -212,3 +212,24 @@ class PostgresCluster:
         subprocess.run(["bash", str(PG_SCRIPT), "stop", str(self.dir)], capture_output=True,
                        timeout=60, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def trunks(lab: LabRun) -> dict[tuple[str, str], dict[str, Any]]:
+    """``fabric show`` keyed by the trunk's two ends."""
+    return {(t["a"], t["b"]): t for t in lab.json("fabric", "show")}
+
+
+def guest_traces(lab: LabRun, host: str, vm: str) -> list[str]:
+    """What of ``vm`` is on ``host``: its tap, its OVS port, its guest files."""
+    found = []
+    if f"vm-{vm}" in lab.exec(host, "ip", "-o", "link").stdout:
+        found.append("tap")
+    db = lab.state_dir / "labs" / lab.name / "ovs" / host / "db.sock"
+    ports = subprocess.run(["ovs-vsctl", f"--db=unix:{db}", "list-ports", "br-vm"],
+                           capture_output=True, text=True, timeout=10).stdout
+    if f"vm-{vm}" in ports:
+        found.append("ovs-port")
+    guests = lab.state_dir / "labs" / lab.name / "hosts" / host / "guests"
+    if list(guests.glob(f"{vm}.*")):
+        found.append("guest-files")
+    return found

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from labkit import LabRun, running_lab
+from labkit import LabRun, guest_traces, running_lab, trunks
 from vmferry import privileged
 from vmferry.drivers.fabric.router import NetnsRouter
 from vmferry.model.topology import default_topology_path
@@ -50,26 +50,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
     topology["name"] = "tbnd"
     with running_lab(tmp_path_factory.mktemp("state"), topology) as run:
         yield run
-
-
-def trunks(lab: LabRun) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(t["a"], t["b"]): t for t in lab.json("fabric", "show")}
-
-
-def host_has(lab: LabRun, host: str, vm: str) -> list[str]:
-    """What of ``vm`` is on ``host``: its tap, its OVS port, its guest files."""
-    found = []
-    if f"vm-{vm}" in lab.exec(host, "ip", "-o", "link").stdout:
-        found.append("tap")
-    db = lab.state_dir / "labs" / lab.name / "ovs" / host / "db.sock"
-    ports = subprocess.run(["ovs-vsctl", f"--db=unix:{db}", "list-ports", "br-vm"],
-                           capture_output=True, text=True, timeout=10).stdout
-    if f"vm-{vm}" in ports:
-        found.append("ovs-port")
-    guests = lab.state_dir / "labs" / lab.name / "hosts" / host / "guests"
-    if list(guests.glob(f"{vm}.*")):
-        found.append("guest-files")
-    return found
 
 
 def router_holds(lab: LabRun) -> list[str]:
@@ -148,7 +128,7 @@ def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
         there = trunks(lab)
         assert there[TUNNEL]["actual_a"] == [100] and there[TUNNEL]["actual_b"] == [100]
         assert all(t["in_sync"] for t in there.values()), there
-        assert host_has(lab, "host5", vm) == ["tap", "ovs-port", "guest-files"]
+        assert guest_traces(lab, "host5", vm) == ["tap", "ovs-port", "guest-files"]
         assert router_holds(lab) == []          # stretched: L2 all the way, nothing routed
 
         record, sent, lost = move(lab, vm, "host1")
@@ -164,7 +144,7 @@ def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
         assert back[TUNNEL]["actual_a"] == [] and back[TUNNEL]["actual_b"] == []
         assert back[("host5", "tor3")]["actual_a"] == []
         assert all(t["in_sync"] for t in back.values()), back
-        assert host_has(lab, "host5", vm) == []
+        assert guest_traces(lab, "host5", vm) == []
         assert router_holds(lab) == []
         audit = lab.cli("audit", check=False)
         assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from labkit import LabRun, default_topology, running_lab
+from labkit import LabRun, default_topology, guest_traces, running_lab, trunks
 from vmferry.lab.ovs_instance import OvsInstance
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -30,23 +30,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabRun]:
         yield run
 
 
-def trunks(lab: LabRun) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(t["a"], t["b"]): t for t in lab.json("fabric", "show")}
-
-
 def host_has(lab: LabRun, host: str, vm: str) -> list[str]:
-    """What of ``vm`` is on ``host``: taps, OVS ports, QEMU pidfiles."""
-    found = []
-    if f"vm-{vm}" in lab.exec(host, "ip", "-o", "link").stdout:
-        found.append("tap")
-    db = lab.state_dir / "labs" / lab.name / "ovs" / host / "db.sock"
-    ports = subprocess.run(["ovs-vsctl", f"--db=unix:{db}", "list-ports", "br-vm"],
-                           capture_output=True, text=True, timeout=10).stdout
-    if f"vm-{vm}" in ports:
-        found.append("ovs-port")
-    guests = lab.state_dir / "labs" / lab.name / "hosts" / host / "guests"
-    if list(guests.glob(f"{vm}.*")):
-        found.append("guest-files")
+    """What of ``vm`` is on ``host``: tap, OVS port, guest files, profile flows and meters."""
+    found = guest_traces(lab, host, vm)
     # Flows and meters a port profile installed (the bridge's own NORMAL flow has cookie 0).
     ovs = OvsInstance(host, lab.namespace(host), lab.state_dir / "labs" / lab.name / "ovs" / host)
     mgmt = f"unix:{ovs.rundir / 'br-vm.mgmt'}"
