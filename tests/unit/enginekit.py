@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from vmferry.model.topology import (
     load_topology,
 )
 from vmferry.store.db import Store
+from vmferry.store.schema import HostRow
 
 PUMP_S = 0.005
 # How long closing a site waits for the runs a test left going (cancelled, released).
@@ -220,3 +222,15 @@ def fake_fabric(topology: Topology) -> FakeFabric:
         ports = switches[client.switch].ports
         ports[f"a-{client.name}"] = PortInfo(len(ports) + 1, access_vlan=client.vlan)
     return FakeFabric(switches)
+
+
+def beat(site: Site, *, silent: str | None = None, age: float = 0) -> None:
+    """Every agent reports; ``silent``'s last heartbeat is set ``age`` s in the past."""
+    for name, agent in site.agents.items():
+        if name != silent:
+            site.controller.heartbeat(name, agent.report())
+    if silent:
+        with site.store.session() as session:
+            row = session.get(HostRow, silent)
+            assert row is not None
+            row.last_heartbeat = datetime.now(UTC) - timedelta(seconds=age)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from enginekit import Site, site_at
+from enginekit import Site, beat, site_at
 
 from vmferry.api.agent_client import AgentClient
 from vmferry.api.controller import VmCreate
@@ -60,17 +59,6 @@ def hung_socket(tmp_path: Path) -> Iterator[Path]:
         listener.bind(str(path))
         listener.listen(16)
         yield path
-
-
-def beat(site: Site, *, silent: str | None = None, age: float = 0) -> None:
-    for name, agent in site.agents.items():
-        if name != silent:
-            site.controller.heartbeat(name, agent.report())
-    if silent:
-        with site.store.session() as session:
-            row = session.get(HostRow, silent)
-            assert row is not None
-            row.last_heartbeat = datetime.now(UTC) - timedelta(seconds=age)
 
 
 def restart_controller(site: Site) -> None:

@@ -4,11 +4,10 @@ with the same MAC and address, never before the fence; the returning host is cle
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from enginekit import Site, site_at
+from enginekit import Site, beat, site_at
 
 from vmferry.api.controller import VmCreate
 from vmferry.controller.hostwatch import FENCE_AFTER_S, SUSPECT_AFTER_S, HostWatch
@@ -36,17 +35,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
     for s in site_at(tmp_path):
         beat(s)
         yield s
-
-
-def beat(site: Site, *, silent: str | None = None, age: float = 0) -> None:
-    for name, agent in site.agents.items():
-        if name != silent:
-            site.controller.heartbeat(name, agent.report())
-    if silent:
-        with site.store.session() as session:
-            row = session.get(HostRow, silent)
-            assert row is not None
-            row.last_heartbeat = datetime.now(UTC) - timedelta(seconds=age)
 
 
 def failure_state(site: Site, host: str) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from enginekit import Site, site_at
+from enginekit import Site, beat, site_at
 
 from vmferry.agent.cpuload import CpuLoad
 from vmferry.api.controller import VmCreate
@@ -29,11 +29,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
         s.controller.set_inventory(s.topology, s.actor())
         beat(s)
         yield s
-
-
-def beat(site: Site) -> None:
-    for name, agent in site.agents.items():
-        site.controller.heartbeat(name, agent.report())
 
 
 def create(site: Site, name: str, host: str, ip: str, **policy: Any) -> None:
