@@ -3,8 +3,10 @@ enforced at create, where, the precheck's refusal, drains and balancing."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +15,28 @@ from enginekit import Site, beat, site_at
 
 from vmferry.agent.cpuload import CpuLoad
 from vmferry.api.controller import VmCreate
+from vmferry.controller import placement as placement_controller
 from vmferry.controller.drain import Mover
+from vmferry.controller.migration import holds_slot
+from vmferry.controller.phases import STEPS
 from vmferry.controller.placement import Placement
+from vmferry.controller.run import Run
 from vmferry.errors import ConflictError, InputError, NotFoundError
+from vmferry.model.migration import Phase
 from vmferry.model.placement import VmPolicy
 from vmferry.model.topology import Topology
 
+# A bound for a hung drain only (it takes about 5 s; the unit suite under load several times
+# that): the drain ends by itself, the test waits on its thread.
+DRAIN_WAIT_S = 300.0
+
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    # One beat keeps every host up for the whole test, however slow the machine: a drain
+    # once found every host "down" when a loaded machine took over 10 s (HEARTBEAT_FRESH)
+    # from the fixture's beat to the plan. Staleness is tested in test_placement_hostwatch.
+    monkeypatch.setattr(placement_controller, "HEARTBEAT_FRESH", timedelta(days=1))
     for s in site_at(tmp_path):
         data = s.topology.model_dump(mode="json")
         data["hosts"][3]["zone"] = "secure"          # host4
@@ -87,11 +102,7 @@ def test_drain_moves_every_vm_honouring_anti_affinity(site: Site) -> None:
     mover = Mover(site.migrations)
     job = mover.drain("host1", site.actor())
     assert len(job.moves) == 3
-    deadline = time.monotonic() + 60
-    while mover.drain_status("host1").state == "running" and time.monotonic() < deadline:
-        beat(site)
-        time.sleep(0.1)
-    job = mover.drain_status("host1")
+    job = mover.wait("host1", DRAIN_WAIT_S)
     assert job.state == "done", job
     hosts = {v.name: v.host for v in site.controller.vms()}
     assert "host1" not in hosts.values()
@@ -137,3 +148,73 @@ def test_balance_reads_cpu_from_the_agents_and_moves_the_busy_vm(site: Site) -> 
     assert out.cpu_before["host1"] > out.cpu_after["host1"]
     assert out.memory_before["host1"] > out.memory_after["host1"]
     assert {v.host for v in site.controller.vms() if v.name == "busy"} == {"host1"}
+
+
+def test_a_migration_holds_its_hosts_slots_until_switchover() -> None:
+    assert holds_slot("running", Phase.PRECOPY.value)
+    assert holds_slot("running", Phase.SWITCHOVER.value)
+    assert not holds_slot("running", Phase.ANNOUNCE.value)
+    assert not holds_slot("running", Phase.VERIFY.value)
+    assert holds_slot("rolling-back", Phase.PRECOPY.value)
+    assert holds_slot("rolling-back", Phase.ANNOUNCE.value)
+    assert not holds_slot("completed", Phase.PRECOPY.value)
+
+
+def test_a_host_slot_frees_at_switchover_and_the_drain_takes_it(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """host1 copies two at a time (its limit): the third move starts while the first two
+    still verify, and the store lists all three as running meanwhile."""
+    verifying = threading.Event()
+    go_on = threading.Event()
+    real_verify = STEPS[Phase.VERIFY]
+
+    def held_verify(run: Run) -> None:
+        verifying.set()
+        if not go_on.wait(DRAIN_WAIT_S):
+            raise AssertionError("verify was never let go")
+        real_verify(run)
+    monkeypatch.setitem(STEPS, Phase.VERIFY, held_verify)
+    for i, name in enumerate(("a", "b", "c")):
+        create(site, name, "host1", str(40 + i))
+    mover = Mover(site.migrations)
+    mover.drain("host1", site.actor())
+    try:
+        assert verifying.wait(DRAIN_WAIT_S)
+        # Every move reaches verify while none has ended: the third took a freed slot.
+        deadline_ok = _until(lambda: sum(1 for r in site.migrations.recent()
+                                          if r.phase == "verify") == 3)
+        assert deadline_ok, [(r.vm, r.phase, r.state) for r in site.migrations.recent()]
+        assert {r.state for r in site.migrations.recent()} == {"running"}
+    finally:
+        go_on.set()
+    job = mover.wait("host1", DRAIN_WAIT_S)
+    assert job.state == "done", job
+    assert {v.host for v in site.controller.vms()} & {"host1"} == set()
+
+
+def test_a_third_migration_from_a_host_is_refused_until_one_switched_over(
+        site: Site) -> None:
+    for i, name in enumerate(("a", "b", "c")):
+        create(site, name, "host1", str(50 + i))
+    site.hold("host1", "a")
+    site.hold("host1", "b")
+    first = site.migrate("a", to="host2")
+    site.migrate("b", to="host3")
+    site.wait_status("host1", "a", "active")
+    with pytest.raises(ConflictError, match="not yet switched over"):
+        site.migrate("c", to="host2")
+    site.release("host1", "a")
+    assert site.migrations.wait(first.id, DRAIN_WAIT_S).state == "completed"
+    third = site.migrate("c", to="host2")
+    site.release("host1", "b")
+    assert site.migrations.wait(third.id, DRAIN_WAIT_S).state == "completed"
+
+
+def _until(check: Callable[[], bool], timeout: float = DRAIN_WAIT_S) -> bool:
+    """``check`` came true within ``timeout`` s (a bound for a hang, not a speed test)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

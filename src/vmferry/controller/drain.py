@@ -14,18 +14,16 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import select
-
 from vmferry.api.placement import BalanceOut, DrainOut, HostPlacementOut, MoveOut
 from vmferry.controller import events
 from vmferry.controller.auth import Principal
-from vmferry.controller.migration import LIVE, Migrations
+from vmferry.controller.migration import LIVE, Migrations, holds_slot, slots_taken
 from vmferry.controller.placement import Placement, snapshot, verdict_out
 from vmferry.errors import ConflictError, NotFoundError, VmferryError
 from vmferry.model.migration import MigrationOptions, MigrationState
 from vmferry.model.placement import HostState
 from vmferry.model.placement_plans import plan_drain
-from vmferry.store.schema import HostRow, MigrationRow
+from vmferry.store.schema import HostRow
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,8 @@ class Mover:
         migrations.listeners.append(self._on_migration)
 
     def _on_migration(self, record: dict[str, object]) -> None:
-        if record.get("state") not in LIVE:
+        # A slot frees when a move switches over, not only when it ends (migration.holds_slot).
+        if not holds_slot(str(record.get("state")), str(record.get("phase"))):
             for waker in list(self._wakers):
                 waker.set()
 
@@ -95,6 +94,14 @@ class Mover:
             if job is None:
                 raise NotFoundError("host", f"no drain of {host} since the controller started")
             return job.model_copy(deep=True)
+
+    def wait(self, host: str, timeout: float) -> DrainOut:
+        """The drain of ``host`` once it has ended (or ``timeout`` s passed: still running)."""
+        with self._lock:
+            thread = self._threads.get(host)
+        if thread is not None:
+            thread.join(timeout)
+        return self.drain_status(host)
 
     def undrain(self, host: str, actor: Principal) -> None:
         """Take ``host`` out of maintenance (after its drain has ended)."""
@@ -182,13 +189,16 @@ class Mover:
             running = [m for m in job.moves if m.state == "running"]
             if not pending and not running:
                 return
-            busy = self._busy_hosts()
+            with self.controller.store.session() as session:
+                busy = slots_taken(session)
             for move in pending:
                 src, dst = topology.host(move.source), topology.host(move.destination)
                 if busy.get(move.source, 0) >= src.max_migrations or \
                         busy.get(move.destination, 0) >= dst.max_migrations:
                     continue
-                sharing = min(src.max_migrations, len(pending) + len(running))
+                # The link is shared by the moves that copy on it (a move past switchover
+                # sends nothing more), this one and those that will start beside it.
+                sharing = min(src.max_migrations, len(pending) + busy.get(move.source, 0))
                 move.bandwidth_mbps = max(1, min(src.migration_mbps, dst.migration_mbps)
                                           // max(1, sharing))
                 self._launch(move, actor)
@@ -230,14 +240,6 @@ class Mover:
                 with self._lock:
                     move.destination, move.state, move.error = target, "planned", None
                     move.migration_id = move.started_at = move.ended_at = None
-
-    def _busy_hosts(self) -> dict[str, int]:
-        busy: dict[str, int] = {}
-        with self.controller.store.session() as session:
-            for m in session.scalars(select(MigrationRow).where(MigrationRow.state.in_(LIVE))):
-                for host in (m.source, m.destination):
-                    busy[host] = busy.get(host, 0) + 1
-        return busy
 
     def _bytes(self, job: DrainOut) -> int:
         """Bytes QEMU sent for the job's completed migrations (its own figure)."""

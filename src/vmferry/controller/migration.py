@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vmferry.api.controller import MigrationRecord
 from vmferry.controller import events
@@ -24,6 +25,7 @@ from vmferry.controller.service import Controller, memory_used
 from vmferry.errors import CapacityError, ConflictError, InputError, NotFoundError
 from vmferry.model.migration import (
     DEFAULT_MAX_DOWNTIME_MS,
+    PHASES,
     MigrationOptions,
     MigrationState,
     Phase,
@@ -34,12 +36,35 @@ from vmferry.store.schema import MigrationRow, VmRow
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Cancelled", "Migrations"]
+__all__ = ["Cancelled", "Migrations", "holds_slot", "slots_taken"]
 # A run that breaks (not a phase failing: its bookkeeping, e.g. the store down) is resumed
 # from the store this many times, the n-th after n * CRASH_BACKOFF_S seconds.
 CRASH_RETRIES = 5
 CRASH_BACKOFF_S = 1.0
 LIVE = [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]
+# A host's migration limit protects the copy (its CPUs and its migration link): a move holds
+# a slot on both hosts until the guest has switched over. Announce, cleanup and verify need
+# none, so the next move may start meanwhile; the store still lists the move as running.
+SLOT_FREE_PHASES = frozenset(p.value for p in PHASES
+                             if PHASES.index(p) > PHASES.index(Phase.SWITCHOVER))
+
+
+def holds_slot(state: str, phase: str) -> bool:
+    """Whether a migration in ``state`` at ``phase`` counts against its hosts' limits: a live
+    one until it is past switchover (a rollback always holds its slots)."""
+    if state not in LIVE:
+        return False
+    return state != MigrationState.RUNNING.value or phase not in SLOT_FREE_PHASES
+
+
+def slots_taken(session: Session) -> dict[str, int]:
+    """Migration slots taken per host, read from the store (so every controller agrees)."""
+    taken: dict[str, int] = {}
+    for m in session.scalars(select(MigrationRow).where(MigrationRow.state.in_(LIVE))):
+        if holds_slot(m.state, m.phase):
+            for host in (m.source, m.destination):
+                taken[host] = taken.get(host, 0) + 1
+    return taken
 
 
 class Migrations:
@@ -108,12 +133,12 @@ class Migrations:
             if row.memory_mib > free:
                 raise CapacityError(f"to: host {destination} has {free} MiB free, {vm} needs "
                                     f"{row.memory_mib} MiB", field="to")
+            taken = slots_taken(session)
             for host in (row.host, destination):
-                busy = sum(1 for m in running if host in (m.source, m.destination))
-                limit = topology.host(host).max_migrations
+                busy, limit = taken.get(host, 0), topology.host(host).max_migrations
                 if busy >= limit:
                     raise ConflictError("to", f"host {host} already runs {busy} migrations "
-                                        f"(limit {limit})")
+                                        f"not yet switched over (limit {limit})")
             if options.max_downtime_ms is None:
                 options = options.model_copy(update={
                     "max_downtime_ms": row.max_downtime_ms or DEFAULT_MAX_DOWNTIME_MS})
