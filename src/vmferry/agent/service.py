@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,10 +120,12 @@ class HostAgent:
                     f"host {self.config.host} has {free} MiB free, guest needs "
                     f"{request.memory_mib} MiB", host=self.config.host, field="memory_mib")
             tap = tap_name(request.name)
+            started = time.monotonic()
             try:
                 self.links.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
                 self._realize_profile(request)
+                plugged = time.monotonic()
                 incoming_uri = self._incoming_uri(request.name) if request.incoming else None
                 spec = GuestSpec(name=request.name, memory_mib=request.memory_mib,
                                  mac=request.mac, tap=tap, ip_cidr=request.ip,
@@ -139,7 +142,10 @@ class HostAgent:
             except VmferryError:
                 self._remove_guest(request.name)
                 raise
-            return self.guest(request.name)
+            info = self.guest(request.name)
+            log.info("guest %s created in %.0f ms (port %.0f ms)", request.name,
+                     (time.monotonic() - started) * 1000, (plugged - started) * 1000)
+            return info
 
     def preset_port(self, request: GuestRequest) -> GuestInfo:
         """Make the guest's tap and switch port exist before the guest does (a migration's

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import shlex
 import subprocess
 import tempfile
@@ -52,6 +53,7 @@ from vmferry.drivers.hypervisor.qemu_migration import (
     check_tls_dir,
     progress_from_query,
 )
+from vmferry.drivers.hypervisor.qemu_tls import ensure_dh_params
 from vmferry.drivers.hypervisor.qmp_session import QmpSession
 from vmferry.drivers.hypervisor.uri import validate_migration_uri
 from vmferry.errors import HypervisorError, SetupError, WaitTimeout
@@ -73,6 +75,8 @@ __all__ = [
     "validate_migration_uri",
     "validate_spec",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -106,6 +110,8 @@ class QemuHypervisor(Hypervisor):
         self.migration = QemuMigration(
             self.qmp, tls_dir=None if tls_dir is None else check_tls_dir(Path(tls_dir)),
             progress_interval=progress_interval)
+        if tls_dir is not None:
+            ensure_dh_params(Path(tls_dir))     # else every destination generates its own
         self._version: str | None = None
         self._machines: list[str] | None = None
 
@@ -186,13 +192,18 @@ class QemuHypervisor(Hypervisor):
         files["spec"].write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
         argv = qemu_argv(spec, self.image, files, qemu_binary=self.qemu_binary,
                          incoming=incoming_uri is not None)
+        started = time.monotonic()
         pid = self._launch(spec.name, argv)
+        launched = time.monotonic()
         if incoming_uri is not None:
             try:
                 self.migration.listen(spec.name, incoming_uri, tuning or MigrationTuning())
             except Exception:
                 self.stop(spec.name)
                 raise
+        # Where a destination's start goes (issue 14 measures it from the agents' logs).
+        log.info("guest %s: QEMU up on QMP in %.0f ms, listening after %.0f ms more",
+                 spec.name, (launched - started) * 1000, (time.monotonic() - launched) * 1000)
         return pid
 
     def _launch(self, name: str, argv: list[str]) -> int:
