@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -180,11 +181,13 @@ class HostAgent:
         self._incoming.pop(name, None)
         self._request_file(name).unlink(missing_ok=True)
 
-    def guest(self, name: str) -> GuestInfo:
+    def guest(self, name: str, ports: Collection[str] | None = None) -> GuestInfo:
+        """``ports``: the bridge's ports when the caller read them already."""
         state = self.hypervisor.state(name)
         if state is GuestState.ABSENT and name not in self._guests:
             raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
-        ports = self.softswitch.ports(HOST_BRIDGE)
+        if ports is None:
+            ports = self.softswitch.ports(HOST_BRIDGE)
         request = self._guests.get(name)
         return GuestInfo(name=name, state=state.value, tap=tap_name(name),
                          port_present=tap_name(name) in ports,
@@ -193,7 +196,10 @@ class HostAgent:
 
     def guests(self) -> list[GuestInfo]:
         names = set(self.hypervisor.guests()) | set(self._guests)
-        return [self.guest(n) for n in sorted(names)]
+        # One read of the bridge for all (a report, on every heartbeat and precheck, listed
+        # the switch's ports once per guest).
+        ports = set(self.softswitch.ports(HOST_BRIDGE))
+        return [self.guest(n, ports) for n in sorted(names)]
 
     def memory_used_mib(self) -> int:
         """Memory of every guest placed here, including a preset destination's."""
