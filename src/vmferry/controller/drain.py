@@ -167,8 +167,9 @@ class Mover:
                       job.state, moves=[m.model_dump() for m in job.moves])
 
     def _execute(self, job: DrainOut, actor: Principal) -> None:
-        """Start moves whenever both ends have a free migration slot; each gets its share of
-        the source's migration link. Woken by every migration's end; ends when every move
+        """Start moves whenever both ends have a free migration slot (a move frees its slots
+        once its guest has switched over: ``migration.holds_slot``); each gets its share of
+        the source's migration link. Woken by every switchover and end; ends when every move
         has ended."""
         ended = threading.Event()
         self._wakers.add(ended)
