@@ -3,6 +3,7 @@ without them QEMU generates a 2048-bit group on every migration's destination.""
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import dh
@@ -26,6 +27,7 @@ def test_written_once_and_an_operators_file_kept(tmp_path: Path) -> None:
     path = ensure_dh_params(tmp_path)
     assert path == tmp_path / DH_PARAMS_FILE and path.read_text() == FFDHE2048_PEM
     assert sorted(p.name for p in tmp_path.iterdir()) == [DH_PARAMS_FILE]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600      # like the keys beside it
     path.write_text("operator's own\n")
     assert ensure_dh_params(tmp_path) == path and path.read_text() == "operator's own\n"
 

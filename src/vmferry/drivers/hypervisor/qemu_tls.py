@@ -43,7 +43,8 @@ def ensure_dh_params(tls_dir: Path) -> Path | None:
     partial = tls_dir / f".{DH_PARAMS_FILE}.{os.getpid()}"
     try:
         partial.write_text(FFDHE2048_PEM)
-        os.chmod(partial, 0o644)
+        # Public, but a lab's state is root's alone (test_security) like the keys beside it.
+        os.chmod(partial, 0o600)
         os.replace(partial, path)       # atomic: agents sharing a directory may race here
     except OSError as exc:
         partial.unlink(missing_ok=True)
