@@ -344,33 +344,3 @@ def test_the_host_gate_is_armed_opened_in_one_bundle_and_removed_by_cookie() -> 
     with pytest.raises(NotFoundError, match="tap"):
         install_host_rules(switch, "br-vm", "uplink", "tap9", cookie, 100, MAC)
 
-
-def test_opening_writes_the_path_rules_again_and_a_refusing_switch_does_not_fail_it(
-        topology: Topology) -> None:
-    mbb, fabric, calls, recorded = window(topology)
-    cookie = mbb_cookie(5)
-    mbb.prepare()
-    staged = {n: list(s.rules[cookie]) for n, s in fabric.switches.items() if cookie in s.rules}
-    fabric.calls.clear()
-    fabric.fail = {"spine"}                 # the settle step on one switch fails
-    mbb.open()
-    assert ("open", "host3", cookie) in calls
-    # Every switch of the path is written once more, with the same rules.
-    assert sorted(s for m, s in fabric.calls if m == "replace_rules") == sorted(staged)
-    assert {n: s.rules[cookie] for n, s in fabric.switches.items()
-            if cookie in s.rules} == staged
-    assert "spine" in str(recorded["make_before_break_settle_problems"])
-    assert "make_before_break_problems" not in recorded
-
-
-def test_a_gate_that_does_not_open_still_raises_when_the_path_settles(
-        topology: Topology) -> None:
-    from dataclasses import replace
-    mbb, _, calls, recorded = window(topology)
-    mbb.prepare()
-    failing = FakeAgent("host3", calls, fail=True)
-    mbb.ctx = replace(mbb.ctx, agent=lambda host: failing)
-    with pytest.raises(SwitchoverError, match="host3"):
-        mbb.open()
-    assert recorded["make_before_break_problems"]
-    assert "make_before_break_settle_problems" not in recorded

@@ -11,15 +11,7 @@ One ``MakeBeforeBreak`` per migration run (H5):
     open()      when the source has stopped the guest (its QMP ``STOP``): open the gate, one
                 OpenFlow bundle on the destination host; QEMU is not held for it, so the
                 guest's pause is not lengthened; frames sent during the rest of the pause wait
-                in the destination's tap instead of being lost at the stopped source. Side by
-                side, the fabric rules are written once more on every switch of the path: the
-                table change makes Open vSwitch revalidate its datapath flows now, while the
-                guest is paused, so the learning it owes to the guest's last frames from the
-                source (counted with a flow's packets, learned when they are pushed: every
-                500 ms, or when the table changes) is done before the destination's first
-                frame. Pushed after it, it moved the MAC back to the source's port until the
-                next frame from the destination (3 MAC moves on a switch instead of 1, and
-                frames for the guest sent to the stopped source meanwhile)
+                in the destination's tap instead of being lost at the stopped source
     close()     after the destination announced itself, and on every ending: remove by cookie
                 on every switch and both hosts (idempotent; needs no memory of what went in)
 
@@ -49,7 +41,6 @@ from vmferry.model.switchover import (
     COOKIE_MASK,
     COOKIE_PREFIX,
     PRIORITY,
-    Rule,
     fabric_rules,
     gate_cookie,
     is_mbb_cookie,
@@ -113,7 +104,6 @@ class MakeBeforeBreak:
         self.opened = False
         self.closed = False
         self.open_ms: float | None = None
-        self.rules: dict[str, list[Rule]] = {}
 
     def prepare(self) -> None:
         """Stage the window: the closed gate on the destination host first, then the fabric
@@ -147,8 +137,6 @@ class MakeBeforeBreak:
         if problems:
             self._failed(problems)
             raise SwitchoverError("; ".join(problems))
-        self.rules = {switch: switch_rules for switch, switch_rules in rules.items()
-                      if switch_rules}
         ctx.record(make_before_break_installs=1,
                    make_before_break_cookie=f"{self.cookie:#x}",
                    make_before_break_stage_ms=round((time.monotonic() - started) * 1000, 1))
@@ -172,20 +160,13 @@ class MakeBeforeBreak:
             self.opened = True
         ctx = self.ctx
         started = time.monotonic()
-        gate, settled = _problems_split(
-            [partial(_open_host, ctx, self.cookie)],
-            [partial(ctx.fabric.replace_rules, switch, self.cookie, switch_rules,
-                     known_empty=True) for switch, switch_rules in self.rules.items()])
+        problems = _problems([partial(_open_host, ctx, self.cookie)])
         self.open_ms = round((time.monotonic() - started) * 1000, 1)
-        if settled:     # the window works without it: recorded, not raised
-            log.info("migration %s: learning not settled on the path: %s", ctx.migration_id,
-                     "; ".join(settled))
         ctx.record(make_before_break_open_ms=self.open_ms,
                    make_before_break_opened_at=time.time(),
-                   **({"make_before_break_problems": gate} if gate else {}),
-                   **({"make_before_break_settle_problems": settled} if settled else {}))
-        if gate:
-            raise SwitchoverError("; ".join(gate))
+                   **({"make_before_break_problems": problems} if problems else {}))
+        if problems:
+            raise SwitchoverError("; ".join(problems))
         log.info("migration %s: switchover gate open on %s in %.1f ms", ctx.migration_id,
                  ctx.destination, self.open_ms)
         failpoints.reached(WINDOW_FAILPOINT)
@@ -246,21 +227,6 @@ def _side_by_side(tasks: list[Callable[[], Any]]) -> list[Any]:
         return []
     with ThreadPoolExecutor(max_workers=len(tasks)) as pool:
         return [f.result() for f in [pool.submit(t) for t in tasks]]
-
-
-def _problems_split(first: list[Callable[[], object]], second: list[Callable[[], object]]
-                    ) -> tuple[list[str], list[str]]:
-    """Run both lists' tasks side by side; the messages of each list's failures."""
-    tasks = [*first, *second]
-    failed: list[str | None] = [None] * len(tasks)
-    with ThreadPoolExecutor(max_workers=len(tasks)) as pool:
-        for index, future in enumerate([pool.submit(task) for task in tasks]):
-            try:
-                future.result()
-            except VmferryError as exc:
-                failed[index] = exc.message
-    return ([p for p in failed[:len(first)] if p is not None],
-            [p for p in failed[len(first):] if p is not None])
 
 
 def _problems(tasks: list[Callable[[], object]]) -> list[str]:
