@@ -138,10 +138,8 @@ class _Follow:
     def on_event(self, event: GuestEvent) -> None:
         run = self.run
         if event.kind == "STOP":
-            # The gate first: the store's commit would hold it back while the guest is
-            # paused; a controller dying in between has the rules closed by cookie anyway.
-            self.open_window(stop_recorded=True)
             run.record_event("source_stop", event.timestamp)
+            self.open_window(stop_recorded=True)
         elif event.kind == "MIGRATION" and event.status is not None:
             if event.status == "completed":
                 run.record_event("source_completed", event.timestamp)
@@ -196,9 +194,8 @@ class _Follow:
                 log.info("migration %s: migrate-pause failed: %s", run.id, exc.message)
 
     def open_window(self, stop_recorded: bool = False) -> None:
-        """The source stopped the guest: open the make-before-break gate, once. Without a
-        STOP event (polling), the store says "opening" first; with one, the STOP is recorded
-        right after the gate opened (not before: the commit is on the paused guest's path)."""
+        """The source stopped the guest: open the make-before-break gate, once. The store
+        says the guest stopped before the gate opens (its STOP, else "opening")."""
         if self.mbb is not None and not self.mbb.opened:
             if not stop_recorded:
                 self.run.record_result(make_before_break="opening")

@@ -199,9 +199,12 @@ class BenchLab:
             log_file = self.layout.ovs_dir(switch) / "ovs-vswitchd.log"
             if not spec.unixctl or not log_file.exists():
                 continue
-            done = subprocess.run(["ovs-appctl", "-t", spec.unixctl, "vlog/set",
-                                   "ofproto_dpif_xlate:file:dbg"], capture_output=True,
-                                  timeout=10, check=False)
+            try:
+                done = subprocess.run(["ovs-appctl", "-t", spec.unixctl, "vlog/set",
+                                       "ofproto_dpif_xlate:file:dbg"], capture_output=True,
+                                      timeout=10, check=False)
+            except (OSError, subprocess.SubprocessError):
+                continue
             if done.returncode == 0:
                 offsets[switch] = log_file.stat().st_size
         return offsets
@@ -212,9 +215,12 @@ class BenchLab:
         found: list[dict[str, Any]] = []
         for switch, offset in offsets.items():
             log_file = self.layout.ovs_dir(switch) / "ovs-vswitchd.log"
-            with log_file.open("rb") as handle:
-                handle.seek(offset)
-                text = handle.read().decode(errors="replace")
+            try:
+                with log_file.open("rb") as handle:
+                    handle.seek(offset)
+                    text = handle.read().decode(errors="replace")
+            except OSError:         # best effort, like the start: the figures do not need it
+                continue
             found.extend({**entry, "switch": switch} for entry in parse_learned(text))
         return sorted(found, key=lambda e: e["time"])
 
