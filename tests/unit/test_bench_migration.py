@@ -177,3 +177,26 @@ def test_config_refuses_a_probe_slower_than_2ms_and_unknown_variants() -> None:
         BenchConfig(interval_ms=10)
     with pytest.raises(ValueError, match="unknown variants"):
         BenchConfig(variants=("floor", "teleport"))
+
+
+def test_learning_lines_give_each_mac_port_changes_per_switch() -> None:
+    from vmferry.bench.migration.lab import mac_changes, parse_learned
+    text = (
+        "2026-11-30T15:30:00.100Z|00041|bridge|INFO|bridge br-fabric: added interface x\n"
+        "2026-11-30T15:30:00.123Z|00042|ofproto_dpif_xlate|DBG|bridge br-fabric: learned "
+        "that 52:54:00:be:00:01 is on port t-spine in VLAN 100\n"
+        "2026-11-30T15:30:00.200Z|00043|ofproto_dpif_xlate(revalidator7)|DBG|bridge "
+        "br-fabric: learned that 52:54:00:be:00:01 is on port h-host1 in VLAN 100\n"
+        "2026-11-30T15:30:00.300Z|00044|ofproto_dpif_xlate|DBG|bridge br-fabric: learned "
+        "that 52:54:00:be:00:01 is on port t-spine in VLAN 100\n"
+        "2026-11-30T15:30:00.310Z|00045|ofproto_dpif_xlate|DBG|bridge br-fabric: learned "
+        "that 52:54:00:00:00:09 is on port a-client-100 in VLAN 100\n")
+    lines = parse_learned(text)
+    assert [(e["port"], e["thread"]) for e in lines] == [
+        ("t-spine", ""), ("h-host1", "revalidator7"), ("t-spine", ""), ("a-client-100", "")]
+    assert lines[1]["time"] - lines[0]["time"] == pytest.approx(0.077, abs=1e-3)
+    trace = [{**e, "switch": "tor1"} for e in lines]
+    # The first line of each MAC is where it was before the window: not a change.
+    assert mac_changes(trace) == {"tor1": {"52:54:00:be:00:01": 2}}
+    assert mac_changes([{**trace[0], "switch": "spine"}, *trace[1:]]) == {
+        "tor1": {"52:54:00:be:00:01": 1}}

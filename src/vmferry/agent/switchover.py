@@ -15,7 +15,7 @@ contract is unchanged."""
 
 from __future__ import annotations
 
-from vmferry.drivers.softswitch.base import Flow, Softswitch
+from vmferry.drivers.softswitch.base import Flow, PortState, Softswitch
 from vmferry.errors import InputError, NotFoundError
 from vmferry.model.switchover import (
     gate_cookie,
@@ -31,11 +31,18 @@ def _check(cookie: int) -> None:
         raise InputError("cookie", f"{cookie:#x} is not a switchover cookie")
 
 
-def _ofport(softswitch: Softswitch, bridge: str, port: str, what: str) -> int:
-    state = softswitch.ports(bridge, [port]).get(port)
-    if state is None or state.ofport is None or state.ofport < 0:
-        raise NotFoundError(what, f"no port {port} on {bridge}")
-    return state.ofport
+def _ofports(states: dict[str, PortState], bridge: str, wanted: dict[str, str]
+             ) -> dict[str, int]:
+    """The OpenFlow numbers of ``wanted`` (port name -> what it is, for the error) among
+    ``states`` (one OVSDB read: opening the gate is on the paused guest's path). Raises
+    ``NotFoundError``."""
+    found: dict[str, int] = {}
+    for port, what in wanted.items():
+        state = states.get(port)
+        if state is None or state.ofport is None or state.ofport < 0:
+            raise NotFoundError(what, f"no port {port} on {bridge}")
+        found[port] = state.ofport
+    return found
 
 
 def install_host_rules(softswitch: Softswitch, bridge: str, uplink: str, tap: str, cookie: int,
@@ -46,16 +53,19 @@ def install_host_rules(softswitch: Softswitch, bridge: str, uplink: str, tap: st
     _check(cookie)
     if not 1 <= vlan <= 4094:
         raise InputError("vlan", f"{vlan} is not a VLAN id 1-4094")
-    uplink_ofport = _ofport(softswitch, bridge, uplink, "uplink")
+    arming = is_gate_cookie(cookie)
+    wanted = {uplink: "uplink"} if arming else {uplink: "uplink", tap: "tap"}
+    ofports = _ofports(softswitch.ports(bridge, list(wanted)), bridge, wanted)
+    uplink_ofport = ofports[uplink]
     gate = [Flow(0, r.priority, r.match, r.actions) for r in gate_rules(uplink_ofport, vlan, mac)]
     changes: dict[int, list[Flow]]
     actual: dict[int, list[Flow]]
-    if is_gate_cookie(cookie):
+    if arming:
         changes, actual = {cookie: gate}, {cookie: []}
         flows = gate
     else:
         flows = [Flow(0, r.priority, r.match, r.actions) for r in host_rules(
-            uplink_ofport, _ofport(softswitch, bridge, tap, "tap"), vlan, mac)]
+            uplink_ofport, ofports[tap], vlan, mac)]
         # One bundle, atomic: the gate's flow goes, the delivering one comes.
         changes = {cookie: flows, gate_cookie(cookie): []}
         actual = {cookie: [], gate_cookie(cookie): gate}

@@ -100,6 +100,10 @@ class RunResult:
     events: dict[str, float] = field(default_factory=dict)
     mac_moves: dict[str, int] = field(default_factory=dict)
     mac_moves_max: int | None = None
+    # Per switch and MAC, port changes in OVS's learning log over the same window, and the
+    # log lines themselves (lab.mac_trace_read): which MAC moved, where, by which thread.
+    mac_changes: dict[str, dict[str, int]] = field(default_factory=dict)
+    mac_trace: list[dict[str, Any]] = field(default_factory=list)
     qemu_downtime_ms: float | None = None
     total_ms: float | None = None
     qemu_total_ms: float | None = None

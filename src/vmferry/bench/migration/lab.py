@@ -5,6 +5,7 @@ controller's CPU time, the migration link's rate."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -186,6 +187,43 @@ class BenchLab:
         """Each switch's moved-MAC counter now. Raises ``FabricError``."""
         return {switch: self.fabric().mac_moves(switch) for switch in switches}
 
+    def mac_trace_start(self, switches: Iterable[str]) -> dict[str, int]:
+        """Have each switch log every MAC it learns on a new port (OVS's
+        ``ofproto_dpif_xlate`` debug line, which names the thread: an upcall handler for a
+        frame just received, a revalidator for a flow's cached learning pushed again); returns
+        each log's size now, where ``mac_trace_read`` starts. Best effort: a switch whose log
+        cannot be set is left out."""
+        offsets: dict[str, int] = {}
+        for switch in switches:
+            spec = self._inventory().switch(switch)
+            log_file = self.layout.ovs_dir(switch) / "ovs-vswitchd.log"
+            if not spec.unixctl or not log_file.exists():
+                continue
+            try:
+                done = subprocess.run(["ovs-appctl", "-t", spec.unixctl, "vlog/set",
+                                       "ofproto_dpif_xlate:file:dbg"], capture_output=True,
+                                      timeout=10, check=False)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if done.returncode == 0:
+                offsets[switch] = log_file.stat().st_size
+        return offsets
+
+    def mac_trace_read(self, offsets: dict[str, int]) -> list[dict[str, Any]]:
+        """Every "learned that MAC is on port P" line the switches logged since
+        ``mac_trace_start``: time (epoch s), switch, mac, port, vlan, thread."""
+        found: list[dict[str, Any]] = []
+        for switch, offset in offsets.items():
+            log_file = self.layout.ovs_dir(switch) / "ovs-vswitchd.log"
+            try:
+                with log_file.open("rb") as handle:
+                    handle.seek(offset)
+                    text = handle.read().decode(errors="replace")
+            except OSError:         # best effort, like the start: the figures do not need it
+                continue
+            found.extend({**entry, "switch": switch} for entry in parse_learned(text))
+        return sorted(found, key=lambda e: e["time"])
+
     def link_mbps(self, source: str, destination: str, mib: int = 256) -> float:
         """The migration link's rate between two hosts, measured by one bounded TCP bulk
         transfer over it (what QEMU's stream could get at best). Raises ``VmferryError``."""
@@ -210,6 +248,35 @@ class BenchLab:
             if server.poll() is None:
                 server.kill()
             server.wait(timeout=5)
+
+
+_LEARNED = re.compile(
+    r"^(?P<stamp>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z\|\d+\|ofproto_dpif_xlate"
+    r"(?:\((?P<thread>[^)]*)\))?\|DBG\|bridge \S+: learned that (?P<mac>[0-9a-f:]{17}) "
+    r"is on port (?P<port>\S+) in VLAN (?P<vlan>\d+)", re.MULTILINE)
+
+
+def parse_learned(text: str) -> list[dict[str, Any]]:
+    """OVS's MAC learning debug lines (``ofproto_dpif_xlate``, log file format) as records."""
+    from datetime import UTC, datetime
+    return [{"time": datetime.fromisoformat(m["stamp"]).replace(tzinfo=UTC).timestamp(),
+             "mac": m["mac"], "port": m["port"], "vlan": int(m["vlan"]),
+             "thread": m["thread"] or ""} for m in _LEARNED.finditer(text)]
+
+
+def mac_changes(trace: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per switch and MAC, how often a learning line names a port other than the one that
+    MAC's previous line on that switch named (the first line of each is a first learning or
+    a move from before the trace, not counted)."""
+    last: dict[tuple[str, str], str] = {}
+    changes: dict[str, dict[str, int]] = {}
+    for entry in trace:
+        key = (entry["switch"], entry["mac"])
+        if key in last and last[key] != entry["port"]:
+            per_switch = changes.setdefault(entry["switch"], {})
+            per_switch[entry["mac"]] = per_switch.get(entry["mac"], 0) + 1
+        last[key] = entry["port"]
+    return changes
 
 
 def cpu_ms(pid: int) -> float | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.bench.migration.config import ADDRESSES, BenchConfig, RunResult, Timing
-from vmferry.bench.migration.lab import BenchLab, free_port
+from vmferry.bench.migration.lab import BenchLab, free_port, mac_changes
 from vmferry.bench.migration.ovn import Ovn
 from vmferry.bench.migration.probe import PingProbe, ProbeResult, wait_reachable
 from vmferry.bench.migration.statistics import compare, summarize, summarize_runs
@@ -68,6 +68,7 @@ def measure(variant: Variant, run: int, source: str, destination: str,
     try:
         variant.restore(source)
         wait_reachable(namespace, variant.address, timeout=60)
+        trace = lab.mac_trace_start(switches)
         moves_before = lab.mac_moves(switches)
         try:
             echo.start(timeout=30)
@@ -84,6 +85,7 @@ def measure(variant: Variant, run: int, source: str, destination: str,
         if echoing:
             result.tcp = echo.stop()
         moves_after = lab.mac_moves(switches)
+        result.mac_trace = lab.mac_trace_read(trace)
     except (VmferryError, ValueError) as exc:
         probe.kill()
         echo.kill()
@@ -101,6 +103,7 @@ def measure(variant: Variant, run: int, source: str, destination: str,
     result.probe = seen.as_dict()
     result.mac_moves = {s: moves_after[s] - moves_before[s] for s in switches}
     result.mac_moves_max = max(result.mac_moves.values(), default=0)
+    result.mac_changes = mac_changes(result.mac_trace)
     result.total_ms = round(timing.total_ms, 1)
     result.qemu_downtime_ms = timing.qemu.get("downtime_ms")
     result.qemu_total_ms = timing.qemu.get("total_time_ms")
