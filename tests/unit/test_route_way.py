@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from enginekit import Site, site_at
+
 from vmferry.controller import audit, route_way
 from vmferry.errors import ConflictError
 from vmferry.model.boundary import Way
