@@ -166,8 +166,12 @@ class HostRoute:
 def host_route(topology: Topology, ip: str, vlan: int, host: str) -> HostRoute | None:
     """The host route a VM of ``vlan`` with address ``ip`` (CIDR or bare) needs on ``host``
     when it crossed by the "route" way: the router of the host's rack, if that rack is
-    routed and its router has a leg in ``vlan``; None otherwise."""
-    rack = next(r for r in topology.racks if r.name == topology.host(host).rack)
+    routed and its router has a leg in ``vlan``; None otherwise (also for a host the
+    inventory no longer has)."""
+    rack_name = next((h.rack for h in topology.hosts if h.name == host), None)
+    rack = next((r for r in topology.racks if r.name == rack_name), None)
+    if rack is None:
+        return None
     if not rack.routed or rack.uplink is None or rack.uplink.vlan != vlan or rack.vlan is None:
         return None
     return HostRoute(rack.router, ip.split("/")[0], rack.vlan, rack.uplink.ip.split("/")[0],
