@@ -72,6 +72,17 @@ def test_leaving_a_routed_rack_for_elsewhere_removes_the_route(site: Site) -> No
     assert audit.audit(site.controller) == []
 
 
+def test_a_vm_deleted_while_routed_leaves_nothing_and_its_namesake_is_not_routed(
+        site: Site) -> None:
+    site.create_vm()
+    move(site, "host5", boundary="route")
+    site.controller.delete_vm("vm1", site.actor())
+    assert site.router.routes[ROUTER] == set() and site.router.proxies[ROUTER] == set()
+    site.create_vm(host="host5")        # a new VM of the same name, created in the rack
+    assert route_way.desired(site.controller)[ROUTER].routes == frozenset()
+    assert tag(site, "host5") == 100    # stretched, as any VM of VLAN 100 created there
+
+
 def test_a_move_by_stretch_puts_nothing_on_the_router(site: Site) -> None:
     site.create_vm()
     result = move(site, "host5")

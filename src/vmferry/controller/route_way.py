@@ -58,12 +58,14 @@ def migration_way(row: MigrationRow) -> Way | None:
     return Way(crossing) if crossing in set(Way) else None
 
 
-def placement_way(session: Any, vm: str, host: str, before: int | None = None) -> Way | None:
+def placement_way(session: Any, vm: VmRow, host: str, before: int | None = None) -> Way | None:
     """The way the VM came to ``host``: the newest migration there that was not rolled back
-    (older than migration ``before``, when given); None when it was created there."""
+    (older than migration ``before``, when given; not of an earlier VM of the same name);
+    None when it was created there."""
     query = select(MigrationRow).where(
-        MigrationRow.vm == vm, MigrationRow.destination == host,
-        MigrationRow.state != MigrationState.ROLLED_BACK.value)
+        MigrationRow.vm == vm.name, MigrationRow.destination == host,
+        MigrationRow.state != MigrationState.ROLLED_BACK.value,
+        MigrationRow.started_at >= vm.created_at)
     if before is not None:
         query = query.where(MigrationRow.id < before)
     row = session.scalars(query.order_by(MigrationRow.id.desc()).limit(1)).first()
@@ -82,7 +84,7 @@ def placed_vlan(topology: Topology, session: Any, vm: VmRow) -> int:
     if host_route(topology, vm.ip, vm.vlan, vm.host) is None:
         return vm.vlan          # no routed rack routes its VLAN there: no store look-up
     return attachment_vlan(topology, vm.vlan, vm.ip, vm.host,
-                           placement_way(session, vm.name, vm.host))
+                           placement_way(session, vm, vm.host))
 
 
 def incoming(run: Run, request: GuestRequest) -> GuestRequest:
@@ -122,7 +124,7 @@ def desired(controller: Controller) -> dict[str, Holding]:
 
 def _routed(topology: Topology, session: Any, vm: VmRow) -> HostRoute | None:
     route = host_route(topology, vm.ip, vm.vlan, vm.host)
-    if route is None or placement_way(session, vm.name, vm.host) is not Way.ROUTE:
+    if route is None or placement_way(session, vm, vm.host) is not Way.ROUTE:
         return None
     return route
 
@@ -177,8 +179,9 @@ def switch(run: Run) -> None:
         if run_way(run) is Way.ROUTE else None
     out = host_route(topology, vm.ip, vm.vlan, run.source)
     with run.session() as session:
-        left_routed = out is not None and placement_way(session, run.vm, run.source,
-                                                        before=run.id) is Way.ROUTE
+        row = session.get(VmRow, run.vm)
+        left_routed = out is not None and row is not None and placement_way(
+            session, row, run.source, before=run.id) is Way.ROUTE
     frames = 0
     if out is not None and left_routed:
         frames += routers.announce(out.router, vm.ip, vm.mac, out.subnet, into_rack=False)

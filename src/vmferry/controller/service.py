@@ -292,6 +292,10 @@ class Controller:
                 if row is not None:
                     session.delete(row)
             self.reconcile_fabric(())          # the VM is gone: drift is recorded, not raised
+            try:
+                route_way.reconcile(self)      # a VM deleted while routed leaves no /32
+            except VmferryError as exc:
+                log.warning("routers after deleting %s: %s", name, exc.message)
             events.record(self.store, actor.name, "vm.delete", name, "ok", host=host)
         finally:
             lock.release()
