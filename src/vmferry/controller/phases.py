@@ -91,8 +91,9 @@ def extend_vlan(run: Run) -> None:
 
 
 def preset_port(run: Run) -> None:
-    """The destination port exists, with the VM's VLAN, before the VM does; under a stateful
-    profile it knows the connections the VM has open on the source (agent.conntrack)."""
+    """The destination port exists, with the VM's VLAN (the rack's, for a move by "route"),
+    before the VM does; under a stateful profile it knows the connections the VM has open on
+    the source (agent.conntrack)."""
     run.dst.preset_port(route_way.incoming(run, run.guest_request(incoming=True)))
     if run.options.carry_conntrack:
         run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
