@@ -3,14 +3,15 @@
 The lab is examples/routed-rack.yaml: rack3 (host5) is subnet 198.18.3.0/24 on VLAN 300
 behind the router rtr-rack3, its ToR joined to tor1 only by a VXLAN tunnel the router
 carries. A VM of VLAN 100 (192.0.2.0/24) on host1 moves to host5 and back while client-100
-(in VLAN 100, on tor1) pings it and holds a TCP session to its echo port. Built so far: the
-"stretch" way (the tunnel carries VLAN 100 to rack3 while the VM is there). After the return,
-the tunnel carries nothing, the router holds no route or proxy entry of the VM, host5 holds
-nothing of it, and audit is clean.
+(in VLAN 100, on tor1) pings it and holds a TCP session to its echo port, once by each built
+way: "stretch" (the tunnel carries VLAN 100 to rack3 while the VM is there) and "route" (the
+VM's port is in VLAN 300, the router holds a /32 to it and a proxy entry for its old gateway,
+nothing is stretched). After the return, the tunnel carries nothing, the router holds no route
+or proxy entry of the VM, host5 holds nothing of it, and audit is clean.
 
-The "route" way is not wired into the migration yet: its router part (``NetnsRouter``, the
-/32 and the proxy ARP) is tested on its own, with a probe namespace of the test's own in
-rack3's VLAN that keeps an address of VLAN 100's subnet, as a VM moved there by "route" would.
+The router part of "route" (``NetnsRouter``, the /32 and the proxy ARP) is also tested on its
+own, with a probe namespace of the test's own in rack3's VLAN that keeps an address of VLAN
+100's subnet.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def router_holds(lab: LabRun) -> list[str]:
     return found
 
 
-def start_ping(lab: LabRun, count: int = 6000) -> subprocess.Popen[str]:
+def start_ping(lab: LabRun, count: int = 6000, ip: str = VM_IP) -> subprocess.Popen[str]:
     return subprocess.Popen(["ip", "netns", "exec", lab.namespace(CLIENT), "ping", "-q",
-                             "-i", "0.01", "-c", str(count), "-w", "200", "-W", "1", VM_IP],
+                             "-i", "0.01", "-c", str(count), "-w", "200", "-W", "1", ip],
                             stdout=subprocess.PIPE, text=True)
 
 
@@ -76,9 +77,9 @@ def ping_loss(proc: subprocess.Popen[str]) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(1)) - int(match.group(2))
 
 
-def hold_tcp(lab: LabRun) -> subprocess.Popen[str]:
+def hold_tcp(lab: LabRun, ip: str = VM_IP) -> subprocess.Popen[str]:
     proc = subprocess.Popen(["ip", "netns", "exec", lab.namespace(CLIENT),
-                             "python3", str(HERE / "tcp_hold.py"), VM_IP, "7"],
+                             "python3", str(HERE / "tcp_hold.py"), ip, "7"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "OK 1"
@@ -92,11 +93,13 @@ def tcp_round(proc: subprocess.Popen[str]) -> str:
     return proc.stdout.readline().strip()
 
 
-def move(lab: LabRun, vm: str, to: str) -> tuple[dict[str, Any], int, int]:
+def move(lab: LabRun, vm: str, to: str, *options: str,
+         ip: str = VM_IP) -> tuple[dict[str, Any], int, int]:
     """Migrate while pinging; the record and (sent, lost)."""
-    pinger = start_ping(lab)
+    pinger = start_ping(lab, ip=ip)
     time.sleep(1)
-    result = lab.cli("migrate", vm, "--to", to, "--json", check=False, timeout=400)
+    result = lab.cli("migrate", vm, "--to", to, "--json", *options, check=False,
+                     timeout=400)
     assert result.stdout, result.stderr
     time.sleep(0.5)
     sent, lost = ping_loss(pinger)
@@ -146,6 +149,66 @@ def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
         assert all(t["in_sync"] for t in back.values()), back
         assert guest_traces(lab, "host5", vm) == []
         assert router_holds(lab) == []
+        audit = lab.cli("audit", check=False)
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+    finally:
+        lab.cli("vm", "delete", vm, check=False)
+
+
+ROUTED_IP = "192.0.2.32"     # not the stretch test's: the client caches MACs by address
+OLD_GATEWAY = "192.0.2.1"    # VLAN 100's gateway: the router's uplink leg
+
+
+def port_tag(lab: LabRun, host: str, vm: str) -> str:
+    db = lab.state_dir / "labs" / lab.name / "ovs" / host / "db.sock"
+    return subprocess.run(["ovs-vsctl", f"--db=unix:{db}", "get", "Port", f"vm-{vm}", "tag"],
+                          capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def test_route_into_the_routed_rack_and_back(lab: LabRun) -> None:
+    vm = "br"
+    lab.cli("vm", "create", vm, "--host", "host1", "--vlan", "100", "--ip",
+            f"{ROUTED_IP}/24", "--memory", "192")
+    try:
+        assert lab.wait_ping(CLIENT, ROUTED_IP)
+        assert router_holds(lab) == []
+        tcp = hold_tcp(lab, ROUTED_IP)
+
+        record, sent, lost = move(lab, vm, "host5", "--boundary", "route", ip=ROUTED_IP)
+        print(f"\nroute into rack3: {sent} pings at 10 ms, {lost} lost")
+        assert record["state"] == "completed", (record.get("error"), record.get("phases"))
+        assert record["result"]["plan"]["crossing"] == "route"
+        assert lost <= MAX_LOST_AT_10MS
+        assert tcp_round(tcp) == "OK 2", "the TCP session must survive the move"
+        assert lab.pings(CLIENT, ROUTED_IP)
+        assert port_tag(lab, "host5", vm) == "300", "the port is in the rack's VLAN"
+        held = router_holds(lab)
+        assert len(held) == 2 and held[0].startswith(f"route {ROUTED_IP} dev rk0 "), held
+        assert held[1].split()[:4] == ["proxy", OLD_GATEWAY, "dev", "rk0"], held
+        there = trunks(lab)
+        assert there[TUNNEL]["actual_a"] == [] and there[TUNNEL]["actual_b"] == []
+        assert there[("host5", "tor3")]["actual_a"] == [300]
+        assert all(t["in_sync"] for t in there.values()), there
+        audit = lab.cli("audit", check=False)
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+
+        record, sent, lost = move(lab, vm, "host1", "--boundary", "route", ip=ROUTED_IP)
+        print(f"route back: {sent} pings at 10 ms, {lost} lost")
+        assert record["state"] == "completed", (record.get("error"), record.get("phases"))
+        assert lost <= MAX_LOST_AT_10MS
+        assert tcp_round(tcp) == "OK 3", "the TCP session must survive the way back"
+        assert tcp.stdin is not None
+        tcp.stdin.close()
+        tcp.wait(timeout=10)
+        assert lab.pings(CLIENT, ROUTED_IP)
+        assert port_tag(lab, "host1", vm) == "100"
+
+        assert router_holds(lab) == []
+        back = trunks(lab)
+        assert back[TUNNEL]["actual_a"] == [] and back[TUNNEL]["actual_b"] == []
+        assert back[("host5", "tor3")]["actual_a"] == []
+        assert all(t["in_sync"] for t in back.values()), back
+        assert guest_traces(lab, "host5", vm) == []
         audit = lab.cli("audit", check=False)
         assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:

@@ -25,7 +25,7 @@ from vmferry.api.controller import MigrationRecord, VmCreate
 from vmferry.controller import auth
 from vmferry.controller.migration import Migrations
 from vmferry.controller.service import Controller
-from vmferry.drivers.fabric.fake import FakeFabric, FakeSwitch
+from vmferry.drivers.fabric.fake import FakeFabric, FakeRouter, FakeSwitch
 from vmferry.drivers.hypervisor.fake import FakeHypervisor, FakeNetwork
 from vmferry.drivers.softswitch.base import PortSpec
 from vmferry.drivers.softswitch.fake import FakeSoftswitch
@@ -67,11 +67,11 @@ class FakeLinks:
 class Site:
     """The site: controller, migrations, and per host its agent and fake drivers."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, topology: Path | None = None) -> None:
         self.tmp = tmp
         self.store = Store(f"sqlite:///{tmp / 'store.db'}")
         self.store.create_schema()
-        base = load_topology(default_topology_path())
+        base = load_topology(topology or default_topology_path())
         data = base.model_dump(mode="json")
         shared = tmp / "shared"
         shared.mkdir()
@@ -105,6 +105,7 @@ class Site:
                                             raise_server_exceptions=False)
         self.topology = Topology.model_validate(data)
         self.fabric = fake_fabric(self.topology)
+        self.router = FakeRouter([r.router for r in self.topology.routed_racks()])
         self.held: dict[tuple[str, str], str] = {}
         self.engines: list[Migrations] = []
         self._stop = threading.Event()
@@ -118,7 +119,8 @@ class Site:
 
     def new_controller(self) -> tuple[Controller, Migrations]:
         """A controller (a restarted one, when there was one) on the same store and hosts."""
-        controller = Controller(self.store, agent_transport=self.transport, fabric=self.fabric)
+        controller = Controller(self.store, agent_transport=self.transport, fabric=self.fabric,
+                                router=self.router)
         migrations = Migrations(controller)
         self.engines.append(migrations)
         return controller, migrations
@@ -202,8 +204,8 @@ class Site:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def site_at(tmp: Path) -> Iterator[Site]:
-    site = Site(tmp)
+def site_at(tmp: Path, topology: Path | None = None) -> Iterator[Site]:
+    site = Site(tmp, topology)
     try:
         yield site
     finally:

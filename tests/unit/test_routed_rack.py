@@ -110,8 +110,8 @@ def test_where_lists_only_moves_across_a_boundary() -> None:
 
 def test_the_route_way_needs_a_host_route_only_in_a_routed_rack() -> None:
     topo = load_topology(EXAMPLE)
-    assert host_route(topo, "192.0.2.30/24", 100, "host5") == HostRoute("rtr-rack3",
-                                                                        "192.0.2.30")
+    assert host_route(topo, "192.0.2.30/24", 100, "host5") == HostRoute(
+        "rtr-rack3", "192.0.2.30", rack_vlan=300, gateway="192.0.2.1", subnet="192.0.2.0/24")
     assert host_route(topo, "192.0.2.30/24", 100, "host1") is None
     assert host_route(topo, "198.18.3.9/24", 300, "host5") is None   # its own subnet
 
@@ -124,17 +124,27 @@ def test_the_fake_router_keeps_host_routes_and_fails_like_an_unreachable_one() -
     routers.remove_host_route("rtr-rack3", "192.0.2.30")
     routers.remove_host_route("rtr-rack3", "192.0.2.30")
     assert routers.host_routes("rtr-rack3") == set()
+    routers.add_proxy("rtr-rack3", "192.0.2.1/24")
+    assert routers.proxy_entries("rtr-rack3") == {"192.0.2.1"}
+    routers.remove_proxy("rtr-rack3", "192.0.2.1")
+    routers.remove_proxy("rtr-rack3", "192.0.2.1")
+    assert routers.proxy_entries("rtr-rack3") == set()
     routers.fail.add("rtr-rack3")
     with pytest.raises(FabricError):
         routers.host_routes("rtr-rack3")
+    with pytest.raises(FabricError):
+        routers.add_proxy("rtr-rack3", "192.0.2.1")
     with pytest.raises(FabricError):
         routers.add_host_route("rtr-x", "192.0.2.1")
 
 
 def test_the_benchmark_takes_a_built_boundary_and_refuses_the_others_saying_why() -> None:
     assert BenchConfig(boundary="stretch").boundary == "stretch"
-    with pytest.raises(ValueError, match="'route' is not realized on the lab yet"):
-        BenchConfig(boundary="route")
+    assert BenchConfig(boundary="route", variants=("vmferry",)).boundary == "route"
+    with pytest.raises(ValueError, match=r"hand-driven variants \(floor\) only stretch"):
+        BenchConfig(boundary="route", variants=("floor", "vmferry"))
+    with pytest.raises(ValueError, match="'nat' is not realized on the lab yet"):
+        BenchConfig(boundary="nat")
     with pytest.raises(ValueError, match="'teleport' is not one of stretch, route"):
         BenchConfig(boundary="teleport")
     with pytest.raises(ValueError, match="ovn peer has no routed rack"):

@@ -127,6 +127,7 @@ class MigrationEvents(BaseModel):
 class MigrationPlan(BaseModel):
     vlan: int
     path: list[str]
+    crossing: str | None = None      # the way across a boundary (model.boundary.Way)
 
 
 class MigrationResult(BaseModel):

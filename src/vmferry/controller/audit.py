@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select
 
 from vmferry.api.controller import FindingOut
-from vmferry.controller import switchover
+from vmferry.controller import route_way, switchover
 from vmferry.controller.service import Controller
 from vmferry.errors import VmferryError
 from vmferry.model.migration import MigrationState
@@ -78,6 +78,10 @@ def audit(controller: Controller) -> list[Finding]:
                                         ",".join(map(str, missing)),
                                         "VLANs needed but not carried"))
     findings.extend(switchover_leftovers(controller))
+    try:
+        findings += [Finding(*found) for found in route_way.leftovers(controller)]
+    except VmferryError as exc:
+        findings.append(Finding("unreachable", "routers", "-", exc.message))
     return findings
 
 
@@ -139,6 +143,8 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
             else:
                 fabric = controller.fabric_driver()
                 fabric.replace_rules(f.where, int(f.what, 0), [])
+    if any(f.kind in ("host-route", "proxy-arp", "host-route-missing") for f in findings):
+        route_way.reconcile(controller)
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from vmferry.api.agent import HostReport
+from vmferry.controller import route_way
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
@@ -25,7 +26,6 @@ from vmferry.errors import (
     NotFoundError,
     VmferryError,
 )
-from vmferry.model.boundary import crossing_facts, plan_crossing
 from vmferry.model.fabric import path_between
 from vmferry.model.migration import Phase
 from vmferry.store.schema import HostRow, VmRow
@@ -61,8 +61,8 @@ def precheck(run: Run) -> None:
         raise MigrationError(f"VLAN {vlan} cannot be carried from {run.source} to "
                              f"{run.destination}: no fabric path", vm=run.vm)
     check_hosts(run, _report(run, run.source), _report(run, run.destination))
-    crossing = plan_crossing(crossing_facts(topology, run.vm, vlan, run.source,
-                                            run.destination))
+    crossing = route_way.plan_move(topology, run.vm, vlan, run.source, run.destination,
+                                   run.options.boundary)
     run.record_result(plan={"vlan": vlan, "path": path,
                             "crossing": crossing.way.value if crossing.way else None})
 
@@ -91,9 +91,10 @@ def extend_vlan(run: Run) -> None:
 
 
 def preset_port(run: Run) -> None:
-    """The destination port exists, with the VM's VLAN, before the VM does; under a stateful
-    profile it knows the connections the VM has open on the source (agent.conntrack)."""
-    run.dst.preset_port(run.guest_request(incoming=True))
+    """The destination port exists, with the VM's VLAN (the rack's, for a move by "route"),
+    before the VM does; under a stateful profile it knows the connections the VM has open on
+    the source (agent.conntrack)."""
+    run.dst.preset_port(route_way.incoming(run, run.guest_request(incoming=True)))
     if run.options.carry_conntrack:
         run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
 
@@ -103,7 +104,7 @@ def start_destination(run: Run) -> None:
     cursor is taken first, so only this guest's events count later."""
     if run.result().get("destination_event_seq") is None:
         run.record_result(destination_event_seq=run.last_event_seq(run.destination))
-    info = run.dst.create_guest(run.guest_request(incoming=True))
+    info = run.dst.create_guest(route_way.incoming(run, run.guest_request(incoming=True)))
     if not info.incoming_uri and info.state != "inmigrate":
         raise MigrationError(f"destination QEMU on {run.destination} is not waiting for the "
                              f"stream (state {info.state})", vm=run.vm)
@@ -174,7 +175,9 @@ def _wait_destination_running(run: Run) -> str:
 
 def announce(run: Run) -> None:
     """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port, and the
-    switches on the old path forget the old location instead of waiting for it to age."""
+    switches on the old path forget the old location instead of waiting for it to age. A
+    move by "route" (in or out of a routed rack) switches the routers first (route_way)."""
+    route_way.switch(run)
     run.dst.announce(run.vm)
     mac = run.vm_row().mac
     topology = run.controller.topology()

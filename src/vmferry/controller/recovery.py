@@ -10,6 +10,7 @@ import logging
 import time
 
 from vmferry import failpoints
+from vmferry.controller import route_way
 from vmferry.controller import truth as truths
 from vmferry.controller.leader import Fenced
 from vmferry.controller.migration_uri import incoming_uri
@@ -279,6 +280,10 @@ def rollback(run: Run, reason: str, turns: int = 0) -> None:
         problems.append(f"fabric: {exc.message}")
     if run.controller.fabric_drift:
         run.record_result(fabric_drift=dict(run.controller.fabric_drift))
+    try:
+        route_way.reconcile(run.controller)     # routers hold what the store says again
+    except VmferryError as exc:
+        problems.append(f"routers: {exc.message}")
     with run.session() as session:
         vm = session.get(VmRow, run.vm)
         if vm is not None:

@@ -18,10 +18,11 @@ from vmferry import failpoints
 from vmferry.api.agent import GuestRequest, HostReport
 from vmferry.api.agent_client import AgentClient, AgentClients, TransportFactory
 from vmferry.api.controller import HostOut, TrunkOut, VmCreate, VmOut
-from vmferry.controller import events
+from vmferry.controller import events, route_way
 from vmferry.controller.auth import Principal, hash_token
 from vmferry.drivers.fabric.base import Fabric
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
+from vmferry.drivers.fabric.router import NetnsRouter, Router
 from vmferry.errors import (
     CapacityError,
     ConflictError,
@@ -31,6 +32,7 @@ from vmferry.errors import (
     VmferryError,
 )
 from vmferry.http import ClientTls
+from vmferry.lab.router import router_namespaces
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans, path_between
 from vmferry.model.migration import PHASES, MigrationState, Phase
 from vmferry.model.names import check_unique
@@ -60,8 +62,11 @@ class Controller:
     real fabric driver (unit tests: in-process agents, a fake fabric)."""
 
     def __init__(self, store: Store, *, agent_transport: TransportFactory | None = None,
-                 fabric: Fabric | None = None, agent_tls: ClientTls | None = None) -> None:
+                 fabric: Fabric | None = None, agent_tls: ClientTls | None = None,
+                 router: Router | None = None) -> None:
         self.store = store
+        self._router = router       # the routed racks' routers (route_way); None: the lab's
+        self._fixed_router = router is not None
         self._fabric_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -134,8 +139,15 @@ class Controller:
             if self._fabric is not None and not self._fixed_fabric:
                 self._fabric.close()
                 self._fabric = None
+            if not self._fixed_router:
+                self._router = None
         events.record(self.store, actor.name, "inventory.set", topology.name, "ok",
                       hosts=sorted(new_hosts))
+
+    def router_driver(self) -> Router:
+        if self._router is None:
+            self._router = NetnsRouter(router_namespaces(self.topology()))
+        return self._router
 
     def fabric_driver(self) -> Fabric:
         with self._fabric_driver_lock:
@@ -280,6 +292,10 @@ class Controller:
                 if row is not None:
                     session.delete(row)
             self.reconcile_fabric(())          # the VM is gone: drift is recorded, not raised
+            try:
+                route_way.reconcile(self)      # a VM deleted while routed leaves no /32
+            except VmferryError as exc:
+                log.warning("routers after deleting %s: %s", name, exc.message)
             events.record(self.store, actor.name, "vm.delete", name, "ok", host=host)
         finally:
             lock.release()
@@ -352,14 +368,17 @@ class Controller:
         topology = self.topology()
         with self.store.session() as session:
             vms = {v.name: v for v in session.scalars(select(VmRow))}
-            result = [Endpoint(node=v.host, vlan=v.vlan, owner=v.name)
+            result = [Endpoint(node=v.host, vlan=route_way.placed_vlan(topology, session, v),
+                               owner=v.name)
                       for v in vms.values() if v.state in PLACED_STATES]
             for m in session.scalars(select(MigrationRow).where(
                     MigrationRow.state == MigrationState.RUNNING.value)):
                 vm = vms.get(m.vm)
                 if vm is not None and PHASES.index(Phase(m.phase)) >= \
                         PHASES.index(Phase.EXTEND_VLAN):
-                    result.append(Endpoint(node=m.destination, vlan=vm.vlan, owner=m.vm))
+                    result.append(Endpoint(node=m.destination, owner=m.vm, vlan=(
+                        route_way.attachment_vlan(topology, vm.vlan, vm.ip, m.destination,
+                                                  route_way.migration_way(m)))))
         result.extend(client_endpoints(topology))
         return result
 

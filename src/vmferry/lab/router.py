@@ -24,13 +24,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vmferry import privileged
-from vmferry.drivers.fabric.router import RACK_LEG
+from vmferry.drivers.fabric.router import RACK_LEG, UPLINK_LEG
 from vmferry.errors import PrivilegedError
 from vmferry.lab.names import LabLayout
 from vmferry.model.network import short_ifname
 from vmferry.model.topology import Rack, Topology
 
-UPLINK_LEG = "up0"
 TRANSIT_UPLINK = "tu0"          # the router's end towards the uplink switch's ToR namespace
 TRANSIT_RACK = "tr0"            # the router's end towards the routed rack's ToR namespace
 VXLAN_PORT = 4789

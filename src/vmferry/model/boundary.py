@@ -21,6 +21,7 @@ its topology and hosts, and tests without any.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -138,27 +139,40 @@ def crossing_facts(topology: Topology, vm: str, vlan: int, source: str,
     hops = {frozenset(pair) for pair in itertools.pairwise(path)}
     rack = next(r for r in topology.racks if r.name == topology.host(destination).rack)
     routed_here = rack.routed and rack.uplink is not None and rack.uplink.vlan == vlan
+    # The way back from a routed rack: its router joins the two subnets in this direction too.
+    back = host_route(topology, "0.0.0.0", vlan, source)
     return CrossingFacts(
         vm=vm, vlan=vlan, subnet=topology.vlan_subnet(vlan), destination=destination,
         l2_path=bool(path) and not hops & tunnels,
         destination_subnet=rack.subnet if routed_here else None,
         tunnel_endpoints=bool(hops & tunnels),
-        routers=(rack.router,) if routed_here else ())
+        routers=(rack.router,) if routed_here else (back.router,) if back else ())
 
 
 @dataclass(frozen=True)
 class HostRoute:
-    """A /32 the "route" way needs: ``router`` routes ``address`` into its rack."""
+    """A /32 the "route" way needs: ``router`` routes ``address`` into its rack, where the
+    VM's port is in the rack's VLAN ``rack_vlan``; the router's rack leg answers ARP for
+    ``gateway`` (the router's address in the VM's own subnet ``subnet``: the gateway the
+    guest keeps)."""
 
     router: str
     address: str
+    rack_vlan: int = 0
+    gateway: str = ""
+    subnet: str = ""
 
 
 def host_route(topology: Topology, ip: str, vlan: int, host: str) -> HostRoute | None:
     """The host route a VM of ``vlan`` with address ``ip`` (CIDR or bare) needs on ``host``
     when it crossed by the "route" way: the router of the host's rack, if that rack is
-    routed and its router has a leg in ``vlan``; None otherwise."""
-    rack = next(r for r in topology.racks if r.name == topology.host(host).rack)
-    if not rack.routed or rack.uplink is None or rack.uplink.vlan != vlan:
+    routed and its router has a leg in ``vlan``; None otherwise (also for a host the
+    inventory no longer has)."""
+    rack_name = next((h.rack for h in topology.hosts if h.name == host), None)
+    rack = next((r for r in topology.racks if r.name == rack_name), None)
+    if rack is None:
         return None
-    return HostRoute(rack.router, ip.split("/")[0])
+    if not rack.routed or rack.uplink is None or rack.uplink.vlan != vlan or rack.vlan is None:
+        return None
+    return HostRoute(rack.router, ip.split("/")[0], rack.vlan, rack.uplink.ip.split("/")[0],
+                     str(ipaddress.ip_interface(rack.uplink.ip).network))

@@ -236,7 +236,7 @@ class Vmferry(Variant):
         record: dict[str, Any] = self.lab.controller("POST", "/v1/migrations", body={
             "vm": self.vm, "to": destination, "postcopy": "never",
             "max_downtime_ms": self.config.max_downtime_ms,
-            "timeout_s": self.config.migration_timeout_s})
+            "timeout_s": self.config.migration_timeout_s, "boundary": self.config.boundary})
         deadline = started + self.config.migration_timeout_s + 60
         while record["state"] in ("running", "rolling-back") and time.monotonic() < deadline:
             record = self.lab.controller("GET", f"/v1/migrations/{record['id']}",

@@ -98,10 +98,13 @@ class FakeFabric(Fabric):
 
 
 class FakeRouter(Router):
-    """Routers' /32s as sets of addresses by router name; ``fail`` as FakeFabric's."""
+    """Routers' /32s and proxy entries as sets of addresses by router name; ``announced``
+    records (router, address, into_rack) of every ``announce``; ``fail`` as FakeFabric's."""
 
     def __init__(self, routers: list[str]) -> None:
         self.routes: dict[str, set[str]] = {name: set() for name in routers}
+        self.proxies: dict[str, set[str]] = {name: set() for name in routers}
+        self.announced: list[tuple[str, str, bool]] = []
         self.fail: set[str] = set()
 
     def _get(self, router: str) -> set[str]:
@@ -117,3 +120,21 @@ class FakeRouter(Router):
 
     def remove_host_route(self, router: str, address: str) -> None:
         self._get(router).discard(address.split("/")[0])
+
+    def proxy_entries(self, router: str) -> frozenset[str]:
+        self._get(router)
+        return frozenset(self.proxies[router])
+
+    def add_proxy(self, router: str, address: str) -> None:
+        self._get(router)
+        self.proxies[router].add(address.split("/")[0])
+
+    def remove_proxy(self, router: str, address: str) -> None:
+        self._get(router)
+        self.proxies[router].discard(address.split("/")[0])
+
+    def announce(self, router: str, address: str, mac: str, subnet: str,
+                 into_rack: bool) -> int:
+        self._get(router)
+        self.announced.append((router, address.split("/")[0], into_rack))
+        return 1
