@@ -27,17 +27,19 @@ image: venv
 demo: install
 	$(PY) scripts/demo.py
 
+# Both test stages run on two pytest-xdist workers (VMFERRY_TEST_WORKERS=1: one process).
 unit: venv
-	$(PY) -m pytest -q tests/unit
+	bash scripts/test.sh unit
+
+# Prints the 25 slowest tests (--durations=25 in scripts/test.sh).
+functional: install
+	bash scripts/test.sh functional
 
 test: install
 	bash scripts/test.sh
 
 lint: venv
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/mypy src/vmferry
-	$(VENV)/bin/lint-imports
-	$(PY) scripts/check_sizes.py src
+	bash scripts/test.sh lint
 
 bench: install
 	$(VMFERRY) bench migration
