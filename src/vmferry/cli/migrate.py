@@ -43,13 +43,17 @@ def migrate(
         None, "--postcopy-after",
         help="With --postcopy auto: switch to postcopy after this many seconds "
              "(default: a third of --timeout, at least 5)"),
+    boundary: str | None = typer.Option(
+        None, "--boundary", help="Cross a subnet boundary by this way: stretch, route, nat "
+        "or dual (default: the first that applies; see vmferry where)"),
 ) -> None:
     """Live-migrate a VM, its port and its VLAN to another host."""
     try:
         body = MigrationCreate.model_validate({
             "vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout,
             "make_before_break": make_before_break, "max_downtime_ms": max_downtime,
-            "bandwidth_mbps": bandwidth, "postcopy_after_s": postcopy_after})
+            "bandwidth_mbps": bandwidth, "postcopy_after_s": postcopy_after,
+            "boundary": boundary})
     except ValidationError as exc:
         fail(input_error_from(exc))
     record = api_call("POST", "/v1/migrations",

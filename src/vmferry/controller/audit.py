@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select
 
 from vmferry.api.controller import FindingOut
-from vmferry.controller import switchover
+from vmferry.controller import nat, switchover
 from vmferry.controller.service import Controller
 from vmferry.errors import VmferryError
 from vmferry.model.migration import MigrationState
@@ -78,6 +78,7 @@ def audit(controller: Controller) -> list[Finding]:
                                         ",".join(map(str, missing)),
                                         "VLANs needed but not carried"))
     findings.extend(switchover_leftovers(controller))
+    findings.extend(Finding(*found) for found in nat.leftovers(controller))
     return findings
 
 
@@ -139,6 +140,9 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
             else:
                 fabric = controller.fabric_driver()
                 fabric.replace_rules(f.where, int(f.what, 0), [])
+    for f in findings:
+        if f.kind.startswith("nat-"):
+            nat.fix(controller, f.kind, f.where, f.what)
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from vmferry.api.agent import HostReport
+from vmferry.controller import nat
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
@@ -25,7 +26,7 @@ from vmferry.errors import (
     NotFoundError,
     VmferryError,
 )
-from vmferry.model.boundary import crossing_facts, plan_crossing
+from vmferry.model.boundary import Way, crossing_facts, plan_crossing
 from vmferry.model.fabric import path_between
 from vmferry.model.migration import Phase
 from vmferry.store.schema import HostRow, VmRow
@@ -61,10 +62,15 @@ def precheck(run: Run) -> None:
         raise MigrationError(f"VLAN {vlan} cannot be carried from {run.source} to "
                              f"{run.destination}: no fabric path", vm=run.vm)
     check_hosts(run, _report(run, run.source), _report(run, run.destination))
-    crossing = plan_crossing(crossing_facts(topology, run.vm, vlan, run.source,
-                                            run.destination))
-    run.record_result(plan={"vlan": vlan, "path": path,
-                            "crossing": crossing.way.value if crossing.way else None})
+    with run.session() as session:          # the NAT way's address pool (controller/nat.py)
+        facts = nat.with_address_pool(session, topology, crossing_facts(
+            topology, run.vm, vlan, run.source, run.destination))
+    crossing = plan_crossing(facts, run.options.boundary)
+    if run.options.boundary and crossing.way is None:
+        raise MigrationError(f"cannot cross to {run.destination} by {run.options.boundary}: "
+                             f"{crossing.reasons.get(Way(run.options.boundary))}", vm=run.vm)
+    way = nat.precheck(run, crossing) or (crossing.way.value if crossing.way else None)
+    run.record_result(plan={"vlan": vlan, "path": path, "crossing": way})
 
 
 def check_hosts(run: Run, src: HostReport, dst: HostReport) -> None:
@@ -94,6 +100,7 @@ def preset_port(run: Run) -> None:
     """The destination port exists, with the VM's VLAN, before the VM does; under a stateful
     profile it knows the connections the VM has open on the source (agent.conntrack)."""
     run.dst.preset_port(run.guest_request(incoming=True))
+    nat.before_switchover(run)        # a NAT move: the guest takes its next address too
     if run.options.carry_conntrack:
         run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
 
@@ -175,6 +182,7 @@ def _wait_destination_running(run: Run) -> str:
 def announce(run: Run) -> None:
     """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port, and the
     switches on the old path forget the old location instead of waiting for it to age."""
+    nat.after_switchover(run)         # a NAT move: the router's translation follows the VM
     run.dst.announce(run.vm)
     mac = run.vm_row().mac
     topology = run.controller.topology()

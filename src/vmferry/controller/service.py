@@ -18,9 +18,10 @@ from vmferry import failpoints
 from vmferry.api.agent import GuestRequest, HostReport
 from vmferry.api.agent_client import AgentClient, AgentClients, TransportFactory
 from vmferry.api.controller import HostOut, TrunkOut, VmCreate, VmOut
-from vmferry.controller import events
+from vmferry.controller import events, nat
 from vmferry.controller.auth import Principal, hash_token
 from vmferry.drivers.fabric.base import Fabric
+from vmferry.drivers.fabric.nat import NatBoundary, NftNat
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.errors import (
     CapacityError,
@@ -73,6 +74,7 @@ class Controller:
         self._topology_lock = threading.Lock()
         # Trunk ends the last reconcile could not bring in line ("node:port" -> why).
         self.fabric_drift: dict[str, str] = {}
+        self.nat: NatBoundary | None = None      # the routers' NAT (controller/nat.py)
 
     # ---- inventory --------------------------------------------------------------------------
 
@@ -136,6 +138,12 @@ class Controller:
                 self._fabric = None
         events.record(self.store, actor.name, "inventory.set", topology.name, "ok",
                       hosts=sorted(new_hosts))
+
+    def nat_driver(self) -> NatBoundary:
+        """The routed racks' routers' NAT translations (the "nat" way across a boundary)."""
+        if self.nat is None:
+            self.nat = NftNat(self.topology())
+        return self.nat
 
     def fabric_driver(self) -> Fabric:
         with self._fabric_driver_lock:
@@ -352,14 +360,17 @@ class Controller:
         topology = self.topology()
         with self.store.session() as session:
             vms = {v.name: v for v in session.scalars(select(VmRow))}
-            result = [Endpoint(node=v.host, vlan=v.vlan, owner=v.name)
+            away = nat.leases(session)          # a VM moved by NAT: the rack's VLAN there
+            result = [Endpoint(node=v.host, owner=v.name,
+                               vlan=nat.vlan_at(topology, away.get(v.name), v.vlan, v.host))
                       for v in vms.values() if v.state in PLACED_STATES]
             for m in session.scalars(select(MigrationRow).where(
                     MigrationRow.state == MigrationState.RUNNING.value)):
                 vm = vms.get(m.vm)
                 if vm is not None and PHASES.index(Phase(m.phase)) >= \
                         PHASES.index(Phase.EXTEND_VLAN):
-                    result.append(Endpoint(node=m.destination, vlan=vm.vlan, owner=m.vm))
+                    result.append(Endpoint(node=m.destination, owner=m.vm, vlan=nat.vlan_at(
+                        topology, away.get(m.vm), vm.vlan, m.destination)))
         result.extend(client_endpoints(topology))
         return result
 

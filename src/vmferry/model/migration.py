@@ -95,6 +95,8 @@ class MigrationOptions(BaseModel):
     # Carry the VM's connection-tracking state to the destination (stateful profiles), so
     # connections it has open survive a to-VM default of deny (controller/phases.py).
     carry_conntrack: bool = True
+    # Cross a subnet boundary by this way (model.boundary.Way); None: the first that applies.
+    boundary: Literal["stretch", "route", "nat", "dual"] | None = None
 
     @property
     def postcopy_allowed(self) -> bool:

@@ -9,8 +9,10 @@ from typing import Any
 KNOWN_VARIANTS = ("floor", "vmferry", "naive", "ovn")
 # Ways across a subnet boundary the benchmark can move a guest by (model.boundary.Way);
 # route, nat and dual are not realized on a lab's moves yet.
-BUILT_BOUNDARIES = ("stretch",)
-UNBUILT_BOUNDARIES = ("route", "nat", "dual")
+BUILT_BOUNDARIES = ("stretch", "nat")
+UNBUILT_BOUNDARIES = ("route", "dual")
+# Ways only the controller realizes (no hand-wired variant can move a guest by them).
+CONTROLLER_ONLY_BOUNDARIES = ("nat",)
 # One address per variant so a client's ARP cache never carries a MAC across variants.
 ADDRESSES = {"floor": "192.0.2.51/24", "vmferry": "192.0.2.52/24", "naive": "192.0.2.53/24",
              "ovn": "192.0.2.54/24"}
@@ -57,6 +59,9 @@ class BenchConfig:
         if self.boundary is not None and self.boundary not in BUILT_BOUNDARIES:
             raise ValueError(f"boundary: {self.boundary!r} is not one of "
                              f"{', '.join(BUILT_BOUNDARIES + UNBUILT_BOUNDARIES)}")
+        if self.boundary in CONTROLLER_ONLY_BOUNDARIES and set(self.variants) - {"vmferry"}:
+            raise ValueError(f"boundary: only the vmferry variant moves a guest by "
+                             f"{self.boundary}; use --variants vmferry")
         if self.boundary is not None and "ovn" in self.variants:
             raise ValueError("boundary: the ovn peer has no routed rack; leave it out")
 
