@@ -237,12 +237,16 @@ def leftovers(controller: Controller) -> list[tuple[str, str, str, str]]:
             MigrationRow.state.in_([MigrationState.RUNNING.value,
                                     MigrationState.ROLLING_BACK.value])))}
         vms = {v.name: v.host for v in session.scalars(select(VmRow))}
-        held = [lease_of(row) for row in leases(session).values()]
-        active = {bare(row.home_ip) for row in leases(session).values() if row.state == ACTIVE}
+        held: list[NatAddress] = []           # leases a placed VM or a move explains
+        active: set[str] = set()
         for row in leases(session).values():
             host = vms.get(row.vm)
             away = host is not None and rack_of(topology, host).router == row.router
-            if row.migration_id not in running and not (row.state == ACTIVE and away):
+            if row.migration_id in running or (row.state == ACTIVE and away):
+                held.append(lease_of(row))
+                if row.state == ACTIVE:
+                    active.add(bare(row.home_ip))
+            else:
                 found.append(("nat-lease", row.router, row.vm,
                               f"lease of {row.ip} ({row.state}) that no move explains"))
     wanted = {(lease.router, lease.home_address): lease.address for lease in held}
