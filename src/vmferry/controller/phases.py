@@ -66,10 +66,11 @@ def precheck(run: Run) -> None:
         facts = nat.with_address_pool(session, topology, crossing_facts(
             topology, run.vm, vlan, run.source, run.destination))
     crossing = plan_crossing(facts, run.options.boundary)
-    if run.options.boundary and crossing.way is None:
+    way = nat.precheck(run, crossing)       # a VM away by NAT comes back by NAT
+    if way is None and run.options.boundary and crossing.way is None:
         raise MigrationError(f"cannot cross to {run.destination} by {run.options.boundary}: "
                              f"{crossing.reasons.get(Way(run.options.boundary))}", vm=run.vm)
-    way = nat.precheck(run, crossing) or (crossing.way.value if crossing.way else None)
+    way = way or (crossing.way.value if crossing.way else None)
     run.record_result(plan={"vlan": vlan, "path": path, "crossing": way})
 
 
