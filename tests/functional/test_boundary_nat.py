@@ -99,6 +99,8 @@ def test_nat_into_the_routed_rack_and_back(lab: LabRun) -> None:
         assert nat["home"] == f"{VM_IP}/24" and new_ip.startswith("198.18.3.")
         assert lost <= MAX_LOST_AT_10MS
         assert lab.pings(CLIENT, VM_IP), "the old address answers through the translation"
+        lab.exec(CLIENT, "ip", "neigh", "flush", "to", VM_IP)
+        assert lab.pings(CLIENT, VM_IP), "the router answers ARP for the old address"
         assert guest_addresses_answer(lab, VM_IP), "a new session to the old address works"
         print(f"session held across the move: {tcp_round(tcp) or 'reset'}")
 

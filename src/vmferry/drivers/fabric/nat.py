@@ -114,6 +114,9 @@ class NftNat(NatBoundary):
     def add(self, router: str, home: str, new: str) -> None:
         home, new = bare(home), bare(new)
         self._write(router, {**self.translations(router), home: new})
+        # The kernel answers ARP for a proxy entry only when the route to the address leaves
+        # by another device than the request came in on: a /32 towards the new address.
+        self._run(router, ["ip", "route", "replace", f"{home}/32", "via", new, "dev", RACK_LEG])
         self._run(router, ["ip", "neigh", "replace", "proxy", home, "dev", UPLINK_LEG])
         self._run(router, [sys.executable, "-m", "vmferry.drivers.fabric.nat_wire", "garp",
                            UPLINK_LEG, home])
@@ -123,6 +126,7 @@ class NftNat(NatBoundary):
         if home in self.proxied(router):
             self._run(router, ["ip", "neigh", "del", "proxy", home, "dev", UPLINK_LEG])
         current = self.translations(router)
+        self._run(router, ["ip", "route", "del", f"{home}/32", "dev", RACK_LEG], check=False)
         if home in current:
             self._write(router, {h: n for h, n in current.items() if h != home})
 
