@@ -143,8 +143,8 @@ def test_the_benchmark_takes_a_built_boundary_and_refuses_the_others_saying_why(
     assert BenchConfig(boundary="route", variants=("vmferry",)).boundary == "route"
     with pytest.raises(ValueError, match=r"hand-driven variants \(floor\) only stretch"):
         BenchConfig(boundary="route", variants=("floor", "vmferry"))
-    with pytest.raises(ValueError, match="'nat' is not realized on the lab yet"):
-        BenchConfig(boundary="nat")
+    with pytest.raises(ValueError, match="'dual' is not realized on the lab yet"):
+        BenchConfig(boundary="dual")
     with pytest.raises(ValueError, match="'teleport' is not one of stretch, route"):
         BenchConfig(boundary="teleport")
     with pytest.raises(ValueError, match="ovn peer has no routed rack"):

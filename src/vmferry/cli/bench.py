@@ -43,8 +43,9 @@ def migration(
                                         help="The lab controller's TCP port (0: a free one)"),
     topology: Path | None = typer.Option(None, "--topology", help="Topology YAML"),
     boundary: str | None = typer.Option(
-        None, "--boundary", help="Move into a routed rack by this way: stretch, route "
-        "(built), nat|dual (not yet); default topology then examples/routed-rack.yaml"),
+        None, "--boundary", help="Move into a routed rack by this way: stretch, route, nat "
+        "(built; route and nat: --variants vmferry), dual (not yet); default topology then "
+        "examples/routed-rack.yaml"),
 ) -> None:
     """Migrate a guest back and forth under a 1-2 ms ping and a 10 ms TCP echo, variants
     interleaved: the hand-wired floor, vmferry migrate, a naive wire-after-switchover order

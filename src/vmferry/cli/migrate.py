@@ -44,8 +44,8 @@ def migrate(
         help="With --postcopy auto: switch to postcopy after this many seconds "
              "(default: a third of --timeout, at least 5)"),
     boundary: str | None = typer.Option(
-        None, "--boundary", help="Cross a subnet boundary by this way: stretch, route "
-                                 "(default: the first that applies; see vmferry where)"),
+        None, "--boundary", help="Cross a subnet boundary by this way: stretch, route, nat "
+        "or dual (default: the first that applies; see vmferry where)"),
 ) -> None:
     """Live-migrate a VM, its port and its VLAN to another host."""
     try:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select
 
 from vmferry.api.controller import FindingOut
-from vmferry.controller import route_way, switchover
+from vmferry.controller import nat, route_way, switchover
 from vmferry.controller.service import Controller
 from vmferry.errors import VmferryError
 from vmferry.model.migration import MigrationState
@@ -82,6 +82,7 @@ def audit(controller: Controller) -> list[Finding]:
         findings += [Finding(*found) for found in route_way.leftovers(controller)]
     except VmferryError as exc:
         findings.append(Finding("unreachable", "routers", "-", exc.message))
+    findings.extend(Finding(*found) for found in nat.leftovers(controller))
     return findings
 
 
@@ -145,6 +146,9 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
                 fabric.replace_rules(f.where, int(f.what, 0), [])
     if any(f.kind in ("host-route", "proxy-arp", "host-route-missing") for f in findings):
         route_way.reconcile(controller)
+    for f in findings:
+        if f.kind.startswith("nat-"):
+            nat.fix(controller, f.kind, f.where, f.what)
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)

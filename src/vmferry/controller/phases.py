@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from vmferry.api.agent import HostReport
-from vmferry.controller import route_way
+from vmferry.controller import nat, route_way
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
@@ -26,6 +26,7 @@ from vmferry.errors import (
     NotFoundError,
     VmferryError,
 )
+from vmferry.model.boundary import crossing_facts, plan_crossing
 from vmferry.model.fabric import path_between
 from vmferry.model.migration import Phase
 from vmferry.store.schema import HostRow, VmRow
@@ -61,10 +62,15 @@ def precheck(run: Run) -> None:
         raise MigrationError(f"VLAN {vlan} cannot be carried from {run.source} to "
                              f"{run.destination}: no fabric path", vm=run.vm)
     check_hosts(run, _report(run, run.source), _report(run, run.destination))
-    crossing = route_way.plan_move(topology, run.vm, vlan, run.source, run.destination,
-                                   run.options.boundary)
-    run.record_result(plan={"vlan": vlan, "path": path,
-                            "crossing": crossing.way.value if crossing.way else None})
+    with run.session() as session:          # the NAT way's address pool (controller/nat.py)
+        facts = nat.with_address_pool(session, topology, crossing_facts(
+            topology, run.vm, vlan, run.source, run.destination))
+    way = nat.precheck(run, plan_crossing(facts, run.options.boundary))  # away by NAT: back by NAT
+    if way is None:
+        crossing = route_way.plan_move(topology, run.vm, vlan, run.source, run.destination,
+                                       run.options.boundary, facts)
+        way = crossing.way.value if crossing.way else None
+    run.record_result(plan={"vlan": vlan, "path": path, "crossing": way})
 
 
 def check_hosts(run: Run, src: HostReport, dst: HostReport) -> None:
@@ -95,6 +101,7 @@ def preset_port(run: Run) -> None:
     before the VM does; under a stateful profile it knows the connections the VM has open on
     the source (agent.conntrack)."""
     run.dst.preset_port(route_way.incoming(run, run.guest_request(incoming=True)))
+    nat.before_switchover(run)        # a NAT move: the guest takes its next address too
     if run.options.carry_conntrack:
         run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
 
@@ -176,8 +183,10 @@ def _wait_destination_running(run: Run) -> str:
 def announce(run: Run) -> None:
     """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port, and the
     switches on the old path forget the old location instead of waiting for it to age. A
-    move by "route" (in or out of a routed rack) switches the routers first (route_way)."""
+    move by "route" (in or out of a routed rack) switches the routers first (route_way); a
+    NAT move's translation follows the VM (controller/nat.py)."""
     route_way.switch(run)
+    nat.after_switchover(run)
     run.dst.announce(run.vm)
     mac = run.vm_row().mac
     topology = run.controller.topology()

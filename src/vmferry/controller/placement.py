@@ -208,7 +208,7 @@ class Placement:
         return WhereOut(vm=vm, host=facts.host, policy=facts.policy,
                         hosts=[verdict_out(cluster, v) for v in cluster.where(vm)],
                         crossings=crossings(self.controller.topology(), vm, facts.host,
-                                            facts.vlans))
+                                            facts.vlans, self.controller.store))
 
     def policy(self, vm: str) -> VmPolicy:
         with self.controller.store.session() as session:

@@ -10,7 +10,7 @@ import logging
 import time
 
 from vmferry import failpoints
-from vmferry.controller import route_way
+from vmferry.controller import nat, route_way
 from vmferry.controller import truth as truths
 from vmferry.controller.leader import Fenced
 from vmferry.controller.migration_uri import incoming_uri
@@ -270,6 +270,9 @@ def rollback(run: Run, reason: str, turns: int = 0) -> None:
     elif not source.reachable:
         problems.append(f"source: {source.error}")
     problem = _clean_destination(run)
+    if problem:
+        problems.append(problem)
+    problem = nat.rollback(run)           # a NAT move: the guest's extra address, the lease
     if problem:
         problems.append(problem)
     try:

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from vmferry.api.agent import GuestRequest
 from vmferry.errors import ConflictError
 from vmferry.model.boundary import (
+    CrossingFacts,
     CrossingPlan,
     HostRoute,
     Way,
@@ -42,10 +43,12 @@ if TYPE_CHECKING:
 
 
 def plan_move(topology: Topology, vm: str, vlan: int, source: str, destination: str,
-              requested: str | None) -> CrossingPlan:
-    """The way this move crosses (the precheck records it). Raises ``ConflictError`` when
-    the operator asked for a way that cannot take it, naming why."""
-    plan = plan_crossing(crossing_facts(topology, vm, vlan, source, destination), requested)
+              requested: str | None, facts: CrossingFacts | None = None) -> CrossingPlan:
+    """The way this move crosses (the precheck records it), from ``facts`` when the caller
+    has them (the NAT way adds its address pool). Raises ``ConflictError`` when the operator
+    asked for a way that cannot take it, naming why."""
+    plan = plan_crossing(facts or crossing_facts(topology, vm, vlan, source, destination),
+                         requested)
     if requested is not None and plan.way is None:
         raise ConflictError("boundary", f"a move {source} -> {destination} cannot cross by "
                             f"{requested}: {plan.reasons.get(Way(requested), '?')}")

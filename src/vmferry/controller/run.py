@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session
 from vmferry.api.agent import GuestRequest, MigrationProgress
 from vmferry.api.agent_client import AgentClient
 from vmferry.api.controller import MigrationRecord
+from vmferry.controller import nat
 from vmferry.controller.profiles import stored_profile
 from vmferry.controller.service import Controller
 from vmferry.controller.switchover import MakeBeforeBreak, SwitchoverContext
 from vmferry.errors import MigrationError, NotFoundError, VmferryError
 from vmferry.model.migration import MigrationOptions, MigrationState, Phase, check_transition
 from vmferry.store.db import Store
-from vmferry.store.schema import MigrationRow, VmRow
+from vmferry.store.schema import MigrationRow, NatLeaseRow, VmRow
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,11 @@ class Run:
 
     def guest_request(self, *, incoming: bool) -> GuestRequest:
         vm = self.vm_row()
+        with self.session() as session:        # moved by NAT: the rack's VLAN in the rack
+            vlan = nat.vlan_at(self.controller.topology(), session.get(NatLeaseRow, self.vm),
+                               vm.vlan, self.destination if incoming else self.source)
         return GuestRequest(name=self.vm, memory_mib=vm.memory_mib, mac=vm.mac, ip=vm.ip,
-                            vlan=vm.vlan, workload_mibps=vm.workload_mibps, incoming=incoming,
+                            vlan=vlan, workload_mibps=vm.workload_mibps, incoming=incoming,
                             migration_peer=self.source if incoming else None,
                             postcopy=self.options.postcopy_allowed,
                             profile=stored_profile(self.store, vm.profile),

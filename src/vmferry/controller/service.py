@@ -18,9 +18,10 @@ from vmferry import failpoints
 from vmferry.api.agent import GuestRequest, HostReport
 from vmferry.api.agent_client import AgentClient, AgentClients, TransportFactory
 from vmferry.api.controller import HostOut, TrunkOut, VmCreate, VmOut
-from vmferry.controller import events, route_way
+from vmferry.controller import events, nat, route_way
 from vmferry.controller.auth import Principal, hash_token
 from vmferry.drivers.fabric.base import Fabric
+from vmferry.drivers.fabric.nat import NatBoundary, NftNat
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.drivers.fabric.router import NetnsRouter, Router
 from vmferry.errors import (
@@ -78,6 +79,7 @@ class Controller:
         self._topology_lock = threading.Lock()
         # Trunk ends the last reconcile could not bring in line ("node:port" -> why).
         self.fabric_drift: dict[str, str] = {}
+        self.nat: NatBoundary | None = None      # the routers' NAT (controller/nat.py)
 
     # ---- inventory --------------------------------------------------------------------------
 
@@ -148,6 +150,12 @@ class Controller:
         if self._router is None:
             self._router = NetnsRouter(router_namespaces(self.topology()))
         return self._router
+
+    def nat_driver(self) -> NatBoundary:
+        """The routed racks' routers' NAT translations (the "nat" way across a boundary)."""
+        if self.nat is None:
+            self.nat = NftNat(self.topology())
+        return self.nat
 
     def fabric_driver(self) -> Fabric:
         with self._fabric_driver_lock:
@@ -368,8 +376,10 @@ class Controller:
         topology = self.topology()
         with self.store.session() as session:
             vms = {v.name: v for v in session.scalars(select(VmRow))}
-            result = [Endpoint(node=v.host, vlan=route_way.placed_vlan(topology, session, v),
-                               owner=v.name)
+            away = nat.leases(session)    # moved by NAT or by route: the rack's VLAN there
+            result = [Endpoint(node=v.host, owner=v.name, vlan=(
+                nat.vlan_at(topology, away[v.name], v.vlan, v.host) if v.name in away
+                else route_way.placed_vlan(topology, session, v)))
                       for v in vms.values() if v.state in PLACED_STATES]
             for m in session.scalars(select(MigrationRow).where(
                     MigrationRow.state == MigrationState.RUNNING.value)):
@@ -377,8 +387,10 @@ class Controller:
                 if vm is not None and PHASES.index(Phase(m.phase)) >= \
                         PHASES.index(Phase.EXTEND_VLAN):
                     result.append(Endpoint(node=m.destination, owner=m.vm, vlan=(
-                        route_way.attachment_vlan(topology, vm.vlan, vm.ip, m.destination,
-                                                  route_way.migration_way(m)))))
+                        nat.vlan_at(topology, away[m.vm], vm.vlan, m.destination)
+                        if m.vm in away else route_way.attachment_vlan(
+                            topology, vm.vlan, vm.ip, m.destination,
+                            route_way.migration_way(m)))))
         result.extend(client_endpoints(topology))
         return result
 

@@ -14,6 +14,9 @@
 #   "udp HOST PORT"   TFTP-read the file NAME from HOST:PORT, discarded (UDP lockstep:
 #                     a server that never ends the file keeps the exchange going)
 #   "icmp HOST"       ping HOST 5 times a second
+#   "addr add|del CIDR [GW|none]"   take or drop an address on eth0 (and set or remove the
+#                     default route), then announce the addresses it keeps: how the guest
+#                     changes subnet on a move across a boundary by NAT (controller/nat.py)
 # and it answers "VMFERRY-TALK started ..." or "VMFERRY-TALK error ...".
 # Prints "VMFERRY-READY name=NAME ip=CIDR" on the console once networking is up, or
 # "VMFERRY-ERROR ..." when something it needs fails.
@@ -113,7 +116,11 @@ fi
 
 # The control port's handler (nc -e runs it per connection): one request line on stdin.
 talk() {
-    read -r proto host port _ || { echo "VMFERRY-TALK error no request"; return; }
+    read -r proto host port extra _ || { echo "VMFERRY-TALK error no request"; return; }
+    if [ "$proto" = addr ]; then
+        readdress "$host" "$port" "$extra"
+        return
+    fi
     me=$(hostname)
     case "$host" in
         ''|*[!0-9.]*) echo "VMFERRY-TALK error bad host '$host'"; return ;;
@@ -131,6 +138,37 @@ talk() {
         *) echo "VMFERRY-TALK error bad protocol '$proto'"; return ;;
     esac
     echo "VMFERRY-TALK started $proto $host $port"
+}
+
+# "addr add|del CIDR [GW|none]" of the control port.
+readdress() {
+    op=$1 cidr=$2 gw=$3
+    case "$op" in add|del) ;; *) echo "VMFERRY-TALK error bad addr operation '$op'"; return ;; esac
+    case "$cidr" in
+        */*[!0-9]*|*[!0-9./]*|*/|'') echo "VMFERRY-TALK error bad address '$cidr'"; return ;;
+        */*) ;;
+        *) echo "VMFERRY-TALK error bad address '$cidr'"; return ;;
+    esac
+    case "$gw" in
+        ''|none) ;;
+        *[!0-9.]*) echo "VMFERRY-TALK error bad gateway '$gw'"; return ;;
+    esac
+    # Safe to repeat: an address already there (add) or gone (del) is left as it is.
+    present=no
+    ip -4 -o addr show dev eth0 | grep -q " ${cidr%/*}/" && present=yes
+    if [ "$op:$present" = add:no ] || [ "$op:$present" = del:yes ]; then
+        ip addr "$op" "$cidr" dev eth0 || { echo "VMFERRY-TALK error ip addr $op $cidr"; return; }
+    fi
+    if [ "$gw" = none ]; then
+        ip route del default >/dev/null 2>&1
+    elif [ -n "$gw" ]; then
+        ip route replace default via "$gw" dev eth0 || \
+            { echo "VMFERRY-TALK error default via $gw"; return; }
+    fi
+    for kept in $(ip -4 -o addr show dev eth0 | awk '{print $4}'); do
+        setsid arping -q -U -c 2 -I eth0 "${kept%/*}" </dev/null >/dev/null 2>&1 &
+    done
+    echo "VMFERRY-TALK started addr $op $cidr ${gw:-}"
 }
 
 if [ "$1" = "--talk" ]; then

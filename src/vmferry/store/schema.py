@@ -120,3 +120,26 @@ class LeaderRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The fencing token: raised at every change of holder; a write by an older epoch is refused.
     epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class NatLeaseRow(Base):
+    """An address of a routed rack's subnet lent to a VM that moved there by NAT (0009).
+
+    The VM's row keeps its home VLAN and address (what its clients use); this row says that
+    while the VM is in the rack its port is on ``vlan`` with ``ip``, and that ``router``
+    translates ``home_ip`` to ``ip`` (controller/nat.py). ``state``: ``reserved`` (taken at
+    the precheck of the move in), ``active`` (the VM is in the rack, the router translates),
+    ``returning`` (the move back is under way)."""
+
+    __tablename__ = "nat_leases"
+    __table_args__ = (UniqueConstraint("vlan", "ip", name="uq_nat_leases_vlan_ip"),)
+    vm: Mapped[str] = mapped_column(String(64), primary_key=True)
+    router: Mapped[str] = mapped_column(String(64))
+    home_vlan: Mapped[int]
+    home_ip: Mapped[str] = mapped_column(String(64))
+    vlan: Mapped[int]
+    ip: Mapped[str] = mapped_column(String(64))
+    gateway: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="reserved")
+    migration_id: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

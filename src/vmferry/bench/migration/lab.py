@@ -4,6 +4,7 @@ controller's CPU time, the migration link's rate."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -136,7 +137,11 @@ class BenchLab:
             raise ConflictError("topology", "the benchmark needs hosts in two racks" +
                                 (", one of them routed" if boundary else ""))
         if boundary is not None:
-            plan = plan_crossing(crossing_facts(topo, "bench", vlan, a, b), boundary)
+            facts = crossing_facts(topo, "bench", vlan, a, b)
+            # The controller's pool decides at the move; a fresh lab's routed subnet is free.
+            facts = dataclasses.replace(facts, free_destination_address=bool(
+                facts.destination_subnet))
+            plan = plan_crossing(facts, boundary)
             if plan.way is None:
                 raise ConflictError("boundary", f"a move {a} -> {b} cannot cross by "
                                     f"{boundary}: {plan.reasons.get(Way(boundary), '?')}")

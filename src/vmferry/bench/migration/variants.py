@@ -235,6 +235,7 @@ class Vmferry(Variant):
         started = time.monotonic()
         record: dict[str, Any] = self.lab.controller("POST", "/v1/migrations", body={
             "vm": self.vm, "to": destination, "postcopy": "never",
+            **({"boundary": self.config.boundary} if self.config.boundary == "nat" else {}),
             "max_downtime_ms": self.config.max_downtime_ms,
             "timeout_s": self.config.migration_timeout_s, "boundary": self.config.boundary})
         deadline = started + self.config.migration_timeout_s + 60
