@@ -26,6 +26,7 @@ from vmferry.controller import auth
 from vmferry.controller.migration import Migrations
 from vmferry.controller.service import Controller
 from vmferry.drivers.fabric.fake import FakeFabric, FakeRouter, FakeSwitch
+from vmferry.drivers.fabric.nat import FakeNat
 from vmferry.drivers.hypervisor.fake import FakeHypervisor, FakeNetwork
 from vmferry.drivers.softswitch.base import PortSpec
 from vmferry.drivers.softswitch.fake import FakeSoftswitch
@@ -106,6 +107,7 @@ class Site:
         self.topology = Topology.model_validate(data)
         self.fabric = fake_fabric(self.topology)
         self.router = FakeRouter([r.router for r in self.topology.routed_racks()])
+        self.nat = FakeNat()
         self.held: dict[tuple[str, str], str] = {}
         self.engines: list[Migrations] = []
         self._stop = threading.Event()
@@ -121,6 +123,7 @@ class Site:
         """A controller (a restarted one, when there was one) on the same store and hosts."""
         controller = Controller(self.store, agent_transport=self.transport, fabric=self.fabric,
                                 router=self.router)
+        controller.nat = self.nat          # the routers' NAT, in memory like the routers
         migrations = Migrations(controller)
         self.engines.append(migrations)
         return controller, migrations

@@ -102,7 +102,9 @@ class NetnsRouter(Router):
         except (OSError, NetlinkError) as exc:
             raise FabricError(f"cannot read the routes of router {router}: {exc}",
                               switch=router) from exc
-        return frozenset(str(r.get_attr("RTA_DST")) for r in routes if r["dst_len"] == 32)
+        # A /32 with a gateway is the NAT way's (old address via the new one), not a host route.
+        return frozenset(str(r.get_attr("RTA_DST")) for r in routes
+                         if r["dst_len"] == 32 and r.get_attr("RTA_GATEWAY") is None)
 
     def add_host_route(self, router: str, address: str) -> None:
         self._change(router, "replace", address)
