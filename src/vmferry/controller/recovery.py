@@ -258,6 +258,16 @@ def rollback(run: Run, reason: str, turns: int = 0) -> None:
     problems: list[str] = []
     if source.state == "postmigrate":
         destination = read_end(lambda: run.dst, run.vm)
+        if issued and not destination.reachable:
+            # QEMU completed after this rollback was decided: the truth decides again, as
+            # patiently as the first time, before anything is held.
+            decision, truth = decide_patiently(lambda: truth_of(run), issued=issued)
+            if decision.way is not Way.ROLLBACK:
+                _note(run, decision, truth)
+                take(run, decision, reason, turns)
+                return
+            source, destination = truth.source, truth.destination
+    if source.state == "postmigrate":
         if not destination.reachable or destination.state in DESTINATION_USABLE:
             hold(run, reason, Decision(Way.HOLD, "the source finished its migration and the "
                                        f"destination is {destination.state}"))
