@@ -107,6 +107,19 @@ def move(lab: LabRun, vm: str, to: str, *options: str,
     return record, sent, lost
 
 
+def left_nothing(lab: LabRun, vm: str) -> None:
+    """After the way back: no router entry, the tunnel and rack3's host trunk carry nothing,
+    every trunk is in sync, host5 holds nothing of the VM and ``audit`` is clean."""
+    assert router_holds(lab) == []
+    back = trunks(lab)
+    assert back[TUNNEL]["actual_a"] == [] and back[TUNNEL]["actual_b"] == []
+    assert back[("host5", "tor3")]["actual_a"] == []
+    assert all(t["in_sync"] for t in back.values()), back
+    assert guest_traces(lab, "host5", vm) == []
+    audit = lab.cli("audit", check=False)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
 def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
     vm = "bs"
     lab.cli("vm", "create", vm, "--host", "host1", "--vlan", "100", "--ip", f"{VM_IP}/24",
@@ -142,15 +155,7 @@ def test_stretch_into_the_routed_rack_and_back(lab: LabRun) -> None:
         assert tcp.stdin is not None
         tcp.stdin.close()
         tcp.wait(timeout=10)
-
-        back = trunks(lab)
-        assert back[TUNNEL]["actual_a"] == [] and back[TUNNEL]["actual_b"] == []
-        assert back[("host5", "tor3")]["actual_a"] == []
-        assert all(t["in_sync"] for t in back.values()), back
-        assert guest_traces(lab, "host5", vm) == []
-        assert router_holds(lab) == []
-        audit = lab.cli("audit", check=False)
-        assert audit.returncode == 0, audit.stdout + audit.stderr
+        left_nothing(lab, vm)
     finally:
         lab.cli("vm", "delete", vm, check=False)
 
@@ -202,15 +207,7 @@ def test_route_into_the_routed_rack_and_back(lab: LabRun) -> None:
         tcp.wait(timeout=10)
         assert lab.pings(CLIENT, ROUTED_IP)
         assert port_tag(lab, "host1", vm) == "100"
-
-        assert router_holds(lab) == []
-        back = trunks(lab)
-        assert back[TUNNEL]["actual_a"] == [] and back[TUNNEL]["actual_b"] == []
-        assert back[("host5", "tor3")]["actual_a"] == []
-        assert all(t["in_sync"] for t in back.values()), back
-        assert guest_traces(lab, "host5", vm) == []
-        audit = lab.cli("audit", check=False)
-        assert audit.returncode == 0, audit.stdout + audit.stderr
+        left_nothing(lab, vm)
     finally:
         lab.cli("vm", "delete", vm, check=False)
 

@@ -13,10 +13,8 @@ After the return: no lease, no translation, no proxy entry, nothing on host5, au
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,13 +24,12 @@ from test_boundary import (
     ROUTER,
     TUNNEL,
     hold_tcp,
-    ping_loss,
-    router_holds,
-    start_ping,
+    left_nothing,
+    move,
     tcp_round,
 )
 
-from labkit import LabRun, guest_traces, running_lab, trunks
+from labkit import LabRun, running_lab, trunks
 from vmferry.drivers.fabric.nat import NftNat
 from vmferry.model.topology import Topology, default_topology_path
 
@@ -90,7 +87,7 @@ def test_nat_into_the_routed_rack_and_back(lab: LabRun) -> None:
         assert "no free address" not in crossing["host5"]["reasons"]["nat"]
         tcp = hold_tcp(lab)
 
-        record, sent, lost = move_by_nat(lab, vm, "host5")
+        record, sent, lost = move(lab, vm, "host5", "--boundary", "nat")
         print(f"\nNAT into rack3: {sent} pings at 10 ms to the old address, {lost} lost")
         assert record["state"] == "completed", (record.get("error"), record.get("phases"))
         assert record["result"]["plan"]["crossing"] == "nat"
@@ -116,7 +113,7 @@ def test_nat_into_the_routed_rack_and_back(lab: LabRun) -> None:
         away_audit = lab.cli("audit", check=False)
         assert away_audit.returncode == 0, away_audit.stdout + away_audit.stderr
 
-        record, sent, lost = move_by_nat(lab, vm, "host1", boundary=None)
+        record, sent, lost = move(lab, vm, "host1")   # the lease says: back by NAT
         print(f"NAT back: {sent} pings at 10 ms, {lost} lost")
         assert record["state"] == "completed", (record.get("error"), record.get("phases"))
         assert record["result"]["plan"]["crossing"] == "nat"
@@ -130,28 +127,6 @@ def test_nat_into_the_routed_rack_and_back(lab: LabRun) -> None:
         translations, proxied, ruleset = router_nat(lab)
         assert translations == {} and proxied == frozenset()
         assert "vmferry_nat" not in ruleset
-        assert router_holds(lab) == []
-        back = trunks(lab)
-        assert back[TUNNEL]["actual_a"] == [] and back[TUNNEL]["actual_b"] == []
-        assert back[("host5", "tor3")]["actual_a"] == []
-        assert all(t["in_sync"] for t in back.values()), back
-        assert guest_traces(lab, "host5", vm) == []
-        audit = lab.cli("audit", check=False)
-        assert audit.returncode == 0, audit.stdout + audit.stderr
+        left_nothing(lab, vm)
     finally:
         lab.cli("vm", "delete", vm, check=False)
-
-
-def move_by_nat(lab: LabRun, vm: str, to: str, boundary: str | None = "nat",
-                ) -> tuple[dict[str, Any], int, int]:
-    """Migrate (with ``--boundary``; the way back needs none: the lease says the VM is
-    away by NAT) while pinging the old address; the record and (sent, lost)."""
-    pinger = start_ping(lab)
-    time.sleep(1)
-    extra = ["--boundary", boundary] if boundary else []
-    result = lab.cli("migrate", vm, "--to", to, *extra, "--json", check=False, timeout=400)
-    assert result.stdout, result.stderr
-    time.sleep(0.5)
-    sent, lost = ping_loss(pinger)
-    record: dict[str, Any] = json.loads(result.stdout)
-    return record, sent, lost
