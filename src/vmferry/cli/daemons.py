@@ -35,16 +35,16 @@ def controller_serve(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     db: str | None = typer.Option(None, help="Store URL: sqlite:///PATH or postgresql://..."),
     listen: list[str] | None = typer.Option(
-        None, help="HOST:PORT or unix:/PATH (repeat) [default: 127.0.0.1:8470]"),
+        None, help="HOST:PORT or unix:/PATH (repeat) \\[default: 127.0.0.1:8470]"),
     bootstrap_token_file: Path | None = typer.Option(None, help="Admin token to register"),
     tls_dir: Path | None = typer.Option(None, help="HTTPS with client certificates on every "
                                         "--listen (a `vmferry pki issue` directory)"),
     plain_listen: list[str] | None = typer.Option(
         None, help="Plain-HTTP listener besides the HTTPS ones (loopback, for users' tokens)"),
     secrets_dir: Path | None = typer.Option(None, help="Agent token files must be inside it "
-                                            "[default: /etc/vmferry/secrets]"),
+                                            "\\[default: /etc/vmferry/secrets]"),
     run_dir: Path | None = typer.Option(None, help="unix: agent URLs must be inside it "
-                                        "[default: /run/vmferry]"),
+                                        "\\[default: /run/vmferry]"),
     db_password_file: Path | None = typer.Option(
         None, help="The store's password (else $VMFERRY_DB_PASSWORD); never put it in --db"),
 ) -> None:
@@ -96,33 +96,33 @@ def _run_controller(settings: ControllerSettings) -> None:
 def agent_serve(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    host: str | None = typer.Option(None, help="This host's name in the inventory [required]"),
+    host: str | None = typer.Option(None, help="This host's name in the inventory \\[required]"),
     listen: list[str] | None = typer.Option(None, help="HOST:PORT or unix:/PATH (repeat) "
-                                            "[required]"),
-    token_file: Path | None = typer.Option(None, help="This agent's credential [required]"),
+                                            "\\[required]"),
+    token_file: Path | None = typer.Option(None, help="This agent's credential \\[required]"),
     controller: str | None = typer.Option(None, help="Controller address for heartbeats"),
     # Defaults (named in the help) are AgentSettings': None here lets the config file's value
     # through, and keeps pydantic out of every `vmferry` start.
     ovsdb: str | None = typer.Option(None, help="OVSDB of this host "
-                                     "[default: unix:/var/run/openvswitch/db.sock]"),
+                                     "\\[default: unix:/var/run/openvswitch/db.sock]"),
     ovs_rundir: Path | None = typer.Option(None, help="OVS run directory "
-                                           "[default: /var/run/openvswitch]"),
+                                           "\\[default: /var/run/openvswitch]"),
     ovs_ctl: Path | None = typer.Option(None, help="ovs-vswitchd control socket"),
     run_dir: Path | None = typer.Option(None, help="Guests' files "
-                                        "[default: /var/lib/vmferry/guests]"),
+                                        "\\[default: /var/lib/vmferry/guests]"),
     shared_storage: Path | None = typer.Option(None, help="Storage all hosts see"),
     memory_mib: int | None = typer.Option(None, help="Memory guests may use on this host "
-                                          "[default: 4096]"),
+                                          "\\[default: 4096]"),
     migration_ip: str | None = typer.Option(None, help="Address on the migration network"),
-    hypervisor: str | None = typer.Option(None, help="qemu (QMP) or libvirt [default: qemu]"),
+    hypervisor: str | None = typer.Option(None, help="qemu (QMP) or libvirt \\[default: qemu]"),
     libvirt_uri: str | None = typer.Option(None, help="libvirt daemon of this host "
-                                           "[default: qemu:///system]"),
+                                           "\\[default: qemu:///system]"),
     libvirt_console_dir: Path | None = typer.Option(
-        None, help="Where that daemon's domain logs are [default: /var/log/libvirt/qemu]"),
+        None, help="Where that daemon's domain logs are \\[default: /var/log/libvirt/qemu]"),
     tls_dir: Path | None = typer.Option(None, help="HTTPS with client certificates and QEMU "
                                         "migration TLS (a `vmferry pki issue` directory)"),
     controller_name: str | None = typer.Option(None, help="The only certificate name (CN) "
-                                               "served [default: controller]"),
+                                               "served \\[default: controller]"),
 ) -> None:
     """Serve a host agent (runs inside the host, or its namespace in the lab)."""
     from vmferry.cli.daemon_settings import AgentSettings, resolve_settings
