@@ -42,7 +42,7 @@ def migrate(
         "or dual (default: the first that applies; see vmferry where)"),
 ) -> None:
     """Live-migrate a VM, its port and its VLAN to another host."""
-    # The API's models (FastAPI, pydantic) load only for this command, not for every `vmferry`.
+    # The API's request models (pydantic) load for this command only, not for every `vmferry`.
     from pydantic import ValidationError
     from rich.live import Live
 
