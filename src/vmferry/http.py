@@ -15,6 +15,11 @@ import httpx
 
 from vmferry.errors import AgentError, InputError
 
+#: The certificate name (CN) an agent accepts calls from, unless configured otherwise. Here,
+#: not in vmferry.agent.app, so that the lab builder (and `vmferry lab ...`) need not load the
+#: agent's whole web app for it.
+CONTROLLER_NAME = "controller"
+
 
 @dataclass(frozen=True)
 class ClientTls:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+from faultkit import controller_log, wait_end, wait_failpoint
 
 from labkit import (
     VMFERRY,
@@ -42,20 +41,6 @@ def controller_pid(lab: LabRun) -> int:
     return int(json.loads((lab_dir(lab) / "lab.json").read_text())["pids"]["controller"])
 
 
-def wait_failpoint(lab: LabRun, migration_id: int, point: str, timeout: float = 120) -> None:
-    """Wait until the controller stalls at ``point`` (it says so in its log)."""
-    path = lab_dir(lab) / "log" / "controller.log"
-    needle = f"failpoint {point} reached"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if needle in path.read_text(errors="replace"):
-            return
-        record = lab.json("migration", "show", str(migration_id))
-        assert record["state"] == "running", f"migration ended before {point}: {record}"
-        time.sleep(0.1)
-    raise AssertionError(f"{needle!r} never appeared in {path}")
-
-
 def qemu_hosts(lab: LabRun) -> list[str]:
     """Hosts on which a QEMU process of the VM is alive."""
     hosts = []
@@ -74,18 +59,14 @@ def test_controller_killed_during_phase(lab: LabRun, phase: Phase) -> None:
     point = f"hold-after:{phase.value}"
     kill_controller(lab)
     restart_controller(lab, point)
+    since = controller_log(lab).stat().st_size
     started = json.loads(lab.cli("migrate", VM, "--to", destination, "--detach",
                                  "--json").stdout)
-    wait_failpoint(lab, started["id"], point)
+    # Polled over HTTP (faultkit.api): through the CLI each look cost a Python start.
+    wait_failpoint(lab, started["id"], point, since)
     kill_controller(lab)
     restart_controller(lab, None)
-    deadline = time.monotonic() + 120
-    record: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        record = lab.json("migration", "show", str(started["id"]))
-        if record["state"] not in ("running", "rolling-back"):
-            break
-        time.sleep(0.3)
+    record = wait_end(lab, started["id"], timeout=120)
     expected = {"completed"} if past_point_of_no_return(phase) or phase is Phase.PRECOPY \
         else {"rolled-back"}
     assert record["state"] in expected, record

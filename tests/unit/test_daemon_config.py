@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from vmferry.cli import daemons
+from vmferry.cli import daemon_settings, daemons
 from vmferry.cli.main import app
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -33,7 +33,7 @@ def test_controller_options_alone_still_work(started: list[Any]) -> None:
     result = run("controller", "serve", "--db", "sqlite:////tmp/x.db", "--listen", "unix:/a",
                  "--listen", "127.0.0.1:9", "--bootstrap-token-file", "/t")
     assert result.exit_code == 0, result.output
-    assert started == [daemons.ControllerSettings(
+    assert started == [daemon_settings.ControllerSettings(
         db="sqlite:////tmp/x.db", listen=["unix:/a", "127.0.0.1:9"],
         bootstrap_token_file=Path("/t"))]
 
@@ -49,7 +49,7 @@ def test_config_file_is_read_and_options_override_it(tmp_path: Path,
     config.write_text('db = "postgresql://vmferry@/vmferry"\nlisten = ["0.0.0.0:8470"]\n'
                       'bootstrap-token-file = "/etc/vmferry/admin.token"\n')
     assert run("controller", "serve", "--config", str(config)).exit_code == 0
-    assert started[-1] == daemons.ControllerSettings(
+    assert started[-1] == daemon_settings.ControllerSettings(
         db="postgresql://vmferry@/vmferry", listen=["0.0.0.0:8470"],
         bootstrap_token_file=Path("/etc/vmferry/admin.token"))
     result = run("controller", "serve", "--config", str(config), "--listen", "unix:/run/c.sock")
@@ -66,7 +66,7 @@ def test_agent_config_file(tmp_path: Path, started: list[Any]) -> None:
     result = run("agent", "serve", "--config", str(config), "--memory-mib", "2048")
     assert result.exit_code == 0, result.output
     settings = started[0]
-    assert isinstance(settings, daemons.AgentSettings)
+    assert isinstance(settings, daemon_settings.AgentSettings)
     assert (settings.host, settings.memory_mib, settings.token_file) == (
         "h1", 2048, Path("/etc/vmferry/agent-h1.token"))
     assert settings.ovsdb == "unix:/var/run/openvswitch/db.sock"     # the default stays
@@ -103,11 +103,11 @@ def test_unreadable_config_names_the_file(tmp_path: Path, started: list[Any]) ->
 
 
 @pytest.mark.parametrize("name, model", [
-    ("controller.toml", daemons.ControllerSettings),
-    ("agent-host1.toml", daemons.AgentSettings),
+    ("controller.toml", daemon_settings.ControllerSettings),
+    ("agent-host1.toml", daemon_settings.AgentSettings),
 ])
-def test_shipped_examples_are_valid(name: str, model: type[daemons._Settings]) -> None:
-    values = daemons.read_config(DEPLOY / "config" / name, model)
+def test_shipped_examples_are_valid(name: str, model: type[daemon_settings._Settings]) -> None:
+    values = daemon_settings.read_config(DEPLOY / "config" / name, model)
     model.model_validate(values)
 
 
@@ -117,7 +117,8 @@ def test_shipped_site_inventory_is_valid() -> None:
     from vmferry.model.topology import Topology
     site = Topology.model_validate(yaml.safe_load((DEPLOY / "config" / "site.yaml").read_text()))
     assert site.kind == "site" and all(h.agent_url for h in site.hosts)
-    agent = daemons.read_config(DEPLOY / "config" / "agent-host1.toml", daemons.AgentSettings)
+    agent = daemon_settings.read_config(DEPLOY / "config" / "agent-host1.toml",
+                                        daemon_settings.AgentSettings)
     host1 = next(h for h in site.hosts if h.name == agent["host"])
     assert host1.agent_url == f"https://{agent['listen'][0]}"
 

@@ -14,14 +14,10 @@ from vmferry.agent.routes import guests, host, ports
 from vmferry.agent.service import HostAgent
 from vmferry.api.errors import ERROR_RESPONSES
 from vmferry.errors import AuthError, VmferryError
-from vmferry.http import ClientTls, client_for
+from vmferry.http import CONTROLLER_NAME, ClientTls, client_for
 from vmferry.web import bearer_token, install_error_handlers, tokens_equal
 
 log = logging.getLogger(__name__)
-
-#: The certificate name (CN) an agent accepts calls from, unless configured otherwise.
-CONTROLLER_NAME = "controller"
-
 
 def create_app(agent: HostAgent, token: str) -> FastAPI:
     def authenticated(request: Request) -> None:

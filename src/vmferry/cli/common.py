@@ -10,13 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
 import typer
 from rich.console import Console
 
 from vmferry import paths
 from vmferry.errors import AuthError, CapacityError, InputError, VmferryError
-from vmferry.http import client_for, error_payload
+from vmferry.lab.names import CONTROLLER_PORT, LabLayout
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,8 +45,6 @@ class ControllerTarget:
     token_file: str | None = None
 
     def resolve(self) -> tuple[str, str | None]:
-        from vmferry.lab.builder import CONTROLLER_PORT
-        from vmferry.lab.names import LabLayout
         url = self.url or os.environ.get("VMFERRY_CONTROLLER")
         token = os.environ.get("VMFERRY_TOKEN")
         token_file = self.token_file or os.environ.get("VMFERRY_TOKEN_FILE")
@@ -94,6 +91,11 @@ def errors_to_exit() -> Iterator[None]:
 
 def api_call(method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
              timeout: float = 120) -> Any:
+    # Imported here, not at the top: commands that never call the API (lab, pki) start
+    # without httpx.
+    import httpx
+
+    from vmferry.http import client_for, error_payload
     url, token = target.resolve()
     try:
         with client_for(url, token=token, timeout=timeout) as api:

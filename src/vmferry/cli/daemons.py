@@ -12,128 +12,21 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import tomllib
-import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vmferry.cli.common import errors_to_exit
 from vmferry.errors import InputError
+
+if TYPE_CHECKING:
+    from vmferry.cli.daemon_settings import AgentSettings, ControllerSettings
 
 controller_app = typer.Typer(help="Run the controller.", no_args_is_help=True)
 agent_app = typer.Typer(help="Run a host agent.", no_args_is_help=True)
 
 CONFIG_HELP = "TOML file of settings (keys: the long option names); options given here win"
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class _Settings(BaseModel):
-    """A daemon's settings: keys in files are the long option names (kebab-case)."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True,
-                              frozen=True)
-
-
-class ControllerSettings(_Settings):
-    db: str = Field(min_length=1, description="Store URL: sqlite:///PATH or postgresql://...")
-    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8470"], min_length=1)
-    bootstrap_token_file: Path | None = None
-    # HTTPS with client certificates on every ``listen`` (a `vmferry pki issue` directory);
-    # ``plain-listen`` addresses stay plain HTTP (a loopback address for users' tokens).
-    tls_dir: Path | None = None
-    plain_listen: list[str] = Field(default_factory=list)
-    # Inventory confinement: agent token files only from here, unix: agent URLs only here.
-    secrets_dir: Path = Path("/etc/vmferry/secrets")
-    run_dir: Path = Path("/run/vmferry")
-    # The store URL's password, read from this file (never in argv, the config or logs).
-    db_password_file: Path | None = None
-
-
-class AgentSettings(_Settings):
-    host: str = Field(min_length=1)
-    listen: list[str] = Field(min_length=1)
-    token_file: Path
-    controller: str | None = None
-    ovsdb: str = "unix:/var/run/openvswitch/db.sock"
-    ovs_rundir: Path = Path("/var/run/openvswitch")
-    ovs_ctl: Path | None = None
-    run_dir: Path = Path("/var/lib/vmferry/guests")
-    shared_storage: Path | None = None
-    memory_mib: int = Field(4096, ge=64)
-    migration_ip: str | None = None
-    hypervisor: Literal["qemu", "libvirt"] = "qemu"
-    libvirt_uri: str = "qemu:///system"
-    libvirt_console_dir: Path = Path("/var/log/libvirt/qemu")
-    # HTTPS with client certificates (a `vmferry pki issue` directory named after this host);
-    # the same directory is QEMU's migration TLS credentials.
-    tls_dir: Path | None = None
-    controller_name: str = Field("controller", min_length=1, max_length=63)
-
-
-S = TypeVar("S", bound=_Settings)
-
-# Sources that mean "the operator said so here", which beat the config file. By name: Typer
-# ships its own copy of click, whose ParameterSource is not click's.
-_EXPLICIT = {"COMMANDLINE", "ENVIRONMENT"}
-
-
-def read_config(path: Path, model: type[_Settings]) -> dict[str, Any]:
-    """The settings in a TOML file, keyed by field name. Raises InputError naming the key that
-    is unknown, or the file when it cannot be read or parsed."""
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise InputError("config", f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError("config", f"{path} is not valid TOML: {exc}") from exc
-    names = {_kebab(name): name for name in model.model_fields}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            raise InputError(key, f"unknown setting in {path}; known: {', '.join(sorted(names))}",
-                             config=str(path))
-        name = names[key]
-        # A relative path in a file means beside that file, wherever the daemon was started.
-        if isinstance(value, str) and _is_path(model, name) and not Path(value).is_absolute():
-            value = str(path.parent / value)
-        values[name] = value
-    return values
-
-
-def _is_path(model: type[_Settings], name: str) -> bool:
-    annotation = model.model_fields[name].annotation
-    return annotation is Path or Path in typing.get_args(annotation)
-
-
-def resolve_settings(model: type[S], ctx: typer.Context, config: Path | None,
-                     options: dict[str, Any]) -> S:
-    """Merge built-in defaults, the config file and the command line (in rising order) and
-    validate the result. ``options`` are the command's parameters by field name."""
-    from_file = read_config(config, model) if config is not None else {}
-    merged: dict[str, Any] = {}
-    for name, value in options.items():
-        source = ctx.get_parameter_source(name)
-        explicit = source is not None and source.name in _EXPLICIT
-        if name in from_file and not explicit:
-            merged[name] = from_file[name]
-        elif value is not None and value != []:
-            merged[name] = value
-    try:
-        return model.model_validate(merged)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = _kebab(str(error["loc"][0])) if error["loc"] else "config"
-        where = f" in {config}" if config is not None and key in map(_kebab, from_file) else ""
-        reason = (f"required: give --{key} or {key} = ... in --config FILE"
-                  if error["type"] == "missing" else f"{error['msg']}{where}")
-        raise InputError(key, reason) from exc
 
 
 @controller_app.command("serve")
@@ -142,20 +35,21 @@ def controller_serve(
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
     db: str | None = typer.Option(None, help="Store URL: sqlite:///PATH or postgresql://..."),
     listen: list[str] | None = typer.Option(
-        None, help="HOST:PORT or unix:/PATH (repeat) [default: 127.0.0.1:8470]"),
+        None, help="HOST:PORT or unix:/PATH (repeat) \\[default: 127.0.0.1:8470]"),
     bootstrap_token_file: Path | None = typer.Option(None, help="Admin token to register"),
     tls_dir: Path | None = typer.Option(None, help="HTTPS with client certificates on every "
                                         "--listen (a `vmferry pki issue` directory)"),
     plain_listen: list[str] | None = typer.Option(
         None, help="Plain-HTTP listener besides the HTTPS ones (loopback, for users' tokens)"),
     secrets_dir: Path | None = typer.Option(None, help="Agent token files must be inside it "
-                                            "[default: /etc/vmferry/secrets]"),
+                                            "\\[default: /etc/vmferry/secrets]"),
     run_dir: Path | None = typer.Option(None, help="unix: agent URLs must be inside it "
-                                        "[default: /run/vmferry]"),
+                                        "\\[default: /run/vmferry]"),
     db_password_file: Path | None = typer.Option(
         None, help="The store's password (else $VMFERRY_DB_PASSWORD); never put it in --db"),
 ) -> None:
     """Serve the controller's HTTP API."""
+    from vmferry.cli.daemon_settings import ControllerSettings, resolve_settings
     with errors_to_exit():
         settings = resolve_settings(ControllerSettings, ctx, config, {
             "db": db, "listen": listen, "bootstrap_token_file": bootstrap_token_file,
@@ -202,35 +96,36 @@ def _run_controller(settings: ControllerSettings) -> None:
 def agent_serve(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, help=CONFIG_HELP),
-    host: str | None = typer.Option(None, help="This host's name in the inventory [required]"),
+    host: str | None = typer.Option(None, help="This host's name in the inventory \\[required]"),
     listen: list[str] | None = typer.Option(None, help="HOST:PORT or unix:/PATH (repeat) "
-                                            "[required]"),
-    token_file: Path | None = typer.Option(None, help="This agent's credential [required]"),
+                                            "\\[required]"),
+    token_file: Path | None = typer.Option(None, help="This agent's credential \\[required]"),
     controller: str | None = typer.Option(None, help="Controller address for heartbeats"),
-    ovsdb: str = typer.Option(AgentSettings.model_fields["ovsdb"].default,
-                              help="OVSDB of this host"),
-    ovs_rundir: Path = typer.Option(AgentSettings.model_fields["ovs_rundir"].default,
-                                    help="OVS run directory"),
+    # Defaults (named in the help) are AgentSettings': None here lets the config file's value
+    # through, and keeps pydantic out of every `vmferry` start.
+    ovsdb: str | None = typer.Option(None, help="OVSDB of this host "
+                                     "\\[default: unix:/var/run/openvswitch/db.sock]"),
+    ovs_rundir: Path | None = typer.Option(None, help="OVS run directory "
+                                           "\\[default: /var/run/openvswitch]"),
     ovs_ctl: Path | None = typer.Option(None, help="ovs-vswitchd control socket"),
-    run_dir: Path = typer.Option(AgentSettings.model_fields["run_dir"].default,
-                                 help="Guests' files"),
+    run_dir: Path | None = typer.Option(None, help="Guests' files "
+                                        "\\[default: /var/lib/vmferry/guests]"),
     shared_storage: Path | None = typer.Option(None, help="Storage all hosts see"),
-    memory_mib: int = typer.Option(AgentSettings.model_fields["memory_mib"].default,
-                                   help="Memory guests may use on this host"),
+    memory_mib: int | None = typer.Option(None, help="Memory guests may use on this host "
+                                          "\\[default: 4096]"),
     migration_ip: str | None = typer.Option(None, help="Address on the migration network"),
-    hypervisor: str = typer.Option(AgentSettings.model_fields["hypervisor"].default,
-                                   help="qemu (QMP) or libvirt"),
-    libvirt_uri: str = typer.Option(AgentSettings.model_fields["libvirt_uri"].default,
-                                    help="libvirt daemon of this host"),
-    libvirt_console_dir: Path = typer.Option(
-        AgentSettings.model_fields["libvirt_console_dir"].default,
-        help="Where that daemon's domain logs are"),
+    hypervisor: str | None = typer.Option(None, help="qemu (QMP) or libvirt \\[default: qemu]"),
+    libvirt_uri: str | None = typer.Option(None, help="libvirt daemon of this host "
+                                           "\\[default: qemu:///system]"),
+    libvirt_console_dir: Path | None = typer.Option(
+        None, help="Where that daemon's domain logs are \\[default: /var/log/libvirt/qemu]"),
     tls_dir: Path | None = typer.Option(None, help="HTTPS with client certificates and QEMU "
                                         "migration TLS (a `vmferry pki issue` directory)"),
-    controller_name: str = typer.Option(AgentSettings.model_fields["controller_name"].default,
-                                        help="The only certificate name (CN) served"),
+    controller_name: str | None = typer.Option(None, help="The only certificate name (CN) "
+                                               "served \\[default: controller]"),
 ) -> None:
     """Serve a host agent (runs inside the host, or its namespace in the lab)."""
+    from vmferry.cli.daemon_settings import AgentSettings, resolve_settings
     with errors_to_exit():
         settings = resolve_settings(AgentSettings, ctx, config, {
             "host": host, "listen": listen, "token_file": token_file, "controller": controller,

@@ -8,22 +8,16 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import typer
-from pydantic import ValidationError
-from rich.live import Live
 from rich.table import Table
 
-from vmferry.api.controller import MigrationCreate
 from vmferry.cli.common import api_call, console, err_console, fail, print_json, target
-from vmferry.http import client_for
-from vmferry.model.validation import input_error_from
 
 migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
 
 FINAL_STATES = {"completed", "rolled-back", "failed"}
 # Reads wait for the next event; the stream sends a keep-alive every 15 s.
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=45.0)
+STREAM_CONNECT_S, STREAM_READ_S = 10.0, 45.0
 
 
 def migrate(
@@ -48,6 +42,12 @@ def migrate(
         "or dual (default: the first that applies; see vmferry where)"),
 ) -> None:
     """Live-migrate a VM, its port and its VLAN to another host."""
+    # The API's request models (pydantic) load for this command only, not for every `vmferry`.
+    from pydantic import ValidationError
+    from rich.live import Live
+
+    from vmferry.api.controller import MigrationCreate
+    from vmferry.model.validation import input_error_from
     try:
         body = MigrationCreate.model_validate({
             "vm": vm, "to": to, "postcopy": postcopy, "timeout_s": timeout,
@@ -83,9 +83,13 @@ def follow(record: dict[str, Any], deadline: float) -> Iterator[dict[str, Any]]:
 
     Reads the controller's event stream (server-sent events); falls back to long polling when
     the stream cannot be had."""
+    import httpx
+
+    from vmferry.http import client_for
     url, token = target.resolve()
+    timeout = httpx.Timeout(STREAM_CONNECT_S, read=STREAM_READ_S)
     try:
-        with client_for(url, token=token, timeout=STREAM_TIMEOUT) as api, \
+        with client_for(url, token=token, timeout=timeout) as api, \
                 api.stream("GET", "/v1/events/stream") as response:
             if response.status_code != 200:
                 raise httpx.HTTPError(f"event stream answered {response.status_code}")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from vmferry import pki
 from vmferry.cli.common import console, errors_to_exit
 
 app = typer.Typer(help="The CA and certificates for TLS between vmferry's parts.",
@@ -19,6 +18,7 @@ _DIR_HELP = "PKI directory (default: $VMFERRY_PKI_DIR or <state dir>/pki)"
 def init(directory: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
          days: int = typer.Option(3650, "--days", help="Validity of the CA")) -> None:
     """Create the CA (refused if one exists)."""
+    from vmferry import pki  # cryptography loads only for the pki commands
     with errors_to_exit():
         path = pki.init_ca(directory or pki.default_pki_dir(), days=days)
     console.print(f"CA certificate: {path}", highlight=False)
@@ -33,6 +33,7 @@ def issue(name: str = typer.Argument(..., help="Certificate name (CN), e.g. the 
           replace: bool = typer.Option(False, "--replace",
                                        help="Replace an existing certificate of NAME")) -> None:
     """Issue NAME's key and certificate (TLS server and client), in QEMU's layout."""
+    from vmferry import pki
     with errors_to_exit():
         path = pki.issue(directory or pki.default_pki_dir(), name, dns=dns, ips=ip, days=days,
                          replace=replace)

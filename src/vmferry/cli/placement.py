@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from vmferry.cli.common import api_call, console, err_console, print_json
@@ -100,6 +99,7 @@ def undrain(host: str = typer.Argument(...)) -> None:
 
 
 def _follow_drain(host: str, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn  # only a drain shows one
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), console=err_console,
                   disable=quiet) as progress:

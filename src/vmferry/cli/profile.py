@@ -11,7 +11,6 @@ from rich.table import Table
 
 from vmferry.cli.common import api_call, console, errors_to_exit, print_json
 from vmferry.errors import InputError
-from vmferry.model.profile import load_profiles
 
 app = typer.Typer(help="Port profiles: VLAN, ACLs, QoS, storm control, port security.",
                   no_args_is_help=True)
@@ -27,6 +26,7 @@ def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML file, one or
             text = file.read_text()
         except OSError as exc:
             raise InputError("file", f"cannot read {file}: {exc.strerror}") from exc
+        from vmferry.model.profile import load_profiles  # pydantic: only when needed
         profiles = load_profiles(text)
     body = {"profiles": [p.model_dump(mode="json", exclude={"version"}) for p in profiles]}
     results = api_call("PUT", "/v1/profiles", json_body=body, timeout=300)

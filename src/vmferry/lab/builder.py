@@ -24,13 +24,12 @@ from typing import Any
 import yaml
 
 from vmferry import pki, privileged
-from vmferry.agent.app import CONTROLLER_NAME
 from vmferry.drivers.hypervisor.qemu import guest_files
 from vmferry.drivers.softswitch.base import OWNER_KEY, PortSpec
 from vmferry.errors import SetupError, VmferryError, WaitTimeout
-from vmferry.http import ClientTls, client_for
+from vmferry.http import CONTROLLER_NAME, ClientTls, client_for
 from vmferry.lab import libvirt as lab_libvirt
-from vmferry.lab.names import MIGRATION_BRIDGE, LabLayout
+from vmferry.lab.names import CONTROLLER_PORT, MIGRATION_BRIDGE, LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
 from vmferry.lab.router import build_router, router_plans
 from vmferry.lab.site import ManagementNetwork
@@ -43,7 +42,6 @@ from vmferry.model.topology import (
     Topology,
 )
 
-CONTROLLER_PORT = 8470
 LAB_OWNER = "lab"
 
 

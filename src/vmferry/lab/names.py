@@ -9,6 +9,8 @@ from vmferry import paths
 
 NAMESPACE_PREFIX = "vf-"
 MIGRATION_BRIDGE = "migbr"
+# Here, not in builder.py: the CLI finds a lab's controller without importing the builder.
+CONTROLLER_PORT = 8470
 
 
 @dataclass(frozen=True)
