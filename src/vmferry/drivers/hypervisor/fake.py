@@ -23,10 +23,12 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vmferry.drivers.hypervisor.base import (
+    NIC_SLOTS,
     GuestEvent,
+    GuestNic,
     GuestSpec,
     GuestState,
     Hypervisor,
@@ -94,6 +96,13 @@ class FakeNetwork:
     def is_broken(self, uri: str) -> bool:
         with self._lock:
             return uri in self._broken or uri.rsplit(":", 1)[0] in self._cut
+
+
+def nic_set(spec: GuestSpec) -> dict[int, str]:
+    nics = {spec.nic_slot: spec.mac.lower()}
+    if spec.aux_nic is not None:
+        nics[spec.aux_nic.slot] = spec.aux_nic.mac.lower()
+    return nics
 
 
 @dataclass
@@ -281,6 +290,28 @@ class FakeHypervisor(Hypervisor):
             self._guest(name)
             self.announcements[name] = self.announcements.get(name, 0) + 1
 
+    def plug_nic(self, name: str, nic: GuestNic) -> None:
+        with self._changed:
+            guest = self._guest(name)
+            if nic.slot == guest.spec.nic_slot or nic.slot not in NIC_SLOTS:
+                raise HypervisorError(f"guest {name} has no free root port {nic.slot}",
+                                      host=self.host, vm=name)
+            guest.spec = replace(guest.spec, aux_nic=nic)
+
+    def unplug_nic(self, name: str, slot: int) -> None:
+        with self._changed:
+            guest = self._guest(name)
+            spec, aux = guest.spec, guest.spec.aux_nic
+            if aux is not None and spec.nic_slot == slot:      # the main NIC goes
+                guest.spec = replace(spec, mac=aux.mac, tap=aux.tap, nic_slot=aux.slot,
+                                     aux_nic=None)
+            elif aux is not None and aux.slot == slot:
+                guest.spec = replace(spec, aux_nic=None)
+
+    def nics(self, name: str) -> dict[int, str]:
+        """slot -> MAC of the guest's NICs (what the migration stream must find alike)."""
+        return nic_set(self.spec(name))
+
     def events(self, name: str, *, after: int = 0, timeout: float = 0.0) -> list[GuestEvent]:
         history = self._history(name)
         if self.state(name) is GuestState.ABSENT:
@@ -301,6 +332,13 @@ class FakeHypervisor(Hypervisor):
             if guest.state is not GuestState.RUNNING:
                 raise HypervisorError(f"QMP migrate failed for guest {name}", host=self.host,
                                       vm=name, cause=f"guest is {guest.state.value}")
+            peer = self.network.listener(uri)
+            if peer is not None and name in peer[0]._guests \
+                    and nic_set(peer[0]._guests[name].spec) != nic_set(guest.spec):
+                # QEMU refuses a stream whose devices the destination does not have.
+                raise HypervisorError(f"QMP migrate failed for guest {name}", host=self.host,
+                                      vm=name, cause=f"NICs {nic_set(guest.spec)} here, "
+                                      f"{nic_set(peer[0]._guests[name].spec)} there")
             statuses, converge = self._scripts.pop(name, (list(DEFAULT_SCRIPT), True))
             if tuning.pause_before_switchover and "pre-switchover" not in statuses \
                     and "device" in statuses:
