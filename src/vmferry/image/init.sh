@@ -14,9 +14,9 @@
 #   "udp HOST PORT"   TFTP-read the file NAME from HOST:PORT, discarded (UDP lockstep:
 #                     a server that never ends the file keeps the exchange going)
 #   "icmp HOST"       ping HOST 5 times a second
-#   "addr add|del CIDR [GW|none] [MAC]"   take or drop an address on eth0, or on the NIC
-#                     with MAC (brought up: a NIC hot-plugged for a move by "dual" NIC,
-#                     controller/dual_nic.py), and set or remove the default route, then
+#   "addr add|del CIDR [GW|none|keep] [MAC]"   take or drop an address on eth0, or on the
+#                     NIC with MAC (brought up: a NIC hot-plugged for a move by "dual" NIC,
+#                     controller/dual_nic.py), and set, remove or keep the default route, then
 #                     announce the addresses it keeps: how the guest changes subnet on a
 #                     move across a boundary by NAT (controller/nat.py) or dual NIC
 # and it answers "VMFERRY-TALK started ..." or "VMFERRY-TALK error ...".
@@ -174,7 +174,7 @@ readdress() {
         *) echo "VMFERRY-TALK error bad address '$cidr'"; return ;;
     esac
     case "$gw" in
-        ''|none) ;;
+        ''|none|keep) ;;
         *[!0-9.]*) echo "VMFERRY-TALK error bad gateway '$gw'"; return ;;
     esac
     # Safe to repeat: an address already there (add) or gone (del) is left as it is.
@@ -185,7 +185,7 @@ readdress() {
     fi
     if [ "$gw" = none ]; then
         ip route del default >/dev/null 2>&1
-    elif [ -n "$gw" ]; then
+    elif [ -n "$gw" ] && [ "$gw" != keep ]; then
         ip route replace default via "$gw" dev "$dev" || \
             { echo "VMFERRY-TALK error default via $gw"; return; }
     fi
