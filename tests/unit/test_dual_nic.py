@@ -5,6 +5,7 @@ the VM's published identity, the way back, rollback and audit (controller/dual_n
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,14 @@ import pytest
 from enginekit import Site, site_at
 
 from vmferry.controller import audit, dual_nic, nat
+from vmferry.controller.phases import STEPS
+from vmferry.controller.run import Run
 from vmferry.drivers.hypervisor.base import GuestNic
 from vmferry.model.boundary import Way, crossing_facts, plan_crossing
+from vmferry.model.migration import PHASES, MigrationOptions, Phase
 from vmferry.model.names import aux_tap_name, tap_name
 from vmferry.model.topology import HOST_BRIDGE, default_topology_path
-from vmferry.store.schema import DualNicRow, VmRow
+from vmferry.store.schema import DualNicRow, MigrationRow, VmRow
 
 WAIT_S = 20
 ROUTER = "rtr-rack3"
@@ -135,3 +139,53 @@ def test_the_fake_hypervisor_refuses_a_migration_whose_nics_differ(site: Site) -
     hv.unplug_nic("vm1", 0)                     # the main NIC goes: the other is main
     assert hv.nics("vm1") == {1: "52:54:00:00:00:77"}
     assert hv.spec("vm1").tap == aux_tap_name("vm1")
+
+
+def die_at(site: Site, phase: Phase) -> int:
+    """Drive a move by dual NIC host1 -> host5 in this thread up to ``phase`` (acted, not
+    ended), as a controller that died there would leave it."""
+    site.create_vm()
+    options = MigrationOptions.model_validate({"max_downtime_ms": 300, "boundary": "dual"})
+    with site.store.session() as session:
+        row = MigrationRow(vm="vm1", source="host1", destination="host5", state="running",
+                           phase=Phase.PRECHECK.value, options=options.model_dump(mode="json"),
+                           phases=[], result={})
+        session.add(row)
+        session.flush()
+        migration_id = row.id
+    run = Run(site.controller, migration_id, threading.Event(), lambda record: None)
+    for current in PHASES[:PHASES.index(phase) + 1]:
+        run.begin(current)
+        STEPS[current](run)
+        if current is not phase:
+            run.end(current, ok=True)
+    return migration_id
+
+
+@pytest.mark.parametrize(("phase", "outcome"), [
+    (Phase.PRESET_PORT, "rolled-back"),
+    (Phase.START_DESTINATION, "rolled-back"),
+    (Phase.PRECOPY, "completed"),
+    (Phase.ANNOUNCE, "completed"),
+])
+def test_a_restarted_controller_finishes_or_undoes_the_nic_change(
+        site: Site, phase: Phase, outcome: str) -> None:
+    migration_id = die_at(site, phase)
+    controller, migrations = site.new_controller()
+    try:
+        assert migrations.resume_unfinished() == [migration_id]
+        record = migrations.wait(migration_id, WAIT_S)
+    finally:
+        controller.close()
+    assert record.state == outcome, record.error
+    if outcome == "completed":
+        vlan, ip, mac = vm_row(site)
+        assert vlan == 300 and site.hypervisors["host5"].nics("vm1") == {1: mac}
+        assert ports(site, "host5") == {tap_name("vm1"): 300}
+        assert rows(site) == [("vm1", ip, dual_nic.ACTIVE)]
+    else:
+        assert vm_row(site)[1] == VM_IP and rows(site) == []
+        assert len(site.hypervisors["host1"].nics("vm1")) == 1
+        assert ports(site, "host1") == {tap_name("vm1"): 100}
+        assert ports(site, "host5") == {}
+    assert audit.audit(site.controller) == []
