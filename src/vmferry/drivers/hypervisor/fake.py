@@ -20,7 +20,6 @@ out), and ``fail_next_start``.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,6 +35,7 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
     ProgressCallback,
 )
+from vmferry.drivers.hypervisor.fake_network import FakeNetwork
 from vmferry.drivers.hypervisor.history import EventHistory
 from vmferry.drivers.hypervisor.uri import validate_migration_uri
 from vmferry.errors import HypervisorError, InputError, WaitTimeout
@@ -46,56 +46,6 @@ __all__ = ["DEFAULT_SCRIPT", "FakeHypervisor", "FakeMigration", "FakeNetwork"]
 #: "device" when the tuning asks for the pause).
 DEFAULT_SCRIPT = ("setup", "active", "active", "device", "completed")
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
-
-
-class FakeNetwork:
-    """What links fakes: incoming URIs being listened on, and links that are broken."""
-
-    def __init__(self) -> None:
-        self._listeners: dict[str, tuple[FakeHypervisor, str]] = {}
-        self._broken: set[str] = set()
-        self._cut: set[str] = set()     # "tcp:ADDR": every port of the address
-        self._lock = threading.Lock()
-        #: One lock and condition for every fake on this network: a migration changes two.
-        self.changed = threading.Condition(threading.RLock())
-
-    def listen(self, uri: str, hypervisor: FakeHypervisor, name: str) -> None:
-        with self._lock:
-            if uri in self._listeners:
-                raise HypervisorError(f"{uri} is already in use", host=hypervisor.host,
-                                      vm=name, cause="Address already in use")
-            self._listeners[uri] = (hypervisor, name)
-
-    def unlisten(self, uri: str) -> None:
-        with self._lock:
-            self._listeners.pop(uri, None)
-
-    def listener(self, uri: str) -> tuple[FakeHypervisor, str] | None:
-        with self._lock:
-            return self._listeners.get(uri)
-
-    def break_link(self, uri: str) -> None:
-        """Migrations to ``uri`` fail at their next step (until ``repair_link``)."""
-        with self._lock:
-            self._broken.add(uri)
-
-    def repair_link(self, uri: str) -> None:
-        with self._lock:
-            self._broken.discard(uri)
-
-    def cut(self, address: str) -> None:
-        """Every migration to ``address``, on any port, fails or pauses (a link down) until
-        ``restore``; a postcopy cannot be resumed to it meanwhile."""
-        with self._lock:
-            self._cut.add(f"tcp:{address}")
-
-    def restore(self, address: str) -> None:
-        with self._lock:
-            self._cut.discard(f"tcp:{address}")
-
-    def is_broken(self, uri: str) -> bool:
-        with self._lock:
-            return uri in self._broken or uri.rsplit(":", 1)[0] in self._cut
 
 
 def nic_set(spec: GuestSpec) -> dict[int, str]:
