@@ -96,11 +96,12 @@ def test_dual_nic_into_the_routed_rack_and_back(lab: LabRun) -> None:
         # The rack's pool hands out its highest free address first (model.addresses).
         old_ping, new_ping = stamped_ping(lab, VM_IP), stamped_ping(lab, PREDICTED_IP)
         record, sent, lost = move(lab, vm, "host5", "--boundary", "dual", ip=VM_IP)
-        gap = failover_gap_ms(reply_times(old_ping), reply_times(new_ping))
         assert record["state"] == "completed", (record.get("error"), record.get("phases"))
         assert record["result"]["plan"]["crossing"] == "dual"
         dual = record["result"]["dual"]
         new_ip = dual["address"].split("/")[0]
+        assert lab.wait_ping(CLIENT, new_ip, timeout=30), "the published address answers"
+        gap = failover_gap_ms(reply_times(old_ping), reply_times(new_ping))
         print(f"\ndual NIC into rack3: {sent} pings at 10 ms to the old address, {lost} "
               f"lost (it is gone after the move); new address {new_ip}; answered at "
               f"neither for {gap} ms")
@@ -108,7 +109,6 @@ def test_dual_nic_into_the_routed_rack_and_back(lab: LabRun) -> None:
         shown = lab.json("vm", "show", vm)
         assert shown["ip"] == dual["address"] and shown["vlan"] == 300
         assert shown["mac"] == dual["mac"] != home["mac"]
-        assert lab.wait_ping(CLIENT, new_ip, timeout=30), "the published address answers"
         assert not lab.pings(CLIENT, VM_IP, count=2), "the old address went with its NIC"
         session = tcp_round(tcp)
         print(f"session held across the move: {session or 'broken'}")
@@ -125,14 +125,14 @@ def test_dual_nic_into_the_routed_rack_and_back(lab: LabRun) -> None:
 
         old_ping, new_ping = stamped_ping(lab, new_ip), stamped_ping(lab, VM_IP)
         record, sent, lost = move(lab, vm, "host1", ip=new_ip)   # the row says: back by dual
+        assert record["state"] == "completed", (record.get("error"), record.get("phases"))
+        assert record["result"]["plan"]["crossing"] == "dual"
+        assert lab.wait_ping(CLIENT, VM_IP, timeout=30)
         gap = failover_gap_ms(reply_times(old_ping), reply_times(new_ping))
         print(f"dual NIC back: {sent} pings at 10 ms to the rack address, {lost} lost; "
               f"answered at neither for {gap} ms")
-        assert record["state"] == "completed", (record.get("error"), record.get("phases"))
-        assert record["result"]["plan"]["crossing"] == "dual"
         back = lab.json("vm", "show", vm)
         assert (back["ip"], back["vlan"], back["mac"]) == (home["ip"], 100, home["mac"])
-        assert lab.wait_ping(CLIENT, VM_IP, timeout=30)
         assert not lab.pings(CLIENT, new_ip, count=2)
         session = tcp_round(tcp)
         print(f"session held across the way back: {session or 'broken'}")
