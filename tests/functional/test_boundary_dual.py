@@ -17,8 +17,9 @@ from __future__ import annotations
 import re
 import sqlite3
 import subprocess
+import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import yaml
@@ -55,16 +56,26 @@ def dual_rows(lab: LabRun) -> list[tuple[str, str, str, str]]:
     return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
 
-def stamped_ping(lab: LabRun, address: str) -> subprocess.Popen[str]:
-    """``ping -D`` (epoch stamps) from the client every 10 ms, bounded in count and time."""
-    return subprocess.Popen(["ip", "netns", "exec", lab.namespace(CLIENT), "ping", "-D", "-n",
+Pinger = tuple[subprocess.Popen[str], IO[str]]
+
+
+def stamped_ping(lab: LabRun, address: str) -> Pinger:
+    """``ping -D`` (epoch stamps) from the client every 10 ms, bounded in count and time;
+    into a file, not a pipe (ping would block once 64 KiB of unread lines filled it)."""
+    output = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.namespace(CLIENT), "ping", "-D", "-n",
                              "-i", "0.01", "-c", "20000", "-w", "200", "-W", "1", address],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=output, stderr=subprocess.STDOUT, text=True)
+    return proc, output
 
 
-def reply_times(proc: subprocess.Popen[str]) -> list[float]:
+def reply_times(pinger: Pinger) -> list[float]:
+    proc, output = pinger
     proc.send_signal(2)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    output.seek(0)
+    out = output.read()
+    output.close()
     return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out,
                                                    re.M)]
 
