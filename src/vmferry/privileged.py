@@ -208,6 +208,16 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def is_qemu(pid: int) -> bool:
+    """By the program it runs: QEMU renames its process (``-name ...,process=``), so a pid
+    file's pid is checked against ``argv[0]`` before anything is signalled."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return Path(argv0).name.startswith("qemu-system")
+
+
 def stop_pid(pid: int, *, timeout: float = 5.0) -> None:
     """SIGTERM a process we started, SIGKILL it after ``timeout`` seconds. Idempotent."""
     if not pid_alive(pid):

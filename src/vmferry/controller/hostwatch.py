@@ -25,7 +25,6 @@ import shlex
 import subprocess
 import threading
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy import select
@@ -69,7 +68,7 @@ class LabFence:
                 privileged.set_link_up(namespace, ifname, False)
         for pidfile in sorted(self.layout.guest_run_dir(host).glob("*.pid")):
             pid = privileged.read_pidfile(pidfile)
-            if pid and privileged.pid_alive(pid) and _is_qemu(pid):
+            if pid and privileged.pid_alive(pid) and privileged.is_qemu(pid):
                 privileged.stop_pid(pid)
                 if privileged.pid_alive(pid):
                     raise PrivilegedError(f"QEMU {pid} of {host} survived the fence",
@@ -92,13 +91,6 @@ class CommandFence:
             raise PrivilegedError(f"fence command for {host} exited {done.returncode}",
                                   host=host, cause=done.stderr[-500:])
 
-
-def _is_qemu(pid: int) -> bool:
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return Path(argv0).name.startswith("qemu-system")
 
 
 class HostWatch:

@@ -374,7 +374,7 @@ def teardown(lab: str) -> list[str]:
     if hosts_dir.is_dir():
         for pidfile in sorted(hosts_dir.glob("*/guests/*.pid")):
             pid = privileged.read_pidfile(pidfile)
-            if pid and privileged.pid_alive(pid) and _is_qemu(pid):
+            if pid and privileged.pid_alive(pid) and privileged.is_qemu(pid):
                 privileged.stop_pid(pid)
                 removed.append(f"qemu {pidfile.stem} ({pid})")
     if hosts_dir.is_dir():
@@ -400,14 +400,6 @@ def teardown(lab: str) -> list[str]:
         removed.append(f"directory {layout.root}")
     return removed
 
-
-def _is_qemu(pid: int) -> bool:
-    """By the program it runs: QEMU renames its process (``-name ...,process=``)."""
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return Path(argv0).name.startswith("qemu-system")
 
 
 def status(lab: str) -> LabStatus:

@@ -210,7 +210,7 @@ def stop_daemons(roots: list[Path]) -> list[str]:
             removed.append(f"libvirtd {root.parent.name} ({pid})")
         for pidfile in sorted((root / "run" / "qemu").glob("*.pid")):
             qemu = privileged.read_pidfile(pidfile)
-            if qemu is not None and privileged.pid_alive(qemu) and _is_qemu(qemu):
+            if qemu is not None and privileged.pid_alive(qemu) and privileged.is_qemu(qemu):
                 privileged.stop_pid(qemu)
                 removed.append(f"qemu {pidfile.stem} ({qemu})")
         daemon = LibvirtDaemon(root.parent.name, "", root, console_dir=root,
@@ -219,13 +219,6 @@ def stop_daemons(roots: list[Path]) -> list[str]:
             shutil.rmtree(daemon.socket_dir, ignore_errors=True)
     return removed
 
-
-def _is_qemu(pid: int) -> bool:
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return Path(argv0).name.startswith("qemu-system")
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -47,26 +47,23 @@ def plan_drain(cluster: Cluster, host: str) -> Plan:
     """Moves that empty ``host`` (which the caller has put in maintenance in ``cluster``),
     each to the feasible host with the most free memory at that point of the plan. A VM with
     nowhere to go is in ``stuck`` with every host's reasons; the caller refuses the drain."""
-    plan = Plan()
-    heap = cluster.candidates()
-    for name in _hard_first(cluster, cluster.on_host.get(host, set())):
-        target = cluster.best_host(name, heap)
-        if target is None:
-            plan.stuck[name] = cluster.where(name)
-            continue
-        plan.moves.append(Move(name, host, target, cluster.vms[name].memory_mib))
-        cluster.place(name, target)
-    return plan
+    return _place_in_order(cluster, host, _hard_first(cluster, cluster.on_host.get(host, set())))
 
 
 def plan_restart(cluster: Cluster, host: str) -> Plan:
     """Where the VMs of a failed (fenced) ``host`` restart: by tier (0 first), then the
     hardest to fit first; ``stuck`` for those with nowhere to go."""
-    plan = Plan()
     names = cluster.on_host.get(host, set())
     by_tier = sorted(_hard_first(cluster, names), key=lambda n: cluster.vms[n].policy.tier)
+    return _place_in_order(cluster, host, by_tier)
+
+
+def _place_in_order(cluster: Cluster, host: str, names: list[str]) -> Plan:
+    """Each VM of ``names`` (in that order) off ``host``, to the feasible host with the most
+    free memory at that point of the plan; ``stuck`` with every host's reasons otherwise."""
+    plan = Plan()
     heap = cluster.candidates()
-    for name in by_tier:
+    for name in names:
         target = cluster.best_host(name, heap)
         if target is None:
             plan.stuck[name] = cluster.where(name)
