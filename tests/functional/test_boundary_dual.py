@@ -60,11 +60,13 @@ Pinger = tuple[subprocess.Popen[str], IO[str]]
 
 
 def stamped_ping(lab: LabRun, address: str) -> Pinger:
-    """``ping -D`` (epoch stamps) from the client every 10 ms, bounded in count and time;
-    into a file, not a pipe (ping would block once 64 KiB of unread lines filled it)."""
+    """``ping -D`` (epoch stamps) from the client every 10 ms, bounded by its count (200 s):
+    no ``-w``, with which ping ends at its first error (the router's "host unreachable" for
+    an address not up yet, or gone); into a file, not a pipe (ping would block once 64 KiB
+    of unread lines filled it)."""
     output = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(["ip", "netns", "exec", lab.namespace(CLIENT), "ping", "-D", "-n",
-                             "-i", "0.01", "-c", "20000", "-w", "200", "-W", "1", address],
+                             "-i", "0.01", "-c", "20000", "-W", "1", address],
                             stdout=output, stderr=subprocess.STDOUT, text=True)
     return proc, output
 
