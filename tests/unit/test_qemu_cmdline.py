@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from qemu.qmp import EventListener, Message
 
-from vmferry.drivers.hypervisor.base import GuestEvent, GuestSpec, GuestState, MigrationTuning
+from vmferry.drivers.hypervisor.base import (
+    GuestEvent,
+    GuestNic,
+    GuestSpec,
+    GuestState,
+    MigrationTuning,
+)
 from vmferry.drivers.hypervisor.history import EventHistory
 from vmferry.drivers.hypervisor.qemu import (
     QemuHypervisor,
@@ -64,9 +70,36 @@ def test_argv_runs_a_sandboxed_tcg_guest_on_the_tap() -> None:
     assert option(argv, "-initrd") == "/img/initrd.img"
     assert option(argv, "-netdev") == (
         "tap,id=n0,ifname=vft-web1,script=no,downscript=no,vnet_hdr=off")
-    assert option(argv, "-device") == (
-        "virtio-net-pci,netdev=n0,mac=52:54:00:ab:cd:01,romfile=")
+    # Both hot-plug root ports, the NIC on the first (a move by "dual" NIC uses the other).
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-device"] == [
+        "pcie-root-port,id=vmfp0,chassis=1,bus=pcie.0",
+        "pcie-root-port,id=vmfp1,chassis=2,bus=pcie.0",
+        "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01,romfile=,bus=vmfp0"]
     assert "-incoming" not in argv
+
+
+def test_a_second_nic_sits_on_the_other_root_port_with_the_same_ids_on_both_ends() -> None:
+    files = guest_files(Path("/run/vf"), "web1")
+    source = dataclasses.replace(SPEC, aux_nic=GuestNic("52:54:00:ab:cd:02", "vm-web1.n", 1))
+    # The destination's main NIC is the new one (its tap is the VM's), the old one is aux.
+    dest = dataclasses.replace(SPEC, mac="52:54:00:ab:cd:02", nic_slot=1,
+                               aux_nic=GuestNic("52:54:00:ab:cd:01", "vm-web1.n", 0))
+
+    def nics(argv: list[str]) -> set[str]:
+        return {a for a in argv if a.startswith("virtio-net-pci")}
+
+    assert nics(qemu_argv(source, IMAGE, files)) == nics(qemu_argv(dest, IMAGE, files)) == {
+        "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01,romfile=,bus=vmfp0",
+        "virtio-net-pci,id=nic1,netdev=n1,mac=52:54:00:ab:cd:02,romfile=,bus=vmfp1"}
+    with pytest.raises(InputError, match="aux_nic"):
+        validate_spec(dataclasses.replace(source, nic_slot=1))
+
+
+def test_a_machine_without_root_ports_keeps_one_nic_on_the_root_bus() -> None:
+    argv = qemu_argv(dataclasses.replace(SPEC, machine="pc"), IMAGE,
+                     guest_files(Path("/run/vf"), "web1"))
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-device"] == [
+        "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01,romfile="]
 
 
 def test_destination_argv_differs_only_by_deferred_incoming() -> None:

@@ -19,6 +19,7 @@ from vmferry.agent import switchover
 from vmferry.agent.conntrack import CarrySweeper, from_wire, to_wire
 from vmferry.agent.cpuload import CpuLoad
 from vmferry.api.agent import (
+    AuxNic,
     ConnCarried,
     ConnState,
     GuestEvent,
@@ -34,6 +35,7 @@ from vmferry.api.agent import (
     Realization,
 )
 from vmferry.drivers.hypervisor.base import (
+    GuestNic,
     GuestSpec,
     GuestState,
     Hypervisor,
@@ -50,7 +52,7 @@ from vmferry.errors import (
 )
 from vmferry.model.fabric import carried_vlans, trunk_column
 from vmferry.model.migration import DEFAULT_MAX_DOWNTIME_MS
-from vmferry.model.names import TAP_PREFIX, tap_name
+from vmferry.model.names import TAP_PREFIX, aux_tap_name, tap_name
 from vmferry.model.profile import PortProfile
 from vmferry.model.topology import HOST_BRIDGE, HOST_UPLINK_PORT
 
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 OWNER = "vmferry"
 VM_KEY = "vmferry-vm"
+AUX_KEY = "vmferry-second-nic"     # the port of a guest's second NIC (a move by dual NIC)
 MIGRATION_PORT_BASE = 49152
 MAX_EVENTS_WAIT_S = 30.0
 
@@ -126,12 +129,14 @@ class HostAgent:
                 self.links.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
                 self._realize_profile(request)
+                self._plug_aux_port(request.name, request.aux_nic)
                 plugged = time.monotonic()
                 incoming_uri = self._incoming_uri(request.name) if request.incoming else None
                 spec = GuestSpec(name=request.name, memory_mib=request.memory_mib,
                                  mac=request.mac, tap=tap, ip_cidr=request.ip,
                                  gateway=request.gateway, workload_mibps=request.workload_mibps,
-                                 memcheck_mib=request.memcheck_mib)
+                                 memcheck_mib=request.memcheck_mib, nic_slot=request.nic_slot,
+                                 aux_nic=_guest_nic(request.name, request.aux_nic))
                 self._guests[request.name] = request
                 self._save_request(request)
                 tuning = MigrationTuning(postcopy=request.postcopy,
@@ -157,6 +162,7 @@ class HostAgent:
                 self.links.create_tap(None, tap)
                 self.softswitch.ensure_port(HOST_BRIDGE, self._port_spec(request))
                 self._realize_profile(request)
+                self._plug_aux_port(request.name, request.aux_nic)
             except VmferryError:
                 if self.hypervisor.state(request.name) is GuestState.ABSENT:
                     self._remove_guest(request.name)
@@ -177,9 +183,61 @@ class HostAgent:
         carry.remove(self.softswitch, HOST_BRIDGE, tap_name(name))
         self.softswitch.delete_port(HOST_BRIDGE, tap_name(name))
         self.links.delete_link(None, tap_name(name))
+        self._unplug_aux_port(name)
         self._guests.pop(name, None)
         self._incoming.pop(name, None)
         self._request_file(name).unlink(missing_ok=True)
+
+    # ---- a second NIC (a move by "dual" NIC, controller/dual_nic.py) ------------------
+
+    def plug_nic(self, name: str, nic: AuxNic) -> GuestInfo:
+        """Give the running guest a second NIC: its tap and port (on ``nic.vlan``), then
+        the hot-plug. Safe to repeat; raises ConflictError when another second NIC is
+        there, HypervisorError."""
+        with self._lock:
+            self._require(name)
+            request = self._guests.get(name)
+            if request is None:
+                raise NotFoundError("vm", f"no guest {name!r} on host {self.config.host}")
+            if request.aux_nic is not None and request.aux_nic != nic:
+                raise ConflictError("aux_nic", f"{name} has a second NIC "
+                                    f"{request.aux_nic.mac} already")
+            if nic.slot == request.nic_slot:
+                raise ConflictError("slot", f"slot {nic.slot} holds {name}'s NIC")
+            self._plug_aux_port(name, nic)
+            self.hypervisor.plug_nic(name, GuestNic(mac=nic.mac, tap=aux_tap_name(name),
+                                                    slot=nic.slot))
+            self._remember(request.model_copy(update={"aux_nic": nic}))
+            return self.guest(name)
+
+    def unplug_nic(self, name: str) -> GuestInfo:
+        """Remove the guest's second NIC: the hot-unplug (waiting for the guest to let it
+        go), then its port and tap (idempotent)."""
+        with self._lock:
+            request = self._guests.get(name)
+            if request is not None and request.aux_nic is not None:
+                if self.hypervisor.state(name) is not GuestState.ABSENT:
+                    self.hypervisor.unplug_nic(name, request.aux_nic.slot)
+                self._remember(request.model_copy(update={"aux_nic": None}))
+            self._unplug_aux_port(name)
+            return self.guest(name)
+
+    def _plug_aux_port(self, name: str, nic: AuxNic | None) -> None:
+        if nic is None:
+            return
+        self.links.create_tap(None, aux_tap_name(name))
+        self.softswitch.ensure_port(HOST_BRIDGE, PortSpec(
+            name=aux_tap_name(name), tag=nic.vlan, vlan_mode="access",
+            external_ids={OWNER_KEY: OWNER, VM_KEY: name, "attached-mac": nic.mac,
+                          AUX_KEY: "true"}))
+
+    def _unplug_aux_port(self, name: str) -> None:
+        self.softswitch.delete_port(HOST_BRIDGE, aux_tap_name(name))
+        self.links.delete_link(None, aux_tap_name(name))
+
+    def _remember(self, request: GuestRequest) -> None:
+        self._guests[request.name] = request
+        self._save_request(request)
 
     def guest(self, name: str, ports: Collection[str] | None = None) -> GuestInfo:
         """``ports``: the bridge's ports when the caller read them already."""
@@ -475,6 +533,10 @@ class HostAgent:
             except ValueError:
                 continue
             self._guests[request.name] = request
+
+
+def _guest_nic(name: str, nic: AuxNic | None) -> GuestNic | None:
+    return None if nic is None else GuestNic(mac=nic.mac, tap=aux_tap_name(name), slot=nic.slot)
 
 
 def _free_port(address: str) -> int:

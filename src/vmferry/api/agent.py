@@ -34,6 +34,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AuxNic(_Body):
+    """A guest's second NIC (a move by "dual" NIC, controller/dual_nic.py): on PCIe root
+    port ``slot``, its port on ``vlan``; its tap is ``model.names.aux_tap_name``."""
+
+    mac: MacAddress
+    vlan: VlanId
+    slot: int = Field(ge=0, le=1)
+
+
 class GuestRequest(_Body):
     name: str = Field(min_length=1, max_length=40, pattern=GUEST_NAME)
     memory_mib: int = Field(ge=64, le=1024 * 1024)
@@ -49,6 +58,8 @@ class GuestRequest(_Body):
     profile: PortProfile | None = None
     # MiB the guest fills with known patterns and verifies for ever (image/init.sh; 0: none).
     memcheck_mib: int = Field(default=0, ge=0, le=1024 * 1024)
+    nic_slot: int = Field(default=0, ge=0, le=1)     # the root port of the main NIC
+    aux_nic: AuxNic | None = None                    # a second NIC, on the other slot
 
 
 class MemcheckVerdict(BaseModel):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from vmferry.api.agent import (
     MAX_EVENTS_WAIT_S,
+    AuxNic,
     ConnCarried,
     ConnState,
     GuestEvent,
@@ -143,6 +144,15 @@ class AgentClient:
 
     def preset_port(self, request: GuestRequest) -> GuestInfo:
         return self._get(GuestInfo, "PUT", f"/v1/ports/{request.name}", body=request)
+
+    def plug_nic(self, vm: str, nic: AuxNic) -> GuestInfo:
+        """Hot-plug ``vm``'s second NIC with its port (a move by dual NIC)."""
+        return self._get(GuestInfo, "PUT", f"/v1/guests/{vm}/second-nic", body=nic,
+                         timeout=60)
+
+    def unplug_nic(self, vm: str) -> GuestInfo:
+        """Hot-unplug ``vm``'s second NIC and remove its port and tap (idempotent)."""
+        return self._get(GuestInfo, "DELETE", f"/v1/guests/{vm}/second-nic", timeout=60)
 
     def delete_guest(self, vm: str) -> None:
         self.request("DELETE", f"/v1/guests/{vm}", timeout=60)

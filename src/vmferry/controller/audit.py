@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 from sqlalchemy import select
 
 from vmferry.api.controller import FindingOut
-from vmferry.controller import nat, route_way, switchover
+from vmferry.controller import dual_nic, nat, route_way, switchover
 from vmferry.controller.service import Controller
 from vmferry.errors import VmferryError
 from vmferry.model.migration import MigrationState
-from vmferry.model.names import tap_name
+from vmferry.model.names import aux_tap_name, tap_name
 from vmferry.model.switchover import migration_of
 from vmferry.store.schema import MigrationRow, VmRow
 
@@ -57,7 +57,9 @@ def audit(controller: Controller) -> list[Finding]:
             if vm not in migrating:
                 findings.append(Finding("conntrack-carry", host, vm,
                                         f"carried conntrack flows of {vm} after its migration"))
-        wanted_taps = {tap_name(vm) for vm in wanted}
+        # A second NIC's tap (dual NIC) only while its VM migrates.
+        wanted_taps = {tap_name(vm) for vm in wanted} | \
+            {aux_tap_name(vm) for vm in wanted & migrating}
         for tap in found.get("taps", []):
             if tap not in wanted_taps:
                 findings.append(Finding("tap", host, tap, "tap that no VM needs"))
@@ -83,6 +85,7 @@ def audit(controller: Controller) -> list[Finding]:
     except VmferryError as exc:
         findings.append(Finding("unreachable", "routers", "-", exc.message))
     findings.extend(Finding(*found) for found in nat.leftovers(controller))
+    findings.extend(Finding(*found) for found in dual_nic.leftovers(controller))
     return findings
 
 
@@ -149,6 +152,7 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
     for f in findings:
         if f.kind.startswith("nat-"):
             nat.fix(controller, f.kind, f.where, f.what)
+        dual_nic.fix(controller, f.kind, f.what)
     if any(f.kind.startswith("trunk") for f in findings):
         controller.reconcile_fabric()
     return audit(controller)

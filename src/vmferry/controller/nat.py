@@ -40,7 +40,7 @@ from vmferry.model.addresses import NatAddress, bare, free_address
 from vmferry.model.boundary import CrossingFacts, CrossingPlan, Way
 from vmferry.model.migration import MigrationState
 from vmferry.model.topology import Rack, Topology
-from vmferry.store.schema import MigrationRow, NatLeaseRow, VmRow
+from vmferry.store.schema import DualNicRow, MigrationRow, NatLeaseRow, VmRow
 
 if TYPE_CHECKING:
     from vmferry.controller.run import Run
@@ -59,26 +59,44 @@ def routed_rack(topology: Topology, router: str) -> Rack | None:
     return next((r for r in topology.routed_racks() if r.router == router), None)
 
 
-def vlan_at(topology: Topology, lease: NatLeaseRow | None, home_vlan: int, host: str) -> int:
+def vlan_at(topology: Topology, lease: NatLeaseRow | DualNicRow | None, home_vlan: int,
+            host: str) -> int:
     """The VLAN a VM's port has on ``host``: its lease's (the rack's) in the lease's rack,
-    its home VLAN anywhere else."""
-    if lease is not None and rack_of(topology, host).router == lease.router \
-            and rack_of(topology, host).routed:
+    its home VLAN anywhere else (the lease's: a VM away by dual NIC has the rack's VLAN in
+    its row)."""
+    if lease is None:
+        return home_vlan
+    if rack_of(topology, host).router == lease.router and rack_of(topology, host).routed:
         return lease.vlan
-    return home_vlan
+    return lease.home_vlan
 
 
-def leases(session: Session) -> dict[str, NatLeaseRow]:
+def leases(session: Session) -> dict[str, NatLeaseRow | DualNicRow]:
+    """Every VM away in a routed rack under a borrowed address, by NAT or by dual NIC (what
+    places its port on the rack's VLAN there, ``vlan_at``)."""
+    found: dict[str, NatLeaseRow | DualNicRow] = dict(nat_leases(session))
+    found.update({row.vm: row for row in session.scalars(select(DualNicRow))})
+    return found
+
+
+def nat_leases(session: Session) -> dict[str, NatLeaseRow]:
     return {row.vm: row for row in session.scalars(select(NatLeaseRow))}
 
 
 def _taken(session: Session, vlan: int) -> list[str]:
+    """Addresses of ``vlan`` in use or reserved: VMs', NAT leases', and those of moves by
+    dual NIC (the rack's address and the home one kept for the way back)."""
     vms = [v.ip for v in session.scalars(select(VmRow).where(VmRow.vlan == vlan))]
-    return vms + [row.ip for row in session.scalars(
+    dual = [row.ip for row in session.scalars(select(DualNicRow).where(
+        DualNicRow.vlan == vlan))] + [row.home_ip for row in session.scalars(
+            select(DualNicRow).where(DualNicRow.home_vlan == vlan))]
+    return vms + dual + [row.ip for row in session.scalars(
         select(NatLeaseRow).where(NatLeaseRow.vlan == vlan))]
 
 
-def _next_address(session: Session, rack: Rack) -> str | None:
+def next_address(session: Session, rack: Rack) -> str | None:
+    """A free address of the routed rack's subnet (CIDR), None when none is left: shared by
+    the NAT and the dual NIC way."""
     if rack.subnet is None or rack.vlan is None:
         return None
     return free_address(rack.subnet, rack.gateway, _taken(session, rack.vlan))
@@ -86,12 +104,14 @@ def _next_address(session: Session, rack: Rack) -> str | None:
 
 def with_address_pool(session: Session, topology: Topology,
                       facts: CrossingFacts) -> CrossingFacts:
-    """``facts`` with ``free_destination_address`` as the store says: a free address is left
-    in the pool of the destination's routed rack."""
+    """``facts`` with ``free_destination_address`` as the store says (a free address is left
+    in the pool of the destination's routed rack) and ``guest_hotplug`` as the destination's
+    hypervisor says (the QEMU driver hot-plugs a NIC; libvirt's does not)."""
     if facts.destination_subnet is None:
         return facts
-    free = _next_address(session, rack_of(topology, facts.destination)) is not None
-    return dataclasses.replace(facts, free_destination_address=free)
+    free = next_address(session, rack_of(topology, facts.destination)) is not None
+    hotplug = topology.host(facts.destination).hypervisor == "qemu"
+    return dataclasses.replace(facts, free_destination_address=free, guest_hotplug=hotplug)
 
 
 def lease_of(row: NatLeaseRow) -> NatAddress:
@@ -122,14 +142,14 @@ def precheck(run: Run, plan: CrossingPlan) -> str | None:
             way = _take_lease(session, topology, run)
         else:
             return None
-        _no_make_before_break(session, run)
+        no_make_before_break(session, run)
     return way
 
 
 def _take_lease(session: Session, topology: Topology, run: Run) -> str:
     vm = session.get(VmRow, run.vm)
     rack = rack_of(topology, run.destination)
-    address = _next_address(session, rack)
+    address = next_address(session, rack)
     if vm is None or address is None or rack.gateway is None or rack.vlan is None:
         raise MigrationError(f"no free address in {rack.subnet} for {run.vm}", vm=run.vm)
     session.add(NatLeaseRow(vm=run.vm, router=rack.router, home_vlan=vm.vlan, home_ip=vm.ip,
@@ -138,7 +158,7 @@ def _take_lease(session: Session, topology: Topology, run: Run) -> str:
     return "nat"
 
 
-def _no_make_before_break(session: Session, run: Run) -> None:
+def no_make_before_break(session: Session, run: Run) -> None:
     """Frames cannot reach both ends in two VLANs: the move runs without make-before-break
     (the store's options too, so a restarted controller agrees)."""
     run.options = run.options.model_copy(update={"make_before_break": False})
@@ -239,7 +259,7 @@ def leftovers(controller: Controller) -> list[tuple[str, str, str, str]]:
         vms = {v.name: v.host for v in session.scalars(select(VmRow))}
         held: list[NatAddress] = []           # leases a placed VM or a move explains
         active: set[str] = set()
-        for row in leases(session).values():
+        for row in nat_leases(session).values():
             host = vms.get(row.vm)
             away = host is not None and rack_of(topology, host).router == row.router
             if row.migration_id in running or (row.state == ACTIVE and away):
@@ -278,7 +298,7 @@ def fix(controller: Controller, kind: str, where: str, what: str) -> None:
         controller.nat_driver().remove(where, what)
     elif kind == "nat-missing":
         with controller.store.session() as session:
-            row = next((r for r in leases(session).values()
+            row = next((r for r in nat_leases(session).values()
                         if r.router == where and bare(r.home_ip) == what), None)
             lease = lease_of(row) if row is not None else None
         if lease is not None:

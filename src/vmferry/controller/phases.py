@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from vmferry.api.agent import HostReport
-from vmferry.controller import nat, route_way
+from vmferry.api.agent import GuestRequest, HostReport
+from vmferry.controller import dual_nic, nat, route_way
 from vmferry.controller.migration_uri import incoming_uri
 from vmferry.controller.placement import refuse_move
 from vmferry.controller.precopy import precopy
@@ -65,7 +65,8 @@ def precheck(run: Run) -> None:
     with run.session() as session:          # the NAT way's address pool (controller/nat.py)
         facts = nat.with_address_pool(session, topology, crossing_facts(
             topology, run.vm, vlan, run.source, run.destination))
-    way = nat.precheck(run, plan_crossing(facts, run.options.boundary))  # away by NAT: back by NAT
+    plan = plan_crossing(facts, run.options.boundary)
+    way = nat.precheck(run, plan) or dual_nic.precheck(run, plan)  # away by X: back by X
     if way is None:
         crossing = route_way.plan_move(topology, run.vm, vlan, run.source, run.destination,
                                        run.options.boundary, facts)
@@ -100,8 +101,9 @@ def preset_port(run: Run) -> None:
     """The destination port exists, with the VM's VLAN (the rack's, for a move by "route"),
     before the VM does; under a stateful profile it knows the connections the VM has open on
     the source (agent.conntrack)."""
-    run.dst.preset_port(route_way.incoming(run, run.guest_request(incoming=True)))
+    run.dst.preset_port(_incoming_request(run))
     nat.before_switchover(run)        # a NAT move: the guest takes its next address too
+    dual_nic.before_switchover(run)   # a dual NIC move: the source guest gets its next NIC
     if run.options.carry_conntrack:
         run.dst.carry_conntrack(run.vm, run.src.conntrack(run.vm))
 
@@ -111,7 +113,7 @@ def start_destination(run: Run) -> None:
     cursor is taken first, so only this guest's events count later."""
     if run.result().get("destination_event_seq") is None:
         run.record_result(destination_event_seq=run.last_event_seq(run.destination))
-    info = run.dst.create_guest(route_way.incoming(run, run.guest_request(incoming=True)))
+    info = run.dst.create_guest(_incoming_request(run))
     if not info.incoming_uri and info.state != "inmigrate":
         raise MigrationError(f"destination QEMU on {run.destination} is not waiting for the "
                              f"stream (state {info.state})", vm=run.vm)
@@ -187,6 +189,7 @@ def announce(run: Run) -> None:
     NAT move's translation follows the VM (controller/nat.py)."""
     route_way.switch(run)
     nat.after_switchover(run)
+    dual_nic.after_switchover(run)    # the route fails over, the old NIC goes
     run.dst.announce(run.vm)
     mac = run.vm_row().mac
     topology = run.controller.topology()
@@ -255,6 +258,11 @@ STEPS: dict[Phase, Callable[[Run], None]] = {
     Phase.PRUNE_VLAN: prune_vlan,
     Phase.VERIFY: verify,
 }
+
+
+def _incoming_request(run: Run) -> GuestRequest:
+    """The destination's guest: the rack's VLAN (route), or the next NIC first (dual)."""
+    return dual_nic.incoming(run, route_way.incoming(run, run.guest_request(incoming=True)))
 
 
 def move_path(run: Run) -> set[str]:

@@ -10,7 +10,7 @@ import logging
 import time
 
 from vmferry import failpoints
-from vmferry.controller import nat, route_way
+from vmferry.controller import dual_nic, nat, route_way
 from vmferry.controller import truth as truths
 from vmferry.controller.leader import Fenced
 from vmferry.controller.migration_uri import incoming_uri
@@ -283,6 +283,9 @@ def rollback(run: Run, reason: str, turns: int = 0) -> None:
     if problem:
         problems.append(problem)
     problem = nat.rollback(run)           # a NAT move: the guest's extra address, the lease
+    if problem:
+        problems.append(problem)
+    problem = dual_nic.rollback(run)      # a dual NIC move: the source's second NIC, the row
     if problem:
         problems.append(problem)
     try:

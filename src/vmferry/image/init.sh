@@ -14,9 +14,11 @@
 #   "udp HOST PORT"   TFTP-read the file NAME from HOST:PORT, discarded (UDP lockstep:
 #                     a server that never ends the file keeps the exchange going)
 #   "icmp HOST"       ping HOST 5 times a second
-#   "addr add|del CIDR [GW|none]"   take or drop an address on eth0 (and set or remove the
-#                     default route), then announce the addresses it keeps: how the guest
-#                     changes subnet on a move across a boundary by NAT (controller/nat.py)
+#   "addr add|del CIDR [GW|none|keep] [MAC]"   take or drop an address on eth0, or on the
+#                     NIC with MAC (brought up: a NIC hot-plugged for a move by "dual" NIC,
+#                     controller/dual_nic.py), and set, remove or keep the default route, then
+#                     announce the addresses it keeps: how the guest changes subnet on a
+#                     move across a boundary by NAT (controller/nat.py) or dual NIC
 # and it answers "VMFERRY-TALK started ..." or "VMFERRY-TALK error ...".
 # Prints "VMFERRY-READY name=NAME ip=CIDR" on the console once networking is up, or
 # "VMFERRY-ERROR ..." when something it needs fails.
@@ -116,9 +118,9 @@ fi
 
 # The control port's handler (nc -e runs it per connection): one request line on stdin.
 talk() {
-    read -r proto host port extra _ || { echo "VMFERRY-TALK error no request"; return; }
+    read -r proto host port extra mac _ || { echo "VMFERRY-TALK error no request"; return; }
     if [ "$proto" = addr ]; then
-        readdress "$host" "$port" "$extra"
+        readdress "$host" "$port" "$extra" "$mac"
         return
     fi
     me=$(hostname)
@@ -140,9 +142,31 @@ talk() {
     echo "VMFERRY-TALK started $proto $host $port"
 }
 
-# "addr add|del CIDR [GW|none]" of the control port.
+# The interface whose MAC is $1 (eth0 for none).
+dev_of() {
+    [ -z "$1" ] && { echo eth0; return; }
+    for dev in /sys/class/net/*; do
+        [ "$(cat "$dev/address" 2>/dev/null)" = "$1" ] && { echo "${dev##*/}"; return; }
+    done
+}
+
+# "addr add|del CIDR [GW|none] [MAC]" of the control port.
 readdress() {
     op=$1 cidr=$2 gw=$3
+    case "$4" in
+        ''|[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]) ;;
+        *) echo "VMFERRY-TALK error bad MAC '$4'"; return ;;
+    esac
+    # A NIC hot-plugged a moment ago may still be probing: give it up to 5 s.
+    tries=0
+    dev=$(dev_of "$4")
+    while [ -z "$dev" ] && [ $tries -lt 50 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+        dev=$(dev_of "$4")
+    done
+    [ -n "$dev" ] || { echo "VMFERRY-TALK error no NIC with MAC $4"; return; }
+    ip link set "$dev" up
     case "$op" in add|del) ;; *) echo "VMFERRY-TALK error bad addr operation '$op'"; return ;; esac
     case "$cidr" in
         */*[!0-9]*|*[!0-9./]*|*/|'') echo "VMFERRY-TALK error bad address '$cidr'"; return ;;
@@ -150,23 +174,23 @@ readdress() {
         *) echo "VMFERRY-TALK error bad address '$cidr'"; return ;;
     esac
     case "$gw" in
-        ''|none) ;;
+        ''|none|keep) ;;
         *[!0-9.]*) echo "VMFERRY-TALK error bad gateway '$gw'"; return ;;
     esac
     # Safe to repeat: an address already there (add) or gone (del) is left as it is.
     present=no
-    ip -4 -o addr show dev eth0 | grep -q " ${cidr%/*}/" && present=yes
+    ip -4 -o addr show dev "$dev" | grep -q " ${cidr%/*}/" && present=yes
     if [ "$op:$present" = add:no ] || [ "$op:$present" = del:yes ]; then
-        ip addr "$op" "$cidr" dev eth0 || { echo "VMFERRY-TALK error ip addr $op $cidr"; return; }
+        ip addr "$op" "$cidr" dev "$dev" || { echo "VMFERRY-TALK error ip addr $op $cidr"; return; }
     fi
     if [ "$gw" = none ]; then
         ip route del default >/dev/null 2>&1
-    elif [ -n "$gw" ]; then
-        ip route replace default via "$gw" dev eth0 || \
+    elif [ -n "$gw" ] && [ "$gw" != keep ]; then
+        ip route replace default via "$gw" dev "$dev" || \
             { echo "VMFERRY-TALK error default via $gw"; return; }
     fi
-    for kept in $(ip -4 -o addr show dev eth0 | awk '{print $4}'); do
-        setsid arping -q -U -c 2 -I eth0 "${kept%/*}" </dev/null >/dev/null 2>&1 &
+    for kept in $(ip -4 -o addr show dev "$dev" | awk '{print $4}'); do
+        setsid arping -q -U -c 2 -I "$dev" "${kept%/*}" </dev/null >/dev/null 2>&1 &
     done
     echo "VMFERRY-TALK started addr $op $cidr ${gw:-}"
 }

@@ -39,3 +39,13 @@ def check_unique(vm: str, others: Iterable[str]) -> None:
         if other != vm and tap_name(other) == tap:
             raise ConflictError("name", f"VM {other!r} already has the tap and port name "
                                 f"{tap!r} that {vm!r} would get; choose another name")
+
+
+def aux_tap_name(vm: str) -> str:
+    """The tap (and port) of ``vm``'s second NIC during a move by "dual" NIC: its tap name
+    with ".n" (no VM name has a "."), shortened with a hash like ``tap_name`` when long."""
+    tap = tap_name(vm)
+    if len(tap) + 2 <= IFNAME_MAX:
+        return f"{tap}.n"
+    digest = base64.b32encode(hashlib.sha256(vm.encode()).digest()).decode().lower()
+    return f"{TAP_PREFIX}{vm[:3]}-{digest[:_HASH_CHARS]}.n"

@@ -143,3 +143,30 @@ class NatLeaseRow(Base):
     state: Mapped[str] = mapped_column(String(16), default="reserved")
     migration_id: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DualNicRow(Base):
+    """A move by "dual" NIC (0010): the VM took a second NIC with an address of a routed
+    rack's subnet, and that became its NIC (controller/dual_nic.py).
+
+    While the VM is in the rack its row holds the rack's VLAN, address and NIC MAC (what it is
+    reached at); this row keeps its home ones reserved for the way back. ``state``:
+    ``reserved`` (taken at the precheck of the move in), ``active`` (the VM is in the rack),
+    ``returning`` (the move back is under way). ``home_slot``: the PCIe root port of its home
+    NIC (the rack's NIC sits on the other)."""
+
+    __tablename__ = "dual_nic_moves"
+    __table_args__ = (UniqueConstraint("vlan", "ip", name="uq_dual_nic_moves_vlan_ip"),)
+    vm: Mapped[str] = mapped_column(String(64), primary_key=True)
+    router: Mapped[str] = mapped_column(String(64))
+    home_vlan: Mapped[int]
+    home_ip: Mapped[str] = mapped_column(String(64))
+    home_mac: Mapped[str] = mapped_column(String(17))
+    home_slot: Mapped[int]
+    vlan: Mapped[int]
+    ip: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(17))
+    gateway: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="reserved")
+    migration_id: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -12,6 +12,7 @@ from vmferry.agent.service import HostAgent
 from vmferry.api.agent import (
     MAX_EVENTS_WAIT_S,
     Accepted,
+    AuxNic,
     GuestEvent,
     GuestInfo,
     GuestRequest,
@@ -49,6 +50,14 @@ def router(agent: HostAgent) -> APIRouter:
     @api.delete("/v1/guests/{name}", status_code=204)
     def delete_guest(name: str) -> None:
         agent.delete_guest(name)
+
+    @api.put("/v1/guests/{name}/second-nic", response_model=GuestInfo)
+    def plug_nic(name: str, body: AuxNic) -> GuestInfo:
+        return agent.plug_nic(name, body)
+
+    @api.delete("/v1/guests/{name}/second-nic", response_model=GuestInfo)
+    def unplug_nic(name: str) -> GuestInfo:
+        return agent.unplug_nic(name)
 
     @api.post("/v1/guests/{name}/resume", status_code=202, response_model=Accepted)
     def resume(name: str) -> Accepted:

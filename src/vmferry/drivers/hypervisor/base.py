@@ -9,6 +9,19 @@ from dataclasses import dataclass, field
 
 from vmferry.errors import HypervisorError
 
+#: PCIe root ports every guest gets, so a NIC can be hot-plugged (and unplugged) on q35: the
+#: VM's NIC sits on one, the other is free for the second NIC of a move by "dual" NIC.
+NIC_SLOTS = (0, 1)
+
+
+@dataclass(frozen=True)
+class GuestNic:
+    """A NIC besides the guest's main one: on root port ``slot``, on this host's ``tap``."""
+
+    mac: str
+    tap: str
+    slot: int
+
 
 @dataclass(frozen=True)
 class GuestSpec:
@@ -25,6 +38,8 @@ class GuestSpec:
     vcpus: int = 1
     machine: str = "q35"
     memcheck_mib: int = 0          # memory the guest fills and verifies for ever (0: none)
+    nic_slot: int = 0              # the root port the main NIC sits on (NIC_SLOTS)
+    aux_nic: GuestNic | None = None   # a second NIC (a move by "dual" NIC), on the other slot
 
 
 class GuestState(str, enum.Enum):
@@ -194,6 +209,17 @@ class Hypervisor(ABC):
         None when it has no process or the driver cannot tell. The agent turns two readings
         into a load (``agent.cpuload``). Not abstract: a driver that cannot tell keeps this."""
         return None
+
+    def plug_nic(self, name: str, nic: GuestNic) -> None:
+        """Hot-plug a virtio NIC on root port ``nic.slot`` backed by ``nic.tap`` (idempotent:
+        a NIC already there is left). Raises HypervisorError. Not abstract: a driver that
+        cannot hot-plug keeps this."""
+        raise HypervisorError(f"{type(self).__name__} cannot hot-plug a NIC", vm=name)
+
+    def unplug_nic(self, name: str, slot: int) -> None:
+        """Hot-unplug the NIC on root port ``slot`` and wait until the guest released it
+        (idempotent: no NIC there is success). Raises HypervisorError, WaitTimeout."""
+        raise HypervisorError(f"{type(self).__name__} cannot hot-unplug a NIC", vm=name)
 
     @abstractmethod
     def announce(self, name: str) -> None:

@@ -20,13 +20,14 @@ out), and ``fail_next_start``.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vmferry.drivers.hypervisor.base import (
+    NIC_SLOTS,
     GuestEvent,
+    GuestNic,
     GuestSpec,
     GuestState,
     Hypervisor,
@@ -34,6 +35,7 @@ from vmferry.drivers.hypervisor.base import (
     MigrationTuning,
     ProgressCallback,
 )
+from vmferry.drivers.hypervisor.fake_network import FakeNetwork
 from vmferry.drivers.hypervisor.history import EventHistory
 from vmferry.drivers.hypervisor.uri import validate_migration_uri
 from vmferry.errors import HypervisorError, InputError, WaitTimeout
@@ -46,54 +48,11 @@ DEFAULT_SCRIPT = ("setup", "active", "active", "device", "completed")
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
-class FakeNetwork:
-    """What links fakes: incoming URIs being listened on, and links that are broken."""
-
-    def __init__(self) -> None:
-        self._listeners: dict[str, tuple[FakeHypervisor, str]] = {}
-        self._broken: set[str] = set()
-        self._cut: set[str] = set()     # "tcp:ADDR": every port of the address
-        self._lock = threading.Lock()
-        #: One lock and condition for every fake on this network: a migration changes two.
-        self.changed = threading.Condition(threading.RLock())
-
-    def listen(self, uri: str, hypervisor: FakeHypervisor, name: str) -> None:
-        with self._lock:
-            if uri in self._listeners:
-                raise HypervisorError(f"{uri} is already in use", host=hypervisor.host,
-                                      vm=name, cause="Address already in use")
-            self._listeners[uri] = (hypervisor, name)
-
-    def unlisten(self, uri: str) -> None:
-        with self._lock:
-            self._listeners.pop(uri, None)
-
-    def listener(self, uri: str) -> tuple[FakeHypervisor, str] | None:
-        with self._lock:
-            return self._listeners.get(uri)
-
-    def break_link(self, uri: str) -> None:
-        """Migrations to ``uri`` fail at their next step (until ``repair_link``)."""
-        with self._lock:
-            self._broken.add(uri)
-
-    def repair_link(self, uri: str) -> None:
-        with self._lock:
-            self._broken.discard(uri)
-
-    def cut(self, address: str) -> None:
-        """Every migration to ``address``, on any port, fails or pauses (a link down) until
-        ``restore``; a postcopy cannot be resumed to it meanwhile."""
-        with self._lock:
-            self._cut.add(f"tcp:{address}")
-
-    def restore(self, address: str) -> None:
-        with self._lock:
-            self._cut.discard(f"tcp:{address}")
-
-    def is_broken(self, uri: str) -> bool:
-        with self._lock:
-            return uri in self._broken or uri.rsplit(":", 1)[0] in self._cut
+def nic_set(spec: GuestSpec) -> dict[int, str]:
+    nics = {spec.nic_slot: spec.mac.lower()}
+    if spec.aux_nic is not None:
+        nics[spec.aux_nic.slot] = spec.aux_nic.mac.lower()
+    return nics
 
 
 @dataclass
@@ -281,6 +240,28 @@ class FakeHypervisor(Hypervisor):
             self._guest(name)
             self.announcements[name] = self.announcements.get(name, 0) + 1
 
+    def plug_nic(self, name: str, nic: GuestNic) -> None:
+        with self._changed:
+            guest = self._guest(name)
+            if nic.slot == guest.spec.nic_slot or nic.slot not in NIC_SLOTS:
+                raise HypervisorError(f"guest {name} has no free root port {nic.slot}",
+                                      host=self.host, vm=name)
+            guest.spec = replace(guest.spec, aux_nic=nic)
+
+    def unplug_nic(self, name: str, slot: int) -> None:
+        with self._changed:
+            guest = self._guest(name)
+            spec, aux = guest.spec, guest.spec.aux_nic
+            if aux is not None and spec.nic_slot == slot:      # the main NIC goes
+                guest.spec = replace(spec, mac=aux.mac, tap=aux.tap, nic_slot=aux.slot,
+                                     aux_nic=None)
+            elif aux is not None and aux.slot == slot:
+                guest.spec = replace(spec, aux_nic=None)
+
+    def nics(self, name: str) -> dict[int, str]:
+        """slot -> MAC of the guest's NICs (what the migration stream must find alike)."""
+        return nic_set(self.spec(name))
+
     def events(self, name: str, *, after: int = 0, timeout: float = 0.0) -> list[GuestEvent]:
         history = self._history(name)
         if self.state(name) is GuestState.ABSENT:
@@ -301,6 +282,13 @@ class FakeHypervisor(Hypervisor):
             if guest.state is not GuestState.RUNNING:
                 raise HypervisorError(f"QMP migrate failed for guest {name}", host=self.host,
                                       vm=name, cause=f"guest is {guest.state.value}")
+            peer = self.network.listener(uri)
+            if peer is not None and name in peer[0]._guests \
+                    and nic_set(peer[0]._guests[name].spec) != nic_set(guest.spec):
+                # QEMU refuses a stream whose devices the destination does not have.
+                raise HypervisorError(f"QMP migrate failed for guest {name}", host=self.host,
+                                      vm=name, cause=f"NICs {nic_set(guest.spec)} here, "
+                                      f"{nic_set(peer[0]._guests[name].spec)} there")
             statuses, converge = self._scripts.pop(name, (list(DEFAULT_SCRIPT), True))
             if tuning.pause_before_switchover and "pre-switchover" not in statuses \
                     and "device" in statuses:

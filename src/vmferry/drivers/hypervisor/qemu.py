@@ -26,6 +26,7 @@ from qemu.qmp import QMPClient, QMPError
 from vmferry import privileged
 from vmferry.drivers.hypervisor.base import (
     GuestEvent,
+    GuestNic,
     GuestSpec,
     GuestState,
     Hypervisor,
@@ -40,10 +41,14 @@ from vmferry.drivers.hypervisor.qemu_cmdline import (
     READY_MARKER,
     SUN_PATH_MAX,
     guest_files,
+    hotplug_machine,
     kernel_append,
+    nic_device,
     parse_kernel_append,
     qemu_argv,
+    root_port,
     state_from_status,
+    validate_nic,
     validate_spec,
     version_from_text,
 )
@@ -152,7 +157,8 @@ class QemuHypervisor(Hypervisor):
         """The GuestSpec a running guest was started with. Raises HypervisorError."""
         try:
             data = json.loads(self.files(name)["spec"].read_text())
-            return GuestSpec(**data)
+            aux = data.pop("aux_nic", None)
+            return GuestSpec(**data, aux_nic=GuestNic(**aux) if aux else None)
         except (OSError, ValueError, TypeError) as exc:
             raise HypervisorError(f"no spec recorded for guest {name}", host=self.host,
                                   vm=name, cause=str(exc)) from exc
@@ -189,7 +195,7 @@ class QemuHypervisor(Hypervisor):
         self.qmp.history(spec.name).reset()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         files["qmp"].parent.mkdir(parents=True, exist_ok=True)
-        files["spec"].write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
+        self._write_spec(spec)
         argv = qemu_argv(spec, self.image, files, qemu_binary=self.qemu_binary,
                          incoming=incoming_uri is not None)
         started = time.monotonic()
@@ -302,6 +308,65 @@ class QemuHypervisor(Hypervisor):
                                   vm=name)
             # The console is a plain file: nothing to wait on but the clock.
             time.sleep(0.05)
+
+    # ---- NIC hot-plug (a move by "dual" NIC) -------------------------------------------
+
+    def plug_nic(self, name: str, nic: GuestNic) -> None:
+        """netdev_add + device_add on the free root port; the spec file records it, so the
+        NIC is known after an agent restart. Raises InputError, HypervisorError."""
+        validate_nic(name, nic)
+        spec = self.spec(name)
+        if not hotplug_machine(spec.machine) or nic.slot == spec.nic_slot:
+            raise HypervisorError(f"guest {name} has no free root port {nic.slot}",
+                                  host=self.host, vm=name)
+        if nic_device(nic.slot) not in self._devices(name):
+            if not privileged.link_exists(self.namespace, nic.tap):
+                raise HypervisorError(f"tap {nic.tap} does not exist", host=self.host, vm=name)
+            self._netdev(name, "netdev_add", {
+                "type": "tap", "id": f"n{nic.slot}", "ifname": nic.tap,
+                "script": "no", "downscript": "no", "vnet_hdr": False}, "Duplicate")
+            self._execute(name, "device_add", {
+                "driver": "virtio-net-pci", "id": nic_device(nic.slot),
+                "netdev": f"n{nic.slot}", "mac": nic.mac.lower(), "romfile": "",
+                "bus": root_port(nic.slot)})
+        self._write_spec(dataclasses.replace(spec, aux_nic=nic))
+
+    def unplug_nic(self, name: str, slot: int, *, timeout: float = 30.0) -> None:
+        """device_del, wait (bounded, on DEVICE_DELETED) for the guest to release it,
+        netdev_del. If the unplugged NIC was the main one, the other becomes main in the
+        spec. Raises HypervisorError, WaitTimeout."""
+        spec = self.spec(name)
+        if nic_device(slot) in self._devices(name):
+            self._execute(name, "device_del", {"id": nic_device(slot)})
+            self.qmp.wait_until(
+                name, lambda: f"guest {name} to release NIC {nic_device(slot)}", timeout,
+                {"DEVICE_DELETED"},
+                lambda: True if nic_device(slot) not in self._devices(name) else None,
+                interval=0.5)
+        self._netdev(name, "netdev_del", {"id": f"n{slot}"}, "not found")
+        if spec.aux_nic is not None and spec.nic_slot == slot:     # the main NIC went
+            spec = dataclasses.replace(spec, mac=spec.aux_nic.mac, tap=spec.aux_nic.tap,
+                                       nic_slot=spec.aux_nic.slot, aux_nic=None)
+        elif spec.aux_nic is not None and spec.aux_nic.slot == slot:
+            spec = dataclasses.replace(spec, aux_nic=None)
+        self._write_spec(spec)
+
+    def _devices(self, name: str) -> set[str]:
+        reply = self._execute(name, "qom-list", {"path": "/machine/peripheral"})
+        return {str(item.get("name")) for item in reply or []}
+
+    def _netdev(self, name: str, cmd: str, args: dict[str, object], already: str) -> None:
+        """netdev_add/netdev_del, where QEMU's answer ``already`` means it is done (QEMU has
+        no query of netdevs): safe to repeat."""
+        try:
+            self._execute(name, cmd, args)
+        except HypervisorError as exc:
+            if already not in str(exc.fields.get("cause", "")):
+                raise
+
+    def _write_spec(self, spec: GuestSpec) -> None:
+        self.files(spec.name)["spec"].write_text(
+            json.dumps(dataclasses.asdict(spec), indent=1) + "\n")
 
     def _execute(self, name: str, cmd: str, args: dict[str, object] | None = None) -> Any:
         return self.qmp.execute(name, cmd, args)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from vmferry import privileged
-from vmferry.drivers.hypervisor.base import GuestSpec, GuestState
+from vmferry.drivers.hypervisor.base import NIC_SLOTS, GuestNic, GuestSpec, GuestState
 from vmferry.errors import HypervisorError, InputError
 from vmferry.image.builder import GuestImage
 
@@ -95,8 +95,51 @@ def validate_spec(spec: GuestSpec) -> None:
     if spec.workload_mibps < 0:
         raise InputError("workload_mibps", "0 or more", vm=spec.name)
     privileged.check_ifname(spec.tap)
+    if spec.nic_slot not in NIC_SLOTS:
+        raise InputError("nic_slot", f"one of {NIC_SLOTS}", vm=spec.name)
+    if spec.aux_nic is not None:
+        validate_nic(spec.name, spec.aux_nic)
+        if spec.aux_nic.slot == spec.nic_slot:
+            raise InputError("aux_nic", f"slot {spec.nic_slot} holds the main NIC",
+                             vm=spec.name)
     if not re.match(r"^[A-Za-z0-9_.-]+$", spec.machine):
         raise InputError("machine", f"not a machine type: {spec.machine!r}", vm=spec.name)
+
+
+def validate_nic(name: str, nic: GuestNic) -> None:
+    """A second NIC's MAC, tap and slot. Raises InputError."""
+    if not _MAC_RE.match(nic.mac.lower()) or int(nic.mac[:2], 16) & 1:
+        raise InputError("mac", f"not a unicast MAC address: {nic.mac!r}", vm=name)
+    if nic.slot not in NIC_SLOTS:
+        raise InputError("slot", f"one of {NIC_SLOTS}", vm=name)
+    privileged.check_ifname(nic.tap)
+
+
+def root_port(slot: int) -> str:
+    return f"vmfp{slot}"
+
+
+def nic_device(slot: int) -> str:
+    """The QEMU id of the NIC on ``slot`` (its netdev is ``n<slot>``): the same on both ends
+    of a migration, whichever host-local tap backs it."""
+    return f"nic{slot}"
+
+
+def hotplug_machine(machine: str) -> bool:
+    """q35 machines get the root ports a NIC can be hot-plugged on."""
+    return machine == "q35" or machine.startswith("pc-q35")
+
+
+def nic_args(mac: str, tap: str, slot: int | None) -> list[str]:
+    """-netdev/-device of one NIC. vnet_hdr=off: no checksum/segmentation offload metadata on
+    the tap, so frames leave the guest complete; OVS's userspace (netdev) datapath would
+    forward partial-checksum frames as they are. romfile=: no iPXE, the kernel is loaded
+    directly; it also keeps iPXE's banner off the console."""
+    bus = "" if slot is None else f",bus={root_port(slot)}"
+    index = slot or 0
+    return ["-netdev", f"tap,id=n{index},ifname={tap},script=no,downscript=no,vnet_hdr=off",
+            "-device", f"virtio-net-pci,id={nic_device(index)},netdev=n{index},"
+                       f"mac={mac.lower()},romfile={bus}"]
 
 
 def kernel_append(spec: GuestSpec) -> str:
@@ -127,6 +170,8 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, files: Mapping[str, Path], *,
               qemu_binary: str = "qemu-system-x86_64", incoming: bool = False) -> list[str]:
     """The QEMU command line of a guest. Source and destination of a migration must get the
     same one (apart from ``-incoming``): device layout and ROMs are part of the stream."""
+    # Capabilities (postcopy-ram) must be set before the listener opens: migrate-incoming.
+    incoming_args = ["-incoming", "defer"] if incoming else []
     argv = [
         qemu_binary,
         "-name", f"guest={spec.name},process=vmferry-{spec.name}",
@@ -140,21 +185,21 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, files: Mapping[str, Path], *,
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", kernel_append(spec),
-        # vnet_hdr=off: no checksum/segmentation offload metadata on the tap, so frames
-        # leave the guest complete; OVS's userspace (netdev) datapath would forward
-        # partial-checksum frames as they are.
-        "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no,vnet_hdr=off",
-        # romfile=: no iPXE, the kernel is loaded directly; it also keeps iPXE's banner off
-        # the console.
-        "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac.lower()},romfile=",
         "-qmp", f"unix:{files['qmp']},server=on,wait=off",
         "-pidfile", str(files["pid"]),
         "-sandbox", SANDBOX,
     ]
-    if incoming:
-        # Capabilities (postcopy-ram) must be set before the listener opens: migrate-incoming.
-        argv += ["-incoming", "defer"]
-    return argv
+    # Every guest gets both root ports (source and destination must have the same devices;
+    # q35's root bus takes no hot-plug), its NIC on one of them.
+    if not hotplug_machine(spec.machine):
+        return argv + nic_args(spec.mac, spec.tap, None) + incoming_args
+    for slot in NIC_SLOTS:
+        argv += ["-device", f"pcie-root-port,id={root_port(slot)},chassis={slot + 1},"
+                            f"bus=pcie.0"]
+    argv += nic_args(spec.mac, spec.tap, spec.nic_slot)
+    if spec.aux_nic is not None:
+        argv += nic_args(spec.aux_nic.mac, spec.aux_nic.tap, spec.aux_nic.slot)
+    return argv + incoming_args
 
 
 def state_from_status(status: str) -> GuestState:
