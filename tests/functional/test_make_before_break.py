@@ -3,11 +3,14 @@ completed, failed (destination QEMU killed during precopy), cancelled, or with t
 killed inside the switchover window -- on every switch and host, and `vmferry audit` reports
 (and fixes) any that are left; never in place before the source stops the guest (no frame
 queued for the destination that the source answers too: no duplicate reply under a 2 ms
-ping: staged early, they end at the destination's closed gate until then); VLAN isolation
-holds while they are in place. Not timed."""
+ping: staged early, they end at the destination's closed gate until then; beside the gate
+only the arrival rule, which the guest's own frames from the destination's tap trigger and
+which delivers nothing itself); VLAN isolation holds while they are in place, every rule
+(the one OVS learns from the arrival rule too) matching its input port and VLAN. Not timed."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +68,26 @@ def switchover_rules(lab: LabRun) -> list[tuple[str, str]]:
     return found
 
 
+def match_of(line: str) -> str:
+    """The match of a dumped flow (what precedes its actions)."""
+    return line.split(" actions=", 1)[0]
+
+
+def is_arrival_rule(line: str) -> bool:
+    """The destination's arrival rule (``model.switchover.arrival_rules``): the guest's own
+    frames from its tap, learning the open gate's delivery; it delivers nothing itself."""
+    return "dl_src=" in match_of(line) and line.split(" actions=", 1)[1].startswith("learn(")
+
+
+def ofports(lab: LabRun, node: str, bridge: str = "br-vm") -> dict[str, int]:
+    """Port name -> OpenFlow number on ``node``'s bridge."""
+    mgmt = lab.state_dir / "labs" / lab.name / "ovs" / node / f"{bridge}.mgmt"
+    out = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-ports-desc", f"unix:{mgmt}"],
+                         capture_output=True, text=True, timeout=15, check=True).stdout
+    found = (re.match(r"\s*(\d+)\(([^)]+)\):", line) for line in out.splitlines())
+    return {m.group(2): int(m.group(1)) for m in found if m}
+
+
 def wait_end(lab: LabRun, migration_id: int, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,9 +143,10 @@ def test_rules_are_gone_after_completed_migrations(lab: LabRun) -> None:
 
 @pytest.mark.parametrize("failure", ["kill-destination-qemu", "cancel"])
 def test_rules_are_gone_after_a_failed_or_cancelled_migration(lab: LabRun, failure: str) -> None:
+    from vmferry.model.names import tap_name
     vm = "mbb2"
-    lab.cli("vm", "create", vm, "--host", "host1", "--vlan", "100", "--ip", f"{VM_IP}/24",
-            "--memory", "256", "--workload-mibps", "2")
+    mac = lab.json("vm", "create", vm, "--host", "host1", "--vlan", "100", "--ip",
+                   f"{VM_IP}/24", "--memory", "256", "--workload-mibps", "2")["mac"].lower()
     try:
         assert lab.wait_ping("client-100", VM_IP)
         # A slow copy: it fails (or is cancelled) while the guest still runs on the source,
@@ -134,7 +158,18 @@ def test_rules_are_gone_after_a_failed_or_cancelled_migration(lab: LabRun, failu
         time.sleep(1.0)
         rules = switchover_rules(lab)
         assert {n for n, _ in rules} == {"tor1", "spine", "tor2", "host3"}, rules
-        assert all("actions=drop" in r for n, r in rules if n in HOSTS), rules
+        # On host3 the closed gate (a drop) and the arrival rule: the guest's own untagged
+        # frames from its tap there, which it cannot send before it runs there. Nothing
+        # learned from it yet, nothing delivering.
+        host_rules = [r for n, r in rules if n in HOSTS]
+        assert all(n == "host3" for n, _ in rules if n in HOSTS), rules
+        gates = [r for r in host_rules if "actions=drop" in r]
+        arrivals = [match_of(r) for r in host_rules if is_arrival_rule(r)]
+        assert len(gates) == 1 and len(gates) + len(arrivals) == len(host_rules), rules
+        tap = ofports(lab, "host3")[tap_name(vm)]
+        for match in arrivals:
+            assert f"in_port={tap}," in match and "vlan_tci=0x0000" in match, match
+            assert f"dl_src={mac}" in match, match
         if failure == "kill-destination-qemu":
             pidfile = lab.state_dir / "labs" / lab.name / "hosts" / "host3" / "guests" / \
                 f"{vm}.pid"
@@ -195,8 +230,12 @@ def test_no_duplicate_reply_under_a_2ms_ping(lab: LabRun) -> None:
                     stopped = (result.get("events") or {}).get("source_stop") is not None \
                         or result.get("make_before_break") in ("opening", "opened")
                     if not stopped:
+                        # The arrival rule takes the guest's frames from the destination's
+                        # tap, not frames for it: it delivers nothing (what it would learn,
+                        # from the uplink, would show here).
                         delivering = [(n, r) for n, r in rules
-                                      if n in HOSTS and "actions=drop" not in r]
+                                      if n in HOSTS and "actions=drop" not in r
+                                      and not is_arrival_rule(r)]
                         assert delivering == [], delivering
                         copying_checks += 1
                         staged = staged or bool(rules)
@@ -266,9 +305,11 @@ def test_vlan_isolation_holds_inside_the_window(lab: LabRun) -> None:
             assert time.monotonic() < deadline, switchover_rules(lab)
             assert api(lab, "GET", f"/v1/migrations/{started['id']}")["state"] == "running"
             time.sleep(0.1)
-        for line in (r for _, r in switchover_rules(lab)):
-            assert "in_port=" in line and ("dl_vlan=100" in line or "vlan_tci=0x0000" in line
-                                           or "vlan_tci=0" in line), line
+        # Every rule, the one learned from the arrival rule included, matches its input
+        # port and the VLAN (tagged 100, or untagged on an access port).
+        for match in (match_of(r) for _, r in switchover_rules(lab)):
+            assert "in_port=" in match and ("dl_vlan=100" in match
+                                            or "vlan_tci=0x0000" in match), match
         tap = tap_name(vm)
         cases = [("client-200", 100, "client-100", "spoof100"),
                  ("client-100", 200, "client-200", "spoof200"),

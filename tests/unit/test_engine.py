@@ -108,7 +108,7 @@ def test_window_opens_once_the_source_stopped_the_guest(site: Site,
     assert record.state == "completed", record.error
     state, gate = seen[0]
     assert state in ("paused", "postmigrate")   # stopped (QEMU goes on without waiting)
-    assert gate == [True]                       # only the closed gate on host3
+    assert gate == [True, True]     # only the closed gate and the guest's own opener on host3
     assert seen[1] == ("opened", [False])       # the delivering rule replaced it
     assert "pre-switchover" not in str(record.result.progress)
     assert record.result.make_before_break == "removed"

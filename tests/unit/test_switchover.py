@@ -293,6 +293,7 @@ def test_a_fake_fabric_of_the_default_topology_opens_a_window(topology: Topology
 
 def test_the_host_gate_is_armed_opened_in_one_bundle_and_removed_by_cookie() -> None:
     from vmferry.agent.switchover import (
+        PROFILE_KEY,
         host_rule_cookies,
         install_host_rules,
         remove_host_rules,
@@ -312,14 +313,18 @@ def test_the_host_gate_is_armed_opened_in_one_bundle_and_removed_by_cookie() -> 
             found.setdefault(stats.cookie, []).append(stats.flow.actions)
         return found
 
+    # Armed: the closed gate on the uplink, and the guest's own frames from the tap open it.
     assert install_host_rules(switch, "br-vm", "uplink", "tap1", gate_cookie(cookie), 100,
-                              MAC) == 1
-    assert rules() == {gate_cookie(cookie): ["drop"]}
-    assert [s.flow.match.split(",")[0] for s in switch.flow_stats("br-vm")] == [
-        f"in_port={uplink}"]
+                              MAC) == 2
+    armed = {s.flow.match: s.flow.actions for s in switch.flow_stats("br-vm")}
+    assert armed[f"in_port={uplink},dl_vlan=100,dl_dst={MAC.lower()}"] == "drop"
+    trigger = armed[f"in_port={tap},vlan_tci=0,dl_src={MAC.lower()}"]
+    assert trigger.endswith(",NORMAL") and trigger.startswith("learn(")
+    assert (f"cookie={gate_cookie(cookie):#x},in_port={uplink},nxm_of_vlan_tci[0..12]=0x1064,"
+            in trigger.lower() and f"priority={PRIORITY + 1}," in trigger)
     bundles = switch.calls["bundles"]
     install_host_rules(switch, "br-vm", "uplink", "tap1", cookie, 100, MAC)
-    assert rules() == {cookie: [f"pop_vlan,output:{tap}"]}
+    assert rules() == {cookie: [f"pop_vlan,output:{tap}"]}      # the trigger went too
     assert switch.calls["bundles"] == bundles + 1       # the gate out, delivery in: one step
     assert host_rule_cookies(switch, "br-vm") == [cookie]
     remove_host_rules(switch, "br-vm", cookie)
@@ -330,5 +335,12 @@ def test_the_host_gate_is_armed_opened_in_one_bundle_and_removed_by_cookie() -> 
     assert rules() == {}
     with pytest.raises(InputError, match="cookie"):
         install_host_rules(switch, "br-vm", "uplink", "tap1", 5, 100, MAC)
+    # A port with a profile: a rule on its frames would bypass the profile's own flows.
+    switch.ensure_ports("br-vm", [PortSpec("tap2", tag=100,
+                                           external_ids={PROFILE_KEY: "web"})])
+    assert install_host_rules(switch, "br-vm", "uplink", "tap2", gate_cookie(cookie), 100,
+                              MAC) == 1
+    assert rules() == {gate_cookie(cookie): ["drop"]}
     with pytest.raises(NotFoundError, match="tap"):
         install_host_rules(switch, "br-vm", "uplink", "tap9", cookie, 100, MAC)
+

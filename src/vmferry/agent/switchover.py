@@ -3,7 +3,10 @@ destination host's gate for the arriving VM, on the uplink, by cookie.
 
     open_switchover(gate cookie)   arm: the closed gate (frames for the VM from the uplink are
                                    dropped); the controller does this before the fabric rules
-                                   go in, long before the guest stops
+                                   go in, long before the guest stops. For a port without a
+                                   profile, beside it the guest's own first frame here opens
+                                   the gate (``model.switchover.arrival_rules``) if the
+                                   controller has not yet
     open_switchover(cookie)        open: the same match now hands the frames to the VM's tap
                                    (one OpenFlow bundle: the gate's flow out, this in)
     close_switchover(gate cookie)  remove the gate only (a guest with a port profile: its own
@@ -18,12 +21,17 @@ from __future__ import annotations
 from vmferry.drivers.softswitch.base import Flow, PortState, Softswitch
 from vmferry.errors import InputError, NotFoundError
 from vmferry.model.switchover import (
+    arrival_rules,
     gate_cookie,
     gate_rules,
     host_rules,
     is_gate_cookie,
     is_mbb_cookie,
 )
+
+# The key a port with a profile carries in its OVSDB row's external_ids (the OVS driver's
+# ``profile_flows.KEY_PROFILE``; a softswitch without it has no profiled ports).
+PROFILE_KEY = "vmferry-profile"
 
 
 def _check(cookie: int) -> None:
@@ -54,10 +62,19 @@ def install_host_rules(softswitch: Softswitch, bridge: str, uplink: str, tap: st
     if not 1 <= vlan <= 4094:
         raise InputError("vlan", f"{vlan} is not a VLAN id 1-4094")
     arming = is_gate_cookie(cookie)
-    wanted = {uplink: "uplink"} if arming else {uplink: "uplink", tap: "tap"}
-    ofports = _ofports(softswitch.ports(bridge, list(wanted)), bridge, wanted)
+    states = softswitch.ports(bridge, [uplink, tap])
+    ofports = _ofports(states, bridge, {uplink: "uplink"} if arming
+                       else {uplink: "uplink", tap: "tap"})
     uplink_ofport = ofports[uplink]
-    gate = [Flow(0, r.priority, r.match, r.actions) for r in gate_rules(uplink_ofport, vlan, mac)]
+    rules = gate_rules(uplink_ofport, vlan, mac)
+    tap_state = states.get(tap)
+    if (tap_state is not None and tap_state.ofport is not None and tap_state.ofport > 0
+            and PROFILE_KEY not in tap_state.external_ids):
+        # A port without a profile: the arriving guest may open its gate itself. (With a
+        # profile, a rule on its frames would bypass the profile's flows.)
+        rules += arrival_rules(uplink_ofport, tap_state.ofport, vlan, mac,
+                               gate_cookie(cookie) if not arming else cookie)
+    gate = [Flow(0, r.priority, r.match, r.actions) for r in rules]
     changes: dict[int, list[Flow]]
     actual: dict[int, list[Flow]]
     if arming:

@@ -17,6 +17,12 @@ matched and stays dropped: VLAN isolation holds at every instant.
                                                   source stopped the guest, the same match ->
                                                   pop_vlan, output to the VM's tap (open:
                                                   ``host_rules``; one flow replaces the other)
+    destination host, the arrival gate            in_port=TAP,vlan_tci=0,dl_src=MAC ->
+    (a port without a profile)                    learn the open gate's match and delivery
+                                                  (with the gate's cookie), NORMAL: the
+                                                  guest's first frame at its resume opens the
+                                                  gate if the controller has not yet
+                                                  (``arrival_rules``)
 
 The fabric rules may be in place long before the guest stops: while the gate is closed they
 deliver nothing to the destination guest, so the switchover itself only has to open the gate.
@@ -181,3 +187,23 @@ def host_rules(uplink_ofport: int, tap_ofport: int, vlan: int, mac: str) -> list
     the closed gate, so adding it replaces the gate in one step."""
     return [Rule(PRIORITY, _host_match(uplink_ofport, vlan, mac),
                  f"pop_vlan,output:{tap_ofport}")]
+
+
+def arrival_rules(uplink_ofport: int, tap_ofport: int, vlan: int, mac: str,
+                  cookie: int) -> list[Rule]:
+    """The gate the arriving guest opens itself (armed beside the closed gate, for a guest
+    whose port has no profile): its first frame from the tap, sent when it runs here and so
+    after the source stopped it (QEMU's announcement at resume), makes OVS add (``learn``,
+    with ``cookie``) the open gate's delivery one priority above the closed gate. The
+    controller opens the gate on the source's STOP; this bounds how late the gate can be
+    when the controller's opening comes after the resume. The learned flow matches and does
+    what ``host_rules`` does (VLAN id ``vlan`` tagged on the uplink, popped, into the tap)."""
+    mac = mac.lower()
+    learned = (f"learn(table=0,priority={PRIORITY + 1},cookie={cookie:#x},"
+               f"in_port={uplink_ofport},NXM_OF_VLAN_TCI[0..12]={VLAN_PRESENT | vlan:#x},"
+               f"NXM_OF_ETH_DST[]=NXM_OF_ETH_SRC[],load:0->NXM_OF_VLAN_TCI[],"
+               f"output:NXM_OF_IN_PORT[])")
+    # vlan_tci=0: the guest's untagged frames from its access port only (a tagged frame
+    # there opens nothing and NORMAL still drops it).
+    return [Rule(PRIORITY, f"in_port={tap_ofport},vlan_tci=0,dl_src={mac}",
+                 f"{learned},NORMAL")]
