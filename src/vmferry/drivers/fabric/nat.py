@@ -131,7 +131,8 @@ class NftNat(NatBoundary):
                 leg = netns.leg_address(ipr, UPLINK_LEG)
             started = step("route+proxy", started)
             subnet = leg.network if leg is not None else ipaddress.IPv4Network(f"{home}/32")
-            netns.send_frames(netns.into_rack_frames(home, vm_mac, subnet))
+            netns.send_frames(netns.into_rack_frames(home, vm_mac, subnet,
+                                                     *netns.legs_macs()))
             started = step("arp", started)
             netns.forget_flows([home, new])
             step("conntrack", started)
@@ -157,9 +158,10 @@ class NftNat(NatBoundary):
             if new is not None:
                 _write(router, {h: n for h, n in current.items() if h != home})
             netns.forget_flows([home] + ([new] if new else []))
+            up_mac = netns.own_mac(UPLINK_LEG)
             if leg is not None:
-                known.append((str(leg.ip), netns.own_mac(UPLINK_LEG)))
-            netns.send_frames(netns.out_of_rack_frames(home, vm_mac, known))
+                known.append((str(leg.ip), up_mac))
+            netns.send_frames(netns.out_of_rack_frames(home, vm_mac, known, up_mac))
 
         self.routers.run(router, f"remove the translation of {home}", undo)
 

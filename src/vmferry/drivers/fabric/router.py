@@ -132,13 +132,15 @@ class NetnsRouter(Router):
 
         def send() -> int:
             if into_rack:
-                return netns.send_frames(netns.into_rack_frames(vm_ip, vm_mac, network))
+                return netns.send_frames(netns.into_rack_frames(vm_ip, vm_mac, network,
+                                                                *netns.legs_macs()))
             with IPRoute() as ipr:
                 known = netns.neighbours(ipr, UPLINK_LEG, network, skip=vm_ip)
                 own = netns.leg_address(ipr, UPLINK_LEG)
+            up_mac = netns.own_mac(UPLINK_LEG)
             if own is not None and own.ip in network:
-                known.append((str(own.ip), netns.own_mac(UPLINK_LEG)))
-            return netns.send_frames(netns.out_of_rack_frames(vm_ip, vm_mac, known))
+                known.append((str(own.ip), up_mac))
+            return netns.send_frames(netns.out_of_rack_frames(vm_ip, vm_mac, known, up_mac))
         return self.routers.run(router, "send ARP", send)
 
 

@@ -262,6 +262,11 @@ def peers(subnet: ipaddress.IPv4Network, skip: str) -> list[str]:
     return result
 
 
+def legs_macs() -> tuple[bytes, bytes]:
+    """The uplink leg's and the rack leg's own MACs."""
+    return own_mac(UPLINK_LEG), own_mac(RACK_LEG)
+
+
 def own_mac(ifname: str) -> bytes:
     with open(f"/sys/class/net/{ifname}/address", encoding="ascii") as f:
         return mac_bytes(f.read().strip())
@@ -291,26 +296,24 @@ def _close(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
-def into_rack_frames(address: str, vm_mac: bytes | None,
-                     subnet: ipaddress.IPv4Network) -> list[tuple[str, bytes]]:
+def into_rack_frames(address: str, vm_mac: bytes | None, subnet: ipaddress.IPv4Network,
+                     up_mac: bytes, rack_mac: bytes) -> list[tuple[str, bytes]]:
     """A VM of ``subnet`` at ``address`` is now behind the rack leg: the uplink's clients
     learn ``address`` at the uplink leg's MAC (a gratuitous ARP), and the VM learns every
     other address of its subnet at the rack leg's MAC (requests addressed to it, unicast
     when its MAC is known), so its replies reach the router instead of a MAC it cannot
-    reach from the rack."""
-    up_mac, rack_mac = own_mac(UPLINK_LEG), own_mac(RACK_LEG)
+    reach from the rack. ``up_mac``, ``rack_mac``: the legs' own MACs."""
     frames = [(UPLINK_LEG, arp_request(BROADCAST, up_mac, up_mac, address, address))]
     frames += [(RACK_LEG, arp_request(vm_mac or BROADCAST, rack_mac, rack_mac, peer, address))
                for peer in peers(subnet, address)]
     return frames
 
 
-def out_of_rack_frames(address: str, vm_mac: bytes | None,
-                       known: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+def out_of_rack_frames(address: str, vm_mac: bytes | None, known: list[tuple[str, bytes]],
+                       up_mac: bytes) -> list[tuple[str, bytes]]:
     """The VM at ``address`` is back on the uplink's segment: its clients learn it at
     ``vm_mac`` again (when known), and the VM learns the ``known`` (address, MAC) uplink
-    neighbours at their own MACs."""
-    up_mac = own_mac(UPLINK_LEG)
+    neighbours at their own MACs (``up_mac``: the uplink leg's)."""
     frames = []
     if vm_mac is not None:
         frames.append((UPLINK_LEG, arp_request(BROADCAST, up_mac, vm_mac, address, address)))
