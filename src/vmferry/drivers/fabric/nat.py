@@ -121,18 +121,18 @@ class NftNat(NatBoundary):
             _write(router, {home: new}, merge=True)
             started = step("nft", started)
             with IPRoute() as ipr:
+                found = netns.legs(ipr)
+                up, rack = netns.leg(found, UPLINK_LEG), netns.leg(found, RACK_LEG)
                 # The kernel answers ARP for a proxy entry only when the route to the address
                 # leaves by another device than the request came in on: a /32 to the new one.
-                ipr.route("replace", dst=f"{home}/32", gateway=new,
-                          oif=netns.link_index(ipr, RACK_LEG))
-                netns.set_proxy(ipr, UPLINK_LEG, home, True)
+                ipr.route("replace", dst=f"{home}/32", gateway=new, oif=rack.index)
+                netns.set_proxy(ipr, up.index, home, True)
                 # The router reached the guest at home through the uplink before the move.
-                vm_mac = netns.neighbour_mac(ipr, UPLINK_LEG, home)
-                leg = netns.leg_address(ipr, UPLINK_LEG)
+                vm_mac = netns.neighbour_macs(ipr, up.index).get(home)
+                own = netns.leg_address(ipr, up.index)
             started = step("route+proxy", started)
-            subnet = leg.network if leg is not None else ipaddress.IPv4Network(f"{home}/32")
-            netns.send_frames(netns.into_rack_frames(home, vm_mac, subnet,
-                                                     *netns.legs_macs()))
+            subnet = own.network if own is not None else ipaddress.IPv4Network(f"{home}/32")
+            netns.send_frames(netns.into_rack_frames(home, vm_mac, subnet, up.mac, rack.mac))
             started = step("arp", started)
             netns.forget_flows([home, new])
             step("conntrack", started)
@@ -148,20 +148,21 @@ class NftNat(NatBoundary):
             current = _read_map()
             new = current.get(home)
             with IPRoute() as ipr:
-                netns.set_proxy(ipr, UPLINK_LEG, home, False)
+                found = netns.legs(ipr)
+                up, rack = netns.leg(found, UPLINK_LEG), netns.leg(found, RACK_LEG)
+                netns.set_proxy(ipr, up.index, home, False)
+                _drop_route(ipr, home, rack.index)
                 # The router reached the guest at its borrowed address through the rack leg.
-                vm_mac = netns.neighbour_mac(ipr, RACK_LEG, new) if new else None
-                _drop_route(ipr, home)
-                leg = netns.leg_address(ipr, UPLINK_LEG)
-                known = netns.neighbours(ipr, UPLINK_LEG, leg.network, skip=home) \
-                    if leg is not None else []
+                vm_mac = netns.neighbour_macs(ipr, rack.index).get(new) if new else None
+                own = netns.leg_address(ipr, up.index)
+                known = [] if own is None else netns.in_network(
+                    netns.neighbour_macs(ipr, up.index), own.network, skip=home)
             if new is not None:
                 _write(router, {h: n for h, n in current.items() if h != home})
             netns.forget_flows([home] + ([new] if new else []))
-            up_mac = netns.own_mac(UPLINK_LEG)
-            if leg is not None:
-                known.append((str(leg.ip), up_mac))
-            netns.send_frames(netns.out_of_rack_frames(home, vm_mac, known, up_mac))
+            if own is not None:
+                known.append((str(own.ip), up.mac))
+            netns.send_frames(netns.out_of_rack_frames(home, vm_mac, known, up.mac))
 
         self.routers.run(router, f"remove the translation of {home}", undo)
 
@@ -191,10 +192,10 @@ class NftNat(NatBoundary):
         return answer
 
 
-def _drop_route(ipr: IPRoute, home: str) -> None:
+def _drop_route(ipr: IPRoute, home: str, rack_index: int) -> None:
     """The /32 towards the new address, if it is there."""
     try:
-        ipr.route("del", dst=f"{home}/32", oif=netns.link_index(ipr, RACK_LEG))
+        ipr.route("del", dst=f"{home}/32", oif=rack_index)
     except NetlinkError as exc:
         if exc.code not in (errno.ESRCH, errno.ENOENT):
             raise
@@ -237,8 +238,7 @@ def _merge_script(wanted: dict[str, str]) -> str:
     """The table, its maps and chains created if missing, its two rules made exactly once,
     and ``wanted``'s elements added (an element already there with the same value is no
     error; with another value, the whole transaction fails and nothing changes)."""
-    to_new = ", ".join(f"{home} : {new}" for home, new in sorted(wanted.items()))
-    to_home = ", ".join(f"{new} : {home}" for home, new in sorted(wanted.items()))
+    to_new, to_home = _elements(wanted)
     return (f"table ip {TABLE} {{\n"
             f"  map {TO_NEW} {{ type ipv4_addr : ipv4_addr; }}\n"
             f"  map {TO_HOME} {{ type ipv4_addr : ipv4_addr; }}\n"
@@ -253,6 +253,13 @@ def _merge_script(wanted: dict[str, str]) -> str:
             f"add element ip {TABLE} {TO_HOME} {{ {to_home} }}\n")
 
 
+def _elements(wanted: dict[str, str]) -> tuple[str, str]:
+    """The two maps' elements for ``wanted`` (home -> new), in nft's syntax."""
+    pairs = sorted(wanted.items())
+    return (", ".join(f"{home} : {new}" for home, new in pairs),
+            ", ".join(f"{new} : {home}" for home, new in pairs))
+
+
 _HOOK_DNAT = "type nat hook prerouting priority dstnat; policy accept;"
 _HOOK_SNAT = "type nat hook postrouting priority srcnat; policy accept;"
 _RULE_DNAT = f"iifname \"{UPLINK_LEG}\" dnat to ip daddr map @{TO_NEW}"
@@ -261,8 +268,7 @@ _RULE_SNAT = f"oifname \"{UPLINK_LEG}\" snat to ip saddr map @{TO_HOME}"
 
 def _ruleset(wanted: dict[str, str]) -> str:
     """The table with its two maps holding ``wanted`` (home -> new) and its two rules."""
-    to_new = ", ".join(f"{home} : {new}" for home, new in sorted(wanted.items()))
-    to_home = ", ".join(f"{new} : {home}" for home, new in sorted(wanted.items()))
+    to_new, to_home = _elements(wanted)
     return (f"table ip {TABLE} {{\n"
             f"  map {TO_NEW} {{ type ipv4_addr : ipv4_addr; elements = {{ {to_new} }} }}\n"
             f"  map {TO_HOME} {{ type ipv4_addr : ipv4_addr; elements = {{ {to_home} }} }}\n"

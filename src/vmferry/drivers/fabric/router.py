@@ -121,7 +121,8 @@ class NetnsRouter(Router):
     def _proxy(self, router: str, address: str, present: bool) -> None:
         def change() -> None:
             with IPRoute() as ipr:
-                netns.set_proxy(ipr, RACK_LEG, _host_address(address), present)
+                netns.set_proxy(ipr, netns.link_index(ipr, RACK_LEG), _host_address(address),
+                                present)
         self.routers.run(router, f"{'add' if present else 'remove'} the proxy entry for "
                          f"{address}", change)
 
@@ -131,16 +132,19 @@ class NetnsRouter(Router):
         network = ipaddress.IPv4Network(subnet)
 
         def send() -> int:
-            if into_rack:
-                return netns.send_frames(netns.into_rack_frames(vm_ip, vm_mac, network,
-                                                                *netns.legs_macs()))
             with IPRoute() as ipr:
-                known = netns.neighbours(ipr, UPLINK_LEG, network, skip=vm_ip)
-                own = netns.leg_address(ipr, UPLINK_LEG)
-            up_mac = netns.own_mac(UPLINK_LEG)
+                found = netns.legs(ipr)
+                up, rack = netns.leg(found, UPLINK_LEG), netns.leg(found, RACK_LEG)
+                if into_rack:
+                    frames = netns.into_rack_frames(vm_ip, vm_mac, network, up.mac, rack.mac)
+                    return netns.send_frames(frames)
+                known = netns.in_network(netns.neighbour_macs(ipr, up.index), network,
+                                         skip=vm_ip)
+                own = netns.leg_address(ipr, up.index)
             if own is not None and own.ip in network:
-                known.append((str(own.ip), up_mac))
-            return netns.send_frames(netns.out_of_rack_frames(vm_ip, vm_mac, known, up_mac))
+                known.append((str(own.ip), up.mac))
+            return netns.send_frames(netns.out_of_rack_frames(vm_ip, vm_mac, known, up.mac))
+
         return self.routers.run(router, "send ARP", send)
 
 

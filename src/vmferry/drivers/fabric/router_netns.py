@@ -106,6 +106,25 @@ def link_index(ipr: IPRoute, ifname: str) -> int:
     return int(found[0])
 
 
+@dataclass(frozen=True)
+class Leg:
+    index: int
+    mac: bytes
+
+
+def legs(ipr: IPRoute) -> dict[str, Leg]:
+    """The namespace's devices by name, from one dump (a look-up by name dumps them all)."""
+    return {str(link.get_attr("IFLA_IFNAME")): Leg(int(link["index"]),
+                                                    mac_bytes(str(link.get_attr("IFLA_ADDRESS"))))
+            for link in ipr.get_links()}
+
+
+def leg(found: dict[str, Leg], ifname: str) -> Leg:
+    if ifname not in found:
+        raise OSError(errno.ENODEV, f"no device {ifname}")
+    return found[ifname]
+
+
 def proxy_entries(ipr: IPRoute, ifname: str) -> frozenset[str]:
     """The IPv4 addresses ``ifname`` answers ARP for by a proxy entry."""
     index = link_index(ipr, ifname)
@@ -115,38 +134,36 @@ def proxy_entries(ipr: IPRoute, ifname: str) -> frozenset[str]:
     return frozenset(str(e.get_attr("NDA_DST")) for e in entries if e["ifindex"] == index)
 
 
-def set_proxy(ipr: IPRoute, ifname: str, address: str, present: bool) -> bool:
-    """Add or remove the proxy entry for ``address`` on ``ifname``; whether it changed."""
-    held = address in proxy_entries(ipr, ifname)
-    if held == present:
-        return False
-    ipr.neigh("replace" if present else "del", dst=address, ifindex=link_index(ipr, ifname),
-              flags=NTF_PROXY, state=NUD_PERMANENT)
-    return True
+def set_proxy(ipr: IPRoute, index: int, address: str, present: bool) -> None:
+    """Add or remove the proxy entry for ``address`` on the device ``index`` (idempotent)."""
+    try:
+        ipr.neigh("replace" if present else "del", dst=address, ifindex=index,
+                  flags=NTF_PROXY, state=NUD_PERMANENT)
+    except NetlinkError as exc:
+        if present or exc.code != errno.ENOENT:
+            raise
 
 
-def neighbour_mac(ipr: IPRoute, ifname: str, address: str) -> bytes | None:
-    """The MAC ``ifname``'s neighbour table holds for ``address`` (any state), if any."""
-    for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=link_index(ipr, ifname)):
-        if entry.get_attr("NDA_DST") == address and entry.get_attr("NDA_LLADDR"):
-            return mac_bytes(str(entry.get_attr("NDA_LLADDR")))
-    return None
-
-
-def neighbours(ipr: IPRoute, ifname: str, network: ipaddress.IPv4Network,
-               skip: str) -> list[tuple[str, bytes]]:
-    """(address, MAC) of ``ifname``'s resolved neighbours in ``network`` but ``skip``."""
-    found: list[tuple[str, bytes]] = []
-    for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=link_index(ipr, ifname)):
+def neighbour_macs(ipr: IPRoute, index: int) -> dict[str, bytes]:
+    """Address -> MAC of the device's neighbour table (any state that has a MAC)."""
+    found: dict[str, bytes] = {}
+    for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
         dst, lladdr = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
-        if dst and lladdr and dst != skip and ipaddress.IPv4Address(dst) in network:
-            found.append((str(dst), mac_bytes(str(lladdr))))
+        if dst and lladdr:
+            found[str(dst)] = mac_bytes(str(lladdr))
     return found
 
 
-def leg_address(ipr: IPRoute, ifname: str) -> ipaddress.IPv4Interface | None:
-    """The leg's (first) IPv4 address with its prefix."""
-    for addr in ipr.get_addr(family=socket.AF_INET, index=link_index(ipr, ifname)):
+def in_network(macs: dict[str, bytes], network: ipaddress.IPv4Network,
+               skip: str) -> list[tuple[str, bytes]]:
+    """(address, MAC) of ``macs`` in ``network`` but ``skip``."""
+    return [(a, m) for a, m in sorted(macs.items())
+            if a != skip and ipaddress.IPv4Address(a) in network]
+
+
+def leg_address(ipr: IPRoute, index: int) -> ipaddress.IPv4Interface | None:
+    """The device's (first) IPv4 address with its prefix."""
+    for addr in ipr.get_addr(family=socket.AF_INET, index=index):
         return ipaddress.IPv4Interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
     return None
 
@@ -260,16 +277,6 @@ def peers(subnet: ipaddress.IPv4Network, skip: str) -> list[str]:
         if len(result) >= MAX_PEERS:
             break
     return result
-
-
-def legs_macs() -> tuple[bytes, bytes]:
-    """The uplink leg's and the rack leg's own MACs."""
-    return own_mac(UPLINK_LEG), own_mac(RACK_LEG)
-
-
-def own_mac(ifname: str) -> bytes:
-    with open(f"/sys/class/net/{ifname}/address", encoding="ascii") as f:
-        return mac_bytes(f.read().strip())
 
 
 def send_frames(frames: list[tuple[str, bytes]]) -> int:
