@@ -134,7 +134,7 @@ class NftNat(NatBoundary):
             subnet = own.network if own is not None else ipaddress.IPv4Network(f"{home}/32")
             netns.send_frames(netns.into_rack_frames(home, vm_mac, subnet, up.mac, rack.mac))
             started = step("arp", started)
-            netns.forget_flows([home, new])
+            netns.forget_flows_or_warn([home, new])
             step("conntrack", started)
 
         self.routers.run(router, f"translate {home} to {new}", realize)
@@ -159,7 +159,7 @@ class NftNat(NatBoundary):
                     netns.neighbour_macs(ipr, up.index), own.network, skip=home)
             if new is not None:
                 _write(router, {h: n for h, n in current.items() if h != home})
-            netns.forget_flows([home] + ([new] if new else []))
+            netns.forget_flows_or_warn([home] + ([new] if new else []))
             if own is not None:
                 known.append((str(own.ip), up.mac))
             netns.send_frames(netns.out_of_rack_frames(home, vm_mac, known, up.mac))

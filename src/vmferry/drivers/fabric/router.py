@@ -103,7 +103,7 @@ class NetnsRouter(Router):
             with IPRoute() as ipr:
                 if vm_ip in _host_routes(ipr):
                     _route(ipr, "del", vm_ip)
-            netns.forget_flows([vm_ip])
+            netns.forget_flows_or_warn([vm_ip])
         self.routers.run(router, f"remove the route to {address}", remove)
 
     def proxy_entries(self, router: str) -> frozenset[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -42,6 +43,7 @@ NETNS_DIR = "/var/run/netns"
 TIMEOUT_S = 5.0           # a guest's control port, nft
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RouterNamespaces:
@@ -216,6 +218,16 @@ def forget_flows(addresses: Iterable[str]) -> int:
                     if exc.code != errno.ENOENT:
                         raise
     return gone
+
+
+def forget_flows_or_warn(addresses: list[str]) -> int:
+    """``forget_flows`` on a switchover's path: a failure is logged, not raised (the move's
+    translation or route is in place by then; ``audit`` reports flows left translated)."""
+    try:
+        return forget_flows(addresses)
+    except (OSError, NetlinkError) as exc:
+        log.warning("cannot flush the tracked flows of %s: %s", ", ".join(addresses), exc)
+        return 0
 
 
 # ---- nftables, inside the namespace ------------------------------------------------------
