@@ -8,7 +8,8 @@ is away: the controller's store holds its lease, the router's nftables maps tran
 old address to the leased one and its uplink leg answers ARP for the old address, the
 guest's port is on VLAN 300 and the tunnel carries nothing (no stretch). New TCP sessions to
 the old address work; the session held across the move is reset (the README says so).
-After the return: no lease, no translation, no proxy entry, nothing on host5, audit clean.
+After the return: no lease, no translation, no proxy entry, no tracked flow the router still
+translates, nothing on host5, audit clean.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from test_boundary import (
 
 from labkit import LabRun, running_lab, trunks
 from vmferry.drivers.fabric.nat import NftNat
+from vmferry.drivers.fabric.router_netns import Flow, RouterNamespaces, flows
 from vmferry.model.topology import Topology, default_topology_path
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -64,6 +66,13 @@ def router_nat(lab: LabRun) -> tuple[dict[str, str], frozenset[str], str]:
     nat = NftNat(Topology.model_validate(lab.topology))
     ruleset = lab.exec(ROUTER, "nft", "list", "ruleset").stdout
     return nat.translations(ROUTER), nat.proxied(ROUTER), ruleset
+
+
+def translated_flows(lab: LabRun, home: str) -> list[Flow]:
+    """The router's connection-tracking entries that translate ``home`` to another address."""
+    routers = RouterNamespaces({ROUTER: lab.namespace(ROUTER)})
+    return [f for f in routers.run(ROUTER, "read the tracked flows", flows)
+            if f.orig_dst == home and f.reply_src != home]
 
 
 def guest_addresses_answer(lab: LabRun, address: str) -> bool:
@@ -105,6 +114,7 @@ def test_nat_into_the_routed_rack_and_back(lab: LabRun) -> None:
         translations, proxied, _ = router_nat(lab)
         assert lab.pings(ROUTER, new_ip.split("/")[0]), "the guest took the leased address"
         assert translations == {VM_IP: new_ip.split("/")[0]}
+        assert {f.reply_src for f in translated_flows(lab, VM_IP)} == {new_ip.split("/")[0]}
         assert proxied == {VM_IP}
         there = trunks(lab)
         assert there[("host5", "tor3")]["actual_a"] == [300], there[("host5", "tor3")]
@@ -126,6 +136,9 @@ def test_nat_into_the_routed_rack_and_back(lab: LabRun) -> None:
         assert leases(lab) == []
         translations, proxied, ruleset = router_nat(lab)
         assert translations == {} and proxied == frozenset()
+        # The pings' flow was translated while the VM was away: its tracked entry would go on
+        # translating the old address to the borrowed one (until it expires) unless flushed.
+        assert translated_flows(lab, VM_IP) == []
         assert "vmferry_nat" not in ruleset
         left_nothing(lab, vm)
     finally:

@@ -140,3 +140,23 @@ def test_asking_for_a_way_that_cannot_take_the_move_is_refused_naming_why(site: 
     assert route_way.attachment_vlan(site.topology, 100, VM_IP, "host5", Way.ROUTE) == 300
     assert route_way.attachment_vlan(site.topology, 100, VM_IP, "host5", Way.STRETCH) == 100
     assert route_way.attachment_vlan(site.topology, 100, VM_IP, "host1", Way.ROUTE) == 100
+
+
+def test_flows_still_translated_after_their_translation_went_are_found_and_flushed(
+        site: Site) -> None:
+    site.nat.flows[ROUTER] = {"192.0.2.77": "198.18.3.250"}     # no translation holds it
+    found = [(f.kind, f.where, f.what) for f in audit.audit(site.controller)]
+    assert found == [("router-flow", ROUTER, "192.0.2.77")]
+    assert audit.fix(site.controller, audit.audit(site.controller)) == []
+    assert site.nat.flows[ROUTER] == {}
+
+
+def test_flows_of_a_held_translation_are_no_leftover_and_a_removal_flushes_them(
+        site: Site) -> None:
+    site.nat.add(ROUTER, "192.0.2.77/24", "198.18.3.250/24")
+    site.nat.flows[ROUTER] = {"192.0.2.77": "198.18.3.250", "192.0.2.78": "198.18.3.249"}
+    assert route_way.reconcile(site.controller) == \
+        [f"{ROUTER}: -flows 192.0.2.78 -> 198.18.3.249"]       # the one nothing explains
+    assert site.nat.flows[ROUTER] == {"192.0.2.77": "198.18.3.250"}
+    site.nat.remove(ROUTER, "192.0.2.77")
+    assert site.nat.flows[ROUTER] == {}

@@ -147,7 +147,8 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
             else:
                 fabric = controller.fabric_driver()
                 fabric.replace_rules(f.where, int(f.what, 0), [])
-    if any(f.kind in ("host-route", "proxy-arp", "host-route-missing") for f in findings):
+    if any(f.kind in ("host-route", "proxy-arp", "host-route-missing", "router-flow")
+           for f in findings):
         route_way.reconcile(controller)
     for f in findings:
         if f.kind.startswith("nat-"):

@@ -132,12 +132,17 @@ def _routed(topology: Topology, session: Any, vm: VmRow) -> HostRoute | None:
     return route
 
 
-def reconcile(controller: Controller) -> list[str]:
+def reconcile(controller: Controller, flows: bool = True) -> list[str]:
     """Make every router hold exactly what ``desired`` says, writing only what differs;
-    returns the changes ("router: +route 192.0.2.30", ...). Raises ``FabricError``."""
+    returns the changes ("router: +route 192.0.2.30", ...). ``flows``: also flush the
+    connection-tracking entries that translate as no NAT translation of the router does
+    (``stale_flows``; the switchover leaves them to ``audit --fix`` and the rollback: reading
+    them costs a dump per router). Raises ``FabricError``."""
     routers = controller.router_driver()
     changes: list[str] = []
     for router, want in desired(controller).items():
+        if flows:
+            changes += _forget_stale_flows(controller, router)
         routes, proxies = routers.host_routes(router), routers.proxy_entries(router)
         for address in sorted(want.routes - routes):
             routers.add_host_route(router, address)
@@ -154,12 +159,25 @@ def reconcile(controller: Controller) -> list[str]:
     return changes
 
 
+def _forget_stale_flows(controller: Controller, router: str) -> list[str]:
+    nat = controller.nat_driver()
+    stale = nat.stale_flows(router)
+    if stale:
+        nat.forget_flows(router, sorted(stale))
+    return [f"{router}: -flows {home} -> {new}" for home, new in sorted(stale.items())]
+
+
 def leftovers(controller: Controller) -> list[tuple[str, str, str, str]]:
-    """(kind, router, address, detail) for what a router holds that no routed VM needs, and
-    for what one needs but its router lacks."""
+    """(kind, router, address, detail) for what a router holds that no routed VM needs, for
+    what one needs but its router lacks, and for tracked flows the router still translates
+    as none of its translations says (``reconcile`` flushes them)."""
     routers = controller.router_driver()
+    nat = controller.nat_driver()
     found: list[tuple[str, str, str, str]] = []
     for router, want in desired(controller).items():
+        found += [("router-flow", router, home, f"tracked flows still translated to {new} "
+                   "by no translation of the router") for home, new in
+                  sorted(nat.stale_flows(router).items())]
         routes, proxies = routers.host_routes(router), routers.proxy_entries(router)
         found += [("host-route", router, a, "a /32 that no routed VM needs")
                   for a in sorted(routes - want.routes)]
@@ -194,6 +212,6 @@ def switch(run: Run) -> None:
     if into is not None:
         routers.add_host_route(into.router, into.address)
         frames += routers.announce(into.router, vm.ip, vm.mac, into.subnet, into_rack=True)
-    changes = reconcile(run.controller)
+    changes = reconcile(run.controller, flows=False)
     if changes or frames:
         run.record_result(route_way={"changes": changes, "arp_frames": frames})

@@ -24,7 +24,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vmferry import privileged
-from vmferry.drivers.fabric.router import RACK_LEG, UPLINK_LEG
+from vmferry.drivers.fabric.router_netns import RACK_LEG, UPLINK_LEG
 from vmferry.errors import PrivilegedError
 from vmferry.lab.names import LabLayout
 from vmferry.model.network import short_ifname
