@@ -27,6 +27,7 @@ COST = {
     "test_placement.py": 400,
     "test_boundary.py": 160,
     "test_boundary_nat.py": 120,
+    "test_boundary_dual.py": 150,
     "test_postcopy.py": 110,
     "test_migration_libvirt.py": 110,
     "test_profiles.py": 100,
