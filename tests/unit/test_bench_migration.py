@@ -7,7 +7,7 @@ import pytest
 
 from vmferry.bench.migration import BenchConfig, RunResult, compare, summarize, summarize_runs
 from vmferry.bench.migration.config import Timing
-from vmferry.bench.migration.probe import parse_ping
+from vmferry.bench.migration.probe import parse_ping, parse_ping_pair
 from vmferry.bench.migration.runner import split
 from vmferry.bench.migration.tcpecho import stall
 from vmferry.bench.migration.variants import completed_to_switchover
@@ -93,6 +93,22 @@ def test_sequence_numbers_wrap() -> None:
 def test_output_without_statistics_is_refused() -> None:
     with pytest.raises(ValueError):
         parse_ping("PING 192.0.2.51\n", 2.0, moved_at=0, ended_at=1)
+
+
+def test_a_move_that_changes_address_is_interrupted_until_the_new_one_answers() -> None:
+    # The old address answers up to probe 800, the new one from probe 950 (dual NIC): the
+    # interruption is the span between, whichever address answered.
+    moved, ended = window(2000)
+    old = ping_output({s: 0.4 for s in range(1, 801)}, 2000)
+    new = ping_output({s: 0.5 for s in range(950, 2000)}, 2000, dups=(1000,))
+    result = parse_ping_pair(old, new, 2.0, moved_at=moved, ended_at=ended)
+    assert result.interruption_ms == pytest.approx(150 * 2.0, abs=0.5)
+    assert result.interruption_from == pytest.approx(START + 800 * INTERVAL, abs=1e-3)
+    assert result.lost is None and result.late is None and result.duplicates == 1
+    assert result.baseline_rtt_ms == pytest.approx(0.4)
+    # One address alone would say the rest of the window was silent.
+    alone = parse_ping(old, 2.0, moved_at=moved, ended_at=ended)
+    assert alone.interruption_ms > 2000
 
 
 def test_tcp_stall_is_the_longest_wait_for_an_echo() -> None:

@@ -143,7 +143,8 @@ def test_the_benchmark_takes_a_built_boundary_and_refuses_the_others_saying_why(
     assert BenchConfig(boundary="route", variants=("vmferry",)).boundary == "route"
     with pytest.raises(ValueError, match=r"hand-driven variants \(floor\) only stretch"):
         BenchConfig(boundary="route", variants=("floor", "vmferry"))
-    with pytest.raises(ValueError, match="'dual' is not realized on the lab yet"):
+    assert BenchConfig(boundary="dual", variants=("vmferry",)).boundary == "dual"
+    with pytest.raises(ValueError, match="only the vmferry variant moves a guest by dual"):
         BenchConfig(boundary="dual")
     with pytest.raises(ValueError, match="'teleport' is not one of stretch, route"):
         BenchConfig(boundary="teleport")
@@ -155,5 +156,6 @@ def test_the_benchmark_moves_into_the_routed_rack_by_the_way_asked() -> None:
     lab = BenchLab(load_topology(EXAMPLE), 1)
     assert lab.rack_hosts() == ("host1", "host3")
     assert lab.rack_hosts("stretch") == ("host1", "host5")
+    assert lab.rack_hosts("dual") == ("host1", "host5")
     with pytest.raises(ConflictError, match="one of them routed"):
         BenchLab(load_topology(default_topology_path()), 1).rack_hosts("stretch")

@@ -44,7 +44,8 @@ def migration(
     topology: Path | None = typer.Option(None, "--topology", help="Topology YAML"),
     boundary: str | None = typer.Option(
         None, "--boundary", help="Move into a routed rack by this way: stretch, route, nat "
-        "(built; route and nat: --variants vmferry), dual (not yet); default topology then "
+        "or dual (route, nat and dual: --variants vmferry; dual pings the old and the new "
+        "address, lost and late are not counted); default topology then "
         "examples/routed-rack.yaml"),
 ) -> None:
     """Migrate a guest back and forth under a 1-2 ms ping and a 10 ms TCP echo, variants

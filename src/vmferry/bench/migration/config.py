@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 KNOWN_VARIANTS = ("floor", "vmferry", "naive", "ovn")
-# Ways across a subnet boundary the benchmark can move a guest by (model.boundary.Way);
-# dual is not realized on a lab's moves yet.
-BUILT_BOUNDARIES = ("stretch", "route", "nat")
-UNBUILT_BOUNDARIES = ("dual",)
+# Ways across a subnet boundary the benchmark can move a guest by (model.boundary.Way).
+BUILT_BOUNDARIES = ("stretch", "route", "nat", "dual")
+UNBUILT_BOUNDARIES: tuple[str, ...] = ()
+# Ways only the controller realizes (a lease, a translation, a hot-plugged NIC).
+CONTROLLER_ONLY_BOUNDARIES = ("nat", "dual")
 # The hand-driven variants wire trunks and ports only: they can stretch a VLAN, no more.
 HAND_STRETCH_ONLY = ("floor", "naive")
 # One address per variant so a client's ARP cache never carries a MAC across variants.
@@ -63,9 +64,9 @@ class BenchConfig:
         if self.boundary == "route" and hand:
             raise ValueError(f"boundary: the hand-driven variants ({', '.join(hand)}) only "
                              "stretch a VLAN; they do not wire the route way (leave them out)")
-        if self.boundary == "nat" and set(self.variants) - {"vmferry"}:
-            raise ValueError("boundary: only the vmferry variant moves a guest by nat; use "
-                             "--variants vmferry")
+        if self.boundary in CONTROLLER_ONLY_BOUNDARIES and set(self.variants) - {"vmferry"}:
+            raise ValueError(f"boundary: only the vmferry variant moves a guest by "
+                             f"{self.boundary}; use --variants vmferry")
         if self.boundary is not None and "ovn" in self.variants:
             raise ValueError("boundary: the ovn peer has no routed rack; leave it out")
 

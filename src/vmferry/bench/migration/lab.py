@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from vmferry import paths
+from vmferry import paths, privileged
 from vmferry.drivers.fabric.ovs_fabric import OvsFabric
 from vmferry.drivers.softswitch.ovs import OvsSoftswitch
 from vmferry.errors import AgentError, ConflictError, VmferryError
 from vmferry.http import ClientTls, client_for, error_payload, raise_for_agent
 from vmferry.lab.names import LabLayout
 from vmferry.lab.ovs_instance import OvsInstance
+from vmferry.model.addresses import bare
 from vmferry.model.boundary import Way, crossing_facts, plan_crossing
 from vmferry.model.fabric import Endpoint, client_endpoints, desired_trunk_vlans
 from vmferry.model.topology import Topology
@@ -140,12 +141,23 @@ class BenchLab:
             facts = crossing_facts(topo, "bench", vlan, a, b)
             # The controller's pool decides at the move; a fresh lab's routed subnet is free.
             facts = dataclasses.replace(facts, free_destination_address=bool(
-                facts.destination_subnet))
+                facts.destination_subnet), guest_hotplug=topo.host(b).hypervisor == "qemu")
             plan = plan_crossing(facts, boundary)
             if plan.way is None:
                 raise ConflictError("boundary", f"a move {a} -> {b} cannot cross by "
                                     f"{boundary}: {plan.reasons.get(Way(boundary), '?')}")
         return a, b
+
+    def route_to_routed_racks(self, client: str) -> None:
+        """Give ``client`` a route to each routed rack's subnet through the rack router's leg
+        in the client's VLAN (the lab gives clients no default route): where a guest moved
+        into the rack by dual NIC answers. Raises ``PrivilegedError``."""
+        node = next(c for c in self.topology.clients if c.name == client)
+        for rack in self.topology.routed_racks():
+            if rack.uplink is not None and rack.subnet is not None \
+                    and rack.uplink.vlan == node.vlan:
+                privileged.run_in_namespace(self.namespace(client), [
+                    "ip", "route", "replace", str(rack.subnet), "via", bare(str(rack.uplink.ip))])
 
     # -- wiring by hand
 

@@ -55,9 +55,9 @@ class ProbeResult:
     effective_interval_ms: float | None
     sent: int
     answered: int
-    lost: int
+    lost: int | None          # None for a pair of addresses (parse_ping_pair)
     duplicates: int
-    late: int
+    late: int | None
     max_rtt_ms: float | None
     baseline_rtt_ms: float | None
     timely_ms: float
@@ -101,16 +101,65 @@ def parse_ping(output: str, interval_ms: float, moved_at: float, ended_at: float
     before it give the baseline RTT), ``ended_at``: when the window closed. Raises
     ``ValueError`` when ping printed no statistics."""
     replies, duplicates, sent = parse_replies(output)
-    before = [r.rtt_ms for r in replies if r.sent < moved_at]
-    baseline = statistics.median(before) if before else None
-    timely_ms = max(MIN_TIMELY_MS, TIMELY_FACTOR * baseline) if baseline else MIN_TIMELY_MS
+    timely_ms, baseline = _threshold(replies, moved_at)
     timely = [r for r in replies if r.rtt_ms < timely_ms]
-    late = len(replies) - len(timely)
     first_seq = 1 if not replies or replies[0].seq >= 1 else 0
     in_flight = math.ceil(IN_FLIGHT_S * 1000 / interval_ms)
     counted = range(first_seq, first_seq + max(sent - in_flight, 0))
     answered = {r.seq for r in replies}
     lost = sum(1 for seq in counted if seq not in answered)
+    span, span_from, first_after = _longest_gap(timely, ended_at, timely_ms,
+                                                sent * interval_ms / 1000)
+    effective = None
+    if len(replies) >= 2 and replies[-1].seq > replies[0].seq:
+        effective = round((replies[-1].sent - replies[0].sent) * 1000
+                          / (replies[-1].seq - replies[0].seq), 3)
+    return ProbeResult(
+        interval_ms=interval_ms, effective_interval_ms=effective, sent=sent,
+        answered=len(replies), lost=lost, duplicates=duplicates,
+        late=len(replies) - len(timely),
+        max_rtt_ms=max((r.rtt_ms for r in replies), default=None),
+        baseline_rtt_ms=baseline, timely_ms=round(timely_ms, 3),
+        interruption_ms=round(span * 1000, 1), interruption_from=span_from,
+        first_timely_after=first_after)
+
+
+def parse_ping_pair(before: str, after: str, interval_ms: float, moved_at: float,
+                    ended_at: float) -> ProbeResult:
+    """The figures of a window in which the guest's address changes (a move by dual NIC):
+    ``before`` is ping's output for the address the guest had, ``after`` for the one it
+    takes. Timely as in ``parse_ping`` (the baseline from the old address); the interruption
+    is the longest span with no timely reply from either address. *Lost* and *late* are None:
+    each address is meant to stop (or start) answering during the window, so neither count
+    says what a user missed. Raises ``ValueError`` when either ping printed no statistics."""
+    old, old_dups, old_sent = parse_replies(before)
+    new, new_dups, new_sent = parse_replies(after)
+    timely_ms, baseline = _threshold(old, moved_at)
+    timely = sorted((r for r in old + new if r.rtt_ms < timely_ms), key=lambda r: r.sent)
+    span, span_from, first_after = _longest_gap(timely, ended_at, timely_ms,
+                                                old_sent * interval_ms / 1000)
+    return ProbeResult(
+        interval_ms=interval_ms, effective_interval_ms=None, sent=old_sent + new_sent,
+        answered=len(old) + len(new), lost=None, duplicates=old_dups + new_dups, late=None,
+        max_rtt_ms=max((r.rtt_ms for r in old + new), default=None),
+        baseline_rtt_ms=baseline, timely_ms=round(timely_ms, 3),
+        interruption_ms=round(span * 1000, 1), interruption_from=span_from,
+        first_timely_after=first_after)
+
+
+def _threshold(replies: list[Reply], moved_at: float) -> tuple[float, float | None]:
+    """(the timely threshold in ms, the baseline RTT): from the probes sent before the move."""
+    before = [r.rtt_ms for r in replies if r.sent < moved_at]
+    baseline = statistics.median(before) if before else None
+    return (max(MIN_TIMELY_MS, TIMELY_FACTOR * baseline) if baseline else MIN_TIMELY_MS,
+            baseline)
+
+
+def _longest_gap(timely: list[Reply], ended_at: float, timely_ms: float, window_s: float,
+                 ) -> tuple[float, float | None, float | None]:
+    """(span s, send time of the last timely probe before it, arrival of the first timely
+    reply after it) of the longest span between the send times of consecutive timely probes
+    (``timely`` in send order); ``window_s`` when none was timely."""
     span, span_from, first_after = 0.0, None, None
     for a, b in itertools.pairwise(timely):
         if b.sent - a.sent > span:
@@ -120,18 +169,8 @@ def parse_ping(output: str, interval_ms: float, moved_at: float, ended_at: float
     if tail > span:
         span, span_from, first_after = tail, timely[-1].sent, None
     if not timely:
-        span = sent * interval_ms / 1000
-    effective = None
-    if len(replies) >= 2 and replies[-1].seq > replies[0].seq:
-        effective = round((replies[-1].sent - replies[0].sent) * 1000
-                          / (replies[-1].seq - replies[0].seq), 3)
-    return ProbeResult(
-        interval_ms=interval_ms, effective_interval_ms=effective, sent=sent,
-        answered=len(replies), lost=lost, duplicates=duplicates, late=late,
-        max_rtt_ms=max((r.rtt_ms for r in replies), default=None),
-        baseline_rtt_ms=baseline, timely_ms=round(timely_ms, 3),
-        interruption_ms=round(span * 1000, 1), interruption_from=span_from,
-        first_timely_after=first_after)
+        span = window_s
+    return span, span_from, first_after
 
 
 class PingProbe:
@@ -164,6 +203,12 @@ class PingProbe:
     def stop(self, moved_at: float) -> ProbeResult:
         """End the window and read what ping saw. Raises ``WaitTimeout`` if ping does not end,
         ``ValueError`` if its output has no statistics."""
+        output, ended_at = self.stop_output()
+        return parse_ping(output, self.interval_ms, moved_at=moved_at, ended_at=ended_at)
+
+    def stop_output(self) -> tuple[str, float]:
+        """End the window: (ping's output, when the window closed, epoch s). Raises
+        ``WaitTimeout`` if ping does not end."""
         proc = self._proc
         if proc is None:
             raise RuntimeError("probe was not started")
@@ -182,7 +227,7 @@ class PingProbe:
         self._output.seek(0)
         output = self._output.read()
         self._close_output()
-        return parse_ping(output, self.interval_ms, moved_at=moved_at, ended_at=ended_at)
+        return output, ended_at
 
     def _close_output(self) -> None:
         if self._output is not None:

@@ -18,7 +18,12 @@ from typing import Any
 from vmferry.bench.migration.config import ADDRESSES, BenchConfig, RunResult, Timing
 from vmferry.bench.migration.lab import BenchLab, free_port, mac_changes
 from vmferry.bench.migration.ovn import Ovn
-from vmferry.bench.migration.probe import PingProbe, ProbeResult, wait_reachable
+from vmferry.bench.migration.probe import (
+    PingProbe,
+    ProbeResult,
+    parse_ping_pair,
+    wait_reachable,
+)
 from vmferry.bench.migration.statistics import compare, summarize, summarize_runs
 from vmferry.bench.migration.tcpecho import EchoSession
 from vmferry.bench.migration.variants import Floor, Naive, Variant, Vmferry
@@ -61,13 +66,21 @@ def measure(variant: Variant, run: int, source: str, destination: str,
     result = RunResult(variant=variant.name, run=run, source=source, destination=destination,
                        ok=False)
     switches = list(path_ports(lab.topology, source, destination))
-    probe = PingProbe(namespace, variant.address, interval_ms=config.interval_ms,
-                      max_seconds=config.warmup_s + config.migration_timeout_s + 60)
-    echo = EchoSession(namespace, variant.address, interval_ms=config.tcp_interval_ms,
-                       max_seconds=config.warmup_s + config.migration_timeout_s + 60)
+    window_s = config.warmup_s + config.migration_timeout_s + 60
+    try:
+        before, after = variant.addresses(destination)
+    except VmferryError as exc:
+        result.error = exc.message
+        return result
+    probe = PingProbe(namespace, before, interval_ms=config.interval_ms, max_seconds=window_s)
+    # A move that changes the guest's address: a second ping, to the address it takes.
+    second = (PingProbe(namespace, after, interval_ms=config.interval_ms,
+                        max_seconds=window_s) if after != before else None)
+    echo = EchoSession(namespace, before, interval_ms=config.tcp_interval_ms,
+                       max_seconds=window_s)
     try:
         variant.restore(source)
-        wait_reachable(namespace, variant.address, timeout=60)
+        wait_reachable(namespace, before, timeout=60)
         trace = lab.mac_trace_start(switches)
         moves_before = lab.mac_moves(switches)
         try:
@@ -77,23 +90,26 @@ def measure(variant: Variant, run: int, source: str, destination: str,
             result.tcp = {"error": exc.message}
             echoing = False
         probe.start()
+        if second is not None:
+            second.start()
         time.sleep(config.warmup_s)
         moved_at = time.time()
         timing = variant.migrate(source, destination)
         time.sleep(config.tail_s)
-        seen = probe.stop(moved_at)
+        seen = _stop_probes(probe, second, moved_at)
+        if second is not None and (published := variant.published_address()) != after:
+            raise ValueError(f"the guest's published address is {published}, the probe "
+                             f"pinged {after}")
         if echoing:
             result.tcp = echo.stop()
         moves_after = lab.mac_moves(switches)
         result.mac_trace = lab.mac_trace_read(trace)
     except (VmferryError, ValueError) as exc:
-        probe.kill()
-        echo.kill()
+        _kill(probe, second, echo)
         result.error = getattr(exc, "message", str(exc))
         return result
     except BaseException:
-        probe.kill()
-        echo.kill()
+        _kill(probe, second, echo)
         raise
     result.ok = True
     result.interruption_ms = seen.interruption_ms
@@ -142,6 +158,8 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
     try:
         lab.up(say)
         home, away = lab.rack_hosts(config.boundary, config.vlan)
+        if config.boundary == "dual":
+            lab.route_to_routed_racks(config.client)
         try:
             link_mbps = lab.link_mbps(home, away)
         except VmferryError as exc:
@@ -180,6 +198,22 @@ def run_benchmark(config: BenchConfig, say: Callable[[str], None] = lambda _: No
     document["boundary"] = config.boundary
     document["migration_link_mbps"] = link_mbps
     return document
+
+
+def _stop_probes(probe: PingProbe, second: PingProbe | None, moved_at: float) -> ProbeResult:
+    """What the probes saw: one address's ping, or both addresses' (a dual NIC move)."""
+    if second is None:
+        return probe.stop(moved_at)
+    before, _ = probe.stop_output()
+    after, ended_at = second.stop_output()
+    return parse_ping_pair(before, after, probe.interval_ms, moved_at, ended_at)
+
+
+def _kill(probe: PingProbe, second: PingProbe | None, echo: EchoSession) -> None:
+    probe.kill()
+    if second is not None:
+        second.kill()
+    echo.kill()
 
 
 def _still_on(variant: Variant, where: str) -> bool:

@@ -22,7 +22,8 @@ from vmferry.bench.migration.config import (
     Timing,
 )
 from vmferry.bench.migration.lab import BenchLab, cpu_ms
-from vmferry.errors import AgentError, MigrationError, VmferryError, WaitTimeout
+from vmferry.errors import AgentError, ConflictError, MigrationError, VmferryError, WaitTimeout
+from vmferry.model.addresses import bare, free_address
 from vmferry.model.names import tap_name
 from vmferry.model.topology import HOST_BRIDGE
 
@@ -57,6 +58,15 @@ class Variant(ABC):
         Variants run interleaved, and another variant's pruning (by hand, or the controller's
         reconciliation, which knows only its own VMs) may have taken it off a trunk."""
         self.lab.wire_vlan(self.config.vlan, [where])
+
+    def addresses(self, destination: str) -> tuple[str, str]:
+        """(where the guest answers before the move to ``destination``, where after): one
+        address, but for a move that changes it (dual NIC)."""
+        return self.address, self.address
+
+    def published_address(self) -> str:
+        """Where the guest answers now, as its mover says."""
+        return self.address
 
     @abstractmethod
     def migrate(self, source: str, destination: str) -> Timing: ...
@@ -229,13 +239,35 @@ class Vmferry(Variant):
     def finish(self, host: str) -> None:
         self.lab.controller("DELETE", f"/v1/vms/{self.vm}")
 
+    def addresses(self, destination: str) -> tuple[str, str]:
+        """By dual NIC the guest takes an address of the destination rack's pool, the first
+        free from the top (``model.addresses.free_address``: the benchmark's guest is the
+        only one there), and takes its home address back on the way out; ``measure`` checks
+        the address published after the move against this one."""
+        if self.config.boundary != "dual":
+            return super().addresses(destination)
+        published = self.published_address()
+        if published != self.address:
+            return published, self.address
+        topology = self.lab.topology
+        rack = next(r for r in topology.racks if r.name == topology.host(destination).rack)
+        if rack.subnet is None:
+            raise ConflictError("boundary", f"{destination} is not in a routed rack")
+        leased = free_address(rack.subnet, rack.gateway, ())
+        if leased is None:
+            raise ConflictError("boundary", f"no free address in {rack.subnet}")
+        return published, bare(leased)
+
+    def published_address(self) -> str:
+        """The address the controller publishes for the guest (``vmferry vm show``)."""
+        return bare(str(self.lab.controller("GET", f"/v1/vms/{self.vm}")["ip"]))
+
     def migrate(self, source: str, destination: str) -> Timing:
         pid = self.lab.controller_pid()
         cpu_before = cpu_ms(pid) if pid else None
         started = time.monotonic()
         record: dict[str, Any] = self.lab.controller("POST", "/v1/migrations", body={
             "vm": self.vm, "to": destination, "postcopy": "never",
-            **({"boundary": self.config.boundary} if self.config.boundary == "nat" else {}),
             "max_downtime_ms": self.config.max_downtime_ms,
             "timeout_s": self.config.migration_timeout_s, "boundary": self.config.boundary})
         deadline = started + self.config.migration_timeout_s + 60
