@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from enginekit import Site, site_at
 
+from vmferry import privileged
 from vmferry.controller import audit, dual_nic, nat
 from vmferry.controller.phases import STEPS
 from vmferry.controller.run import Run
@@ -189,3 +190,10 @@ def test_a_restarted_controller_finishes_or_undoes_the_nic_change(
         assert ports(site, "host1") == {tap_name("vm1"): 100}
         assert ports(site, "host5") == {}
     assert audit.audit(site.controller) == []
+
+
+@pytest.mark.parametrize("vm", ["vm1", "bench-vmferry", "a" * 12, "x" * 63])
+def test_the_second_nics_tap_name_is_a_valid_interface_name(vm: str) -> None:
+    name = aux_tap_name(vm)
+    assert len(name) <= 15 and name != tap_name(vm)
+    assert privileged.check_ifname(name) == name

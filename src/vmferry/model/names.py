@@ -48,4 +48,4 @@ def aux_tap_name(vm: str) -> str:
     if len(tap) + 2 <= IFNAME_MAX:
         return f"{tap}.n"
     digest = base64.b32encode(hashlib.sha256(vm.encode()).digest()).decode().lower()
-    return f"{TAP_PREFIX}{vm[:3]}-{digest[:_HASH_CHARS]}.n"
+    return f"{TAP_PREFIX}{vm[:2]}-{digest[:_HASH_CHARS]}.n"
