@@ -43,6 +43,7 @@ IMAGE = GuestImage(kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"),
                    built_at="2026-01-01T00:00:00+00:00")
 SPEC = GuestSpec(name="web1", memory_mib=256, mac="52:54:00:AB:CD:01", tap="vft-web1",
                  ip_cidr="192.0.2.10/24", gateway="192.0.2.1", workload_mibps=5)
+HOTPLUG = dataclasses.replace(SPEC, hotplug_ports=True)
 
 
 def option(argv: list[str], flag: str) -> str:
@@ -70,19 +71,24 @@ def test_argv_runs_a_sandboxed_tcg_guest_on_the_tap() -> None:
     assert option(argv, "-initrd") == "/img/initrd.img"
     assert option(argv, "-netdev") == (
         "tap,id=n0,ifname=vft-web1,script=no,downscript=no,vnet_hdr=off")
-    # Both hot-plug root ports, the NIC on the first (a move by "dual" NIC uses the other).
+    # No hot-plug root ports unless the site asks for them (Topology.guest_hotplug).
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-device"] == [
+        "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01,romfile="]
+    assert "-incoming" not in argv
+    # With them: both root ports, the NIC on the first (a move by "dual" NIC uses the other).
+    argv = qemu_argv(HOTPLUG, IMAGE, guest_files(Path("/run/vf"), "web1"))
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-device"] == [
         "pcie-root-port,id=vmfp0,chassis=1,bus=pcie.0",
         "pcie-root-port,id=vmfp1,chassis=2,bus=pcie.0",
         "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01,romfile=,bus=vmfp0"]
-    assert "-incoming" not in argv
 
 
 def test_a_second_nic_sits_on_the_other_root_port_with_the_same_ids_on_both_ends() -> None:
     files = guest_files(Path("/run/vf"), "web1")
-    source = dataclasses.replace(SPEC, aux_nic=GuestNic("52:54:00:ab:cd:02", "vm-web1.n", 1))
+    source = dataclasses.replace(HOTPLUG,
+                                 aux_nic=GuestNic("52:54:00:ab:cd:02", "vm-web1.n", 1))
     # The destination's main NIC is the new one (its tap is the VM's), the old one is aux.
-    dest = dataclasses.replace(SPEC, mac="52:54:00:ab:cd:02", nic_slot=1,
+    dest = dataclasses.replace(HOTPLUG, mac="52:54:00:ab:cd:02", nic_slot=1,
                                aux_nic=GuestNic("52:54:00:ab:cd:01", "vm-web1.n", 0))
 
     def nics(argv: list[str]) -> set[str]:
@@ -96,7 +102,7 @@ def test_a_second_nic_sits_on_the_other_root_port_with_the_same_ids_on_both_ends
 
 
 def test_a_machine_without_root_ports_keeps_one_nic_on_the_root_bus() -> None:
-    argv = qemu_argv(dataclasses.replace(SPEC, machine="pc"), IMAGE,
+    argv = qemu_argv(dataclasses.replace(HOTPLUG, machine="pc"), IMAGE,
                      guest_files(Path("/run/vf"), "web1"))
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-device"] == [
         "virtio-net-pci,id=nic0,netdev=n0,mac=52:54:00:ab:cd:01,romfile="]

@@ -136,6 +136,7 @@ class HostAgent:
                                  mac=request.mac, tap=tap, ip_cidr=request.ip,
                                  gateway=request.gateway, workload_mibps=request.workload_mibps,
                                  memcheck_mib=request.memcheck_mib, nic_slot=request.nic_slot,
+                                 hotplug_ports=request.hotplug_ports,
                                  aux_nic=_guest_nic(request.name, request.aux_nic))
                 self._guests[request.name] = request
                 self._save_request(request)

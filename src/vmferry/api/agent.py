@@ -59,6 +59,7 @@ class GuestRequest(_Body):
     # MiB the guest fills with known patterns and verifies for ever (image/init.sh; 0: none).
     memcheck_mib: int = Field(default=0, ge=0, le=1024 * 1024)
     nic_slot: int = Field(default=0, ge=0, le=1)     # the root port of the main NIC
+    hotplug_ports: bool = False     # root ports for NIC hot-plug (the site's guest_hotplug)
     aux_nic: AuxNic | None = None                    # a second NIC, on the other slot
 
 

@@ -217,6 +217,7 @@ class HostWatch:
             request = GuestRequest(name=vm, memory_mib=row.memory_mib, mac=row.mac, ip=row.ip,
                                    vlan=row.vlan, workload_mibps=row.workload_mibps,
                                    memcheck_mib=row.memcheck_mib,
+                                   hotplug_ports=self.controller.topology().guest_hotplug,
                                    profile=stored_profile(self.store, row.profile))
             row.host, row.state = destination, "creating"
         try:

@@ -110,7 +110,7 @@ def with_address_pool(session: Session, topology: Topology,
     if facts.destination_subnet is None:
         return facts
     free = next_address(session, rack_of(topology, facts.destination)) is not None
-    hotplug = topology.host(facts.destination).hypervisor == "qemu"
+    hotplug = topology.guest_hotplug and topology.host(facts.destination).hypervisor == "qemu"
     return dataclasses.replace(facts, free_destination_address=free, guest_hotplug=hotplug)
 
 

@@ -116,7 +116,8 @@ class Run:
                             migration_peer=self.source if incoming else None,
                             postcopy=self.options.postcopy_allowed,
                             profile=stored_profile(self.store, vm.profile),
-                            memcheck_mib=vm.memcheck_mib)
+                            memcheck_mib=vm.memcheck_mib,
+                            hotplug_ports=self.controller.topology().guest_hotplug)
 
     def last_event_seq(self, host: str) -> int:
         """The newest event number of the guest on ``host`` (0: none, or no events route)."""

@@ -247,7 +247,8 @@ class Controller:
                 request = GuestRequest(name=body.name, memory_mib=body.memory_mib, mac=mac,
                                        ip=body.ip, gateway=body.gateway, vlan=vlan,
                                        workload_mibps=body.workload_mibps, profile=profile,
-                                       memcheck_mib=body.memcheck_mib)
+                                       memcheck_mib=body.memcheck_mib,
+                                       hotplug_ports=self.topology().guest_hotplug)
                 self.agent(body.host).create_guest(request)
             except VmferryError as exc:
                 self._forget_vm(body.name)

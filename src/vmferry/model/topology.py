@@ -173,6 +173,10 @@ class Topology(_Strict):
     name: str = "lab"
     kind: Literal["lab", "site"] = "lab"
     migration_network: NetworkCidr = "203.0.113.0/24"
+    # Guests start with PCIe root ports, their NIC on one, so a NIC can be hot-plugged (the
+    # "dual" NIC way needs it). Off by default: with it, a postcopy migration whose link is cut
+    # left the destination QEMU unable to answer QMP, so recovery could not pause it.
+    guest_hotplug: bool = False
     shared_storage: str | None = None   # lab: defaults to a directory under the lab's state
     vlans: list[Vlan] = Field(default_factory=list)
     switches: list[Switch]

@@ -140,8 +140,9 @@ class BenchLab:
         if boundary is not None:
             facts = crossing_facts(topo, "bench", vlan, a, b)
             # The controller's pool decides at the move; a fresh lab's routed subnet is free.
-            facts = dataclasses.replace(facts, free_destination_address=bool(
-                facts.destination_subnet), guest_hotplug=topo.host(b).hypervisor == "qemu")
+            facts = dataclasses.replace(
+                facts, free_destination_address=bool(facts.destination_subnet),
+                guest_hotplug=topo.guest_hotplug and topo.host(b).hypervisor == "qemu")
             plan = plan_crossing(facts, boundary)
             if plan.way is None:
                 raise ConflictError("boundary", f"a move {a} -> {b} cannot cross by "

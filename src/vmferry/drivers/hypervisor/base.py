@@ -39,6 +39,7 @@ class GuestSpec:
     machine: str = "q35"
     memcheck_mib: int = 0          # memory the guest fills and verifies for ever (0: none)
     nic_slot: int = 0              # the root port the main NIC sits on (NIC_SLOTS)
+    hotplug_ports: bool = False    # root ports for NIC hot-plug (q35; Topology.guest_hotplug)
     aux_nic: GuestNic | None = None   # a second NIC (a move by "dual" NIC), on the other slot
 
 

@@ -41,7 +41,7 @@ from vmferry.drivers.hypervisor.qemu_cmdline import (
     READY_MARKER,
     SUN_PATH_MAX,
     guest_files,
-    hotplug_machine,
+    hotplug_ports,
     kernel_append,
     nic_device,
     parse_kernel_append,
@@ -316,7 +316,7 @@ class QemuHypervisor(Hypervisor):
         NIC is known after an agent restart. Raises InputError, HypervisorError."""
         validate_nic(name, nic)
         spec = self.spec(name)
-        if not hotplug_machine(spec.machine) or nic.slot == spec.nic_slot:
+        if not hotplug_ports(spec) or nic.slot == spec.nic_slot:
             raise HypervisorError(f"guest {name} has no free root port {nic.slot}",
                                   host=self.host, vm=name)
         if nic_device(nic.slot) not in self._devices(name):

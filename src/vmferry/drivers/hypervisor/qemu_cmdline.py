@@ -126,8 +126,13 @@ def nic_device(slot: int) -> str:
 
 
 def hotplug_machine(machine: str) -> bool:
-    """q35 machines get the root ports a NIC can be hot-plugged on."""
+    """q35 machines can get the root ports a NIC can be hot-plugged on."""
     return machine == "q35" or machine.startswith("pc-q35")
+
+
+def hotplug_ports(spec: GuestSpec) -> bool:
+    """Whether the guest has root ports (asked for, on a q35 machine)."""
+    return spec.hotplug_ports and hotplug_machine(spec.machine)
 
 
 def nic_args(mac: str, tap: str, slot: int | None) -> list[str]:
@@ -191,7 +196,7 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, files: Mapping[str, Path], *,
     ]
     # Every guest gets both root ports (source and destination must have the same devices;
     # q35's root bus takes no hot-plug), its NIC on one of them.
-    if not hotplug_machine(spec.machine):
+    if not hotplug_ports(spec):
         return argv + nic_args(spec.mac, spec.tap, None) + incoming_args
     for slot in NIC_SLOTS:
         argv += ["-device", f"pcie-root-port,id={root_port(slot)},chassis={slot + 1},"
