@@ -42,8 +42,7 @@ from vmferry.controller import nat
 from vmferry.errors import MigrationError, VmferryError
 from vmferry.model.addresses import bare
 from vmferry.model.boundary import CrossingPlan, Way
-from vmferry.model.migration import MigrationState
-from vmferry.store.schema import DualNicRow, MigrationRow, VmRow
+from vmferry.store.schema import DualNicRow, VmRow
 
 if TYPE_CHECKING:
     from vmferry.controller.run import Run
@@ -214,10 +213,7 @@ def leftovers(controller: Controller) -> list[tuple[str, str, str, str]]:
     topology = controller.topology()
     found: list[tuple[str, str, str, str]] = []
     with controller.store.session() as session:
-        running = {m.id for m in session.scalars(select(MigrationRow).where(
-            MigrationRow.state.in_([MigrationState.RUNNING.value,
-                                    MigrationState.ROLLING_BACK.value])))}
-        vms = {v.name: v.host for v in session.scalars(select(VmRow))}
+        running, vms = nat.live_moves(session)
         for row in session.scalars(select(DualNicRow)):
             host = vms.get(row.vm)
             away = host is not None and nat.rack_of(topology, host).router == row.router

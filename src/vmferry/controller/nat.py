@@ -246,6 +246,15 @@ def rollback(run: Run) -> str | None:
 # ---- audit --------------------------------------------------------------------------------
 
 
+def live_moves(session: Session) -> tuple[set[int], dict[str, str]]:
+    """(ids of the migrations still running or rolling back, each VM's host): what explains
+    a lease or a dual NIC row in the audit."""
+    running = {m.id for m in session.scalars(select(MigrationRow).where(
+        MigrationRow.state.in_([MigrationState.RUNNING.value,
+                                MigrationState.ROLLING_BACK.value])))}
+    return running, {v.name: v.host for v in session.scalars(select(VmRow))}
+
+
 def leftovers(controller: Controller) -> list[tuple[str, str, str, str]]:
     """(kind, where, what, detail) of what the NAT way left behind: translations and ARP
     proxy entries on routers that no lease explains, and leases that neither a placed VM in
@@ -253,10 +262,7 @@ def leftovers(controller: Controller) -> list[tuple[str, str, str, str]]:
     topology = controller.topology()
     found: list[tuple[str, str, str, str]] = []
     with controller.store.session() as session:
-        running = {m.id for m in session.scalars(select(MigrationRow).where(
-            MigrationRow.state.in_([MigrationState.RUNNING.value,
-                                    MigrationState.ROLLING_BACK.value])))}
-        vms = {v.name: v.host for v in session.scalars(select(VmRow))}
+        running, vms = live_moves(session)
         held: list[NatAddress] = []           # leases a placed VM or a move explains
         active: set[str] = set()
         for row in nat_leases(session).values():
