@@ -47,7 +47,8 @@ def no_switchover_rules(site: Site) -> bool:
                  for c in switch.rules)
     hosts = any(is_mbb_cookie(f.cookie) for s in site.softswitches.values()
                 for f in s.flow_stats("br-vm"))
-    return not fabric and not hosts
+    pins = any(switch.pinned for switch in site.fabric.switches.values())
+    return not fabric and not hosts and not pins
 
 
 def stays_on_source(site: Site, record: MigrationRecord) -> None:
@@ -334,6 +335,19 @@ def test_audit_finds_switchover_rules_left_by_a_dead_migration(site: Site) -> No
     assert found == [("switchover-flow", "host1", f"{mbb_cookie(77):#x}")]
     assert audit.fix(site.controller, audit.audit(site.controller)) == []
     assert no_switchover_rules(site)
+
+
+def test_audit_finds_a_vm_mac_left_pinned_and_unpins_it(site: Site) -> None:
+    from vmferry.controller import audit
+    site.create_vm()
+    mac = site.controller.vm("vm1").mac
+    site.fabric.pin_mac("tor1", "h-host1", 100, mac)
+    site.fabric.pin_mac("spine", "t-tor1", 100, "52:54:00:99:99:99")   # not a VM's: kept
+    found = [(f.kind, f.where, f.what) for f in audit.audit(site.controller)]
+    assert found == [("switchover-pin", "tor1", f"100/{mac.lower()}")]
+    assert audit.fix(site.controller, audit.audit(site.controller)) == []
+    assert site.fabric.switches["tor1"].pinned == {}
+    assert site.fabric.switches["spine"].pinned
 
 
 def test_recovery_resumes_a_finished_source_when_the_destination_died(site: Site) -> None:

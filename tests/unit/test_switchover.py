@@ -14,7 +14,7 @@ from vmferry.controller.switchover import (
     leftovers,
 )
 from vmferry.drivers.fabric.fake import FakeFabric, FakeSwitch
-from vmferry.drivers.fabric.ovs_fabric import parse_mac_moves
+from vmferry.drivers.fabric.ovs_fabric import parse_mac_moves, parse_static_entries
 from vmferry.errors import AgentError, FabricError, InputError, NotFoundError
 from vmferry.model.switchover import (
     COOKIE_PREFIX,
@@ -33,6 +33,7 @@ from vmferry.model.switchover import (
     mbb_cookie,
     migration_of,
     path_ports,
+    pin_sides,
     switch_rules,
 )
 from vmferry.model.topology import Topology, default_topology_path, load_topology
@@ -150,6 +151,23 @@ def test_the_closed_gate_drops_what_the_open_one_delivers() -> None:
     assert (closed.priority, closed.match) == (opened.priority, opened.match)
 
 
+def test_pins_sit_towards_the_source_and_move_towards_the_destination(
+        topology: Topology) -> None:
+    assert pin_sides(topology, "host1", "host3") == {
+        "tor1": ("h-host1", "t-spine"), "spine": ("t-tor1", "t-tor2"),
+        "tor2": ("t-spine", "h-host3")}
+    assert pin_sides(topology, "host3", "host1")["tor1"] == ("t-spine", "h-host1")
+    assert pin_sides(topology, "host1", "host2") == {"tor1": ("h-host1", "h-host2")}
+
+
+def test_static_entries_from_fdb_show() -> None:
+    text = (" port  VLAN  MAC                Age\n"
+            "    2   100  52:54:00:ab:cd:ef  static\n"
+            "    1   100  52:54:00:00:00:01    3\n"
+            "    4   200  52:54:00:AB:00:02  static\n")
+    assert parse_static_entries(text) == {(100, "52:54:00:ab:cd:ef"), (200, "52:54:00:ab:00:02")}
+
+
 def test_mac_moves_from_fdb_stats_show() -> None:
     text = ('Statistics for bridge "br-fabric":\n'
             "  Current/maximum MAC entries in the table: 3/8192\n"
@@ -212,6 +230,71 @@ def test_prepare_stages_behind_a_closed_gate_open_opens_it_close_removes_all(
     mbb.prepare()                               # closed: never stages again
     mbb.open()
     assert all(not s.rules for s in fabric.switches.values()) and len(calls) == 4
+
+
+def test_the_mac_is_pinned_at_the_source_while_the_window_stands_then_moves_once(
+        topology: Topology) -> None:
+    mbb, fabric, _, recorded = window(topology)
+    mac = MAC.lower()
+    for switch, port in (("tor1", "h-host1"), ("spine", "t-tor1"), ("tor2", "t-spine")):
+        fabric.learn(switch, mac, port)
+    mbb.prepare()
+    assert {n: s.pinned for n, s in fabric.switches.items()} == {
+        "tor1": {(100, mac): "h-host1"}, "spine": {(100, mac): "t-tor1"},
+        "tor2": {(100, mac): "t-spine"}}
+    mbb.open()
+    # Frames from the resumed guest cross the switches from the destination's side: the
+    # pins hold, so nothing moves back and forth.
+    for switch, port in (("tor2", "h-host3"), ("spine", "t-tor2"), ("tor1", "t-spine")):
+        fabric.learn(switch, mac, port)
+    assert all(s.learned[mac] != "h-host3" for s in fabric.switches.values())
+    assert mbb.close(arrived=True) == []
+    assert all(not s.pinned and not s.rules for s in fabric.switches.values())
+    assert mbb.released_pins == 3 and recorded["make_before_break_pins"] == [
+        "spine", "tor1", "tor2"]
+    pins = [(m, sw) for m, sw in fabric.calls if m in ("pin_mac", "unpin_mac")]
+    # Each path switch: pinned at staging, moved to the destination's side, released.
+    assert sorted(pins) == sorted([("pin_mac", sw) for sw in ("tor1", "spine", "tor2")] * 2
+                                  + [("unpin_mac", sw) for sw in ("tor1", "spine", "tor2")])
+    for switch, port in (("tor2", "h-host3"), ("spine", "t-tor2"), ("tor1", "t-spine")):
+        fabric.learn(switch, mac, port)
+    assert {n: s.moves for n, s in fabric.switches.items()} == {"tor1": 0, "spine": 0,
+                                                                  "tor2": 0}
+
+
+def test_a_window_that_ends_without_arrival_releases_its_pins_where_the_guest_runs(
+        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbb, fabric, _, _ = window(topology)
+    mbb.prepare()
+    moved: list[tuple[str, str]] = []
+    real = fabric.pin_mac
+
+    def record(switch: str, port: str, vlan: int, mac: str) -> bool:
+        moved.append((switch, port))
+        return real(switch, port, vlan, mac)
+    monkeypatch.setattr(fabric, "pin_mac", record)
+    assert mbb.close() == []                    # a rollback: never towards the destination
+    assert moved == [] and mbb.released_pins == 3
+    assert all(not s.pinned for s in fabric.switches.values())
+    assert mbb.close(arrived=True) == [] and mbb.released_pins == 0     # idempotent
+
+
+def test_a_pin_refused_fails_the_staging_and_close_removes_the_rest(
+        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbb, fabric, calls, _ = window(topology)
+    real = fabric.pin_mac
+
+    def spine_refuses(switch: str, port: str, vlan: int, mac: str) -> bool:
+        if switch == "spine":
+            raise FabricError("spine refused the static entry", switch=switch)
+        return real(switch, port, vlan, mac)
+    monkeypatch.setattr(fabric, "pin_mac", spine_refuses)
+    with pytest.raises(SwitchoverError, match="spine"):
+        mbb.prepare()
+    mbb.open()
+    assert [c for c in calls if c[0] == "open"] == []
+    assert mbb.close() == []
+    assert all(not s.pinned and not s.rules for s in fabric.switches.values())
 
 
 def test_a_guest_with_a_profile_has_its_gate_removed_not_replaced(topology: Topology) -> None:

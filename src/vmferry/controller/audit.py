@@ -21,7 +21,8 @@ from vmferry.store.schema import MigrationRow, VmRow
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str        # qemu, port, tap, guest-record, trunk-vlan, switchover-flow, unreachable
+    kind: str        # qemu, port, tap, guest-record, trunk-vlan, switchover-flow,
+    #                  switchover-pin, unreachable ...
     where: str       # host or switch (and port)
     what: str        # VM name or VLAN list
     detail: str
@@ -97,10 +98,14 @@ def _migrating(controller: Controller) -> set[str]:
 
 
 def switchover_leftovers(controller: Controller) -> list[Finding]:
-    """Temporary make-before-break rules of migrations that are no longer running."""
+    """Temporary make-before-break rules of migrations that are no longer running, and MACs
+    of VMs pinned on a switch with no migration of theirs running."""
     with controller.store.session() as session:
-        live = {m.id for m in session.scalars(select(MigrationRow).where(MigrationRow.state.in_(
-            [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value])))}
+        running = list(session.scalars(select(MigrationRow).where(MigrationRow.state.in_(
+            [MigrationState.RUNNING.value, MigrationState.ROLLING_BACK.value]))))
+        macs = {vm.mac.lower(): vm.name for vm in session.scalars(select(VmRow))}
+    live = {m.id for m in running}
+    moving = {m.vm for m in running}
     findings: list[Finding] = []
     topology = controller.topology()
     fabric = controller.fabric_driver()
@@ -110,6 +115,11 @@ def switchover_leftovers(controller: Controller) -> list[Finding]:
                 findings.append(Finding("switchover-flow", switch.name, f"{cookie:#x}",
                                         f"make-before-break rules of migration "
                                         f"{migration_of(cookie)}"))
+            for vlan, mac in sorted(fabric.pinned_macs(switch.name)):
+                if macs.get(mac) is not None and macs[mac] not in moving:
+                    findings.append(Finding("switchover-pin", switch.name, f"{vlan}/{mac}",
+                                            f"MAC of {macs[mac]} pinned by a make-before-"
+                                            "break window that ended"))
         except VmferryError as exc:
             findings.append(Finding("unreachable", switch.name, "-", exc.message))
     for host in topology.hosts:
@@ -147,6 +157,9 @@ def fix(controller: Controller, findings: list[Finding]) -> list[Finding]:
             else:
                 fabric = controller.fabric_driver()
                 fabric.replace_rules(f.where, int(f.what, 0), [])
+        elif f.kind == "switchover-pin":
+            vlan, mac = f.what.split("/", 1)
+            controller.fabric_driver().unpin_mac(f.where, int(vlan), mac)
     if any(f.kind in ("host-route", "proxy-arp", "host-route-missing", "router-flow")
            for f in findings):
         route_way.reconcile(controller)

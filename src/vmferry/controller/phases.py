@@ -183,22 +183,26 @@ def _wait_destination_running(run: Run) -> str:
 
 
 def announce(run: Run) -> None:
-    """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port, and the
-    switches on the old path forget the old location instead of waiting for it to age. A
+    """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port; the
+    window's pins move to the new place and go (``controller.switchover``), or without
+    them the switches on the old path forget the old location instead of waiting for it
+    to age. A
     move by "route" (in or out of a routed rack) switches the routers first (route_way); a
     NAT move's translation follows the VM (controller/nat.py)."""
     route_way.switch(run)
     nat.after_switchover(run)
     dual_nic.after_switchover(run)    # the route fails over, the old NIC goes
     run.dst.announce(run.vm)
-    mac = run.vm_row().mac
+    # The destination is confirmed: both-ways delivery ends, the pins move here and go.
+    if run.close_switchover(arrived=True):
+        return
+    mac = run.vm_row().mac          # no pin held the MAC: the old path forgets it
     topology = run.controller.topology()
     switches = {s.name for s in topology.switches}
     fabric = run.controller.fabric_driver()
     for node in path_between(topology, run.source, run.destination):
         if node in switches:
             fabric.forget_mac(node, mac)
-    run.close_switchover()      # the destination is confirmed: both-ways delivery ends
 
 
 def clean_source(run: Run) -> None:

@@ -138,19 +138,24 @@ class Run:
                 agent=self.controller.agent, record=self.record_result))
         return self.mbb
 
-    def close_switchover(self) -> None:
-        """Remove the make-before-break rules, wherever they are (every ending calls this)."""
+    def close_switchover(self, arrived: bool = False) -> bool:
+        """Remove the make-before-break rules and pins, wherever they are (every ending calls
+        this; ``arrived``: the destination runs the guest, the pins move there first).
+        True when a switch held the MAC pinned (it learns the new place from the pin)."""
         if not self.options.make_before_break:
-            return
+            return False
+        released = 0
         try:
             mbb = self.make_before_break()
             assert mbb is not None
-            problems = mbb.close()
+            problems = mbb.close(arrived=arrived)
+            released = mbb.released_pins
         except Exception as exc:  # an ending must not fail on its cleanup; recorded below
             log.exception("migration %s: closing the switchover rules failed", self.id)
             problems = [str(exc)]
         self.record_result(make_before_break="removed" if not problems else "removal-failed",
                            make_before_break_problems=problems)
+        return released > 0
 
     # ---- the record ---------------------------------------------------------------------------
 

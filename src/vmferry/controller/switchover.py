@@ -7,13 +7,15 @@ One ``MakeBeforeBreak`` per migration run (H5):
                 install the rules on every fabric switch on the path, side by side. Frames for
                 the VM now also reach the destination host, where the gate drops them: none
                 waits in the tap of a guest that the source still runs (it would be answered
-                twice)
+                twice). Then pin the VM's MAC on those switches at the source's side
     open()      when the source has stopped the guest (its QMP ``STOP``): open the gate, one
                 OpenFlow bundle on the destination host; QEMU is not held for it, so the
                 guest's pause is not lengthened; frames sent during the rest of the pause wait
                 in the destination's tap instead of being lost at the stopped source
-    close()     after the destination announced itself, and on every ending: remove by cookie
-                on every switch and both hosts (idempotent; needs no memory of what went in)
+    close()     after the destination announced itself (``arrived``), and on every ending:
+                release the MAC's pins (moved to the destination's side first when it
+                arrived), remove by cookie on every switch and both hosts (idempotent; needs
+                no memory of what went in)
 
 ``leftovers`` finds rules of migrations that are no longer running (``vmferry audit``); a
 controller that died mid-window closes them on recovery, by cookie.
@@ -47,6 +49,7 @@ from vmferry.model.switchover import (
     mbb_cookie,
     migration_of,
     path_ports,
+    pin_sides,
 )
 from vmferry.model.topology import Topology
 
@@ -104,6 +107,7 @@ class MakeBeforeBreak:
         self.opened = False
         self.closed = False
         self.open_ms: float | None = None
+        self.released_pins = 0
 
     def prepare(self) -> None:
         """Stage the window: the closed gate on the destination host first, then the fabric
@@ -122,6 +126,7 @@ class MakeBeforeBreak:
                 [partial(ctx.fabric.switch_ports, s) for s in switches]), strict=True))
             rules = fabric_rules(ctx.topology, ctx.vlan, ctx.mac, ctx.source,
                                  ctx.destination, ports)
+            sides = pin_sides(ctx.topology, ctx.source, ctx.destination)
         except (KeyError, ValueError) as exc:
             self._failed([f"no switchover rules for {ctx.vm}: {exc}"])
             raise SwitchoverError(f"no switchover rules for {ctx.vm}: {exc}") from exc
@@ -134,6 +139,12 @@ class MakeBeforeBreak:
                 partial(ctx.fabric.replace_rules, switch, self.cookie, switch_rules,
                         known_empty=True)
                 for switch, switch_rules in rules.items() if switch_rules])
+        if not problems:
+            # Frames from the MAC will cross the switches from both sides now: held where
+            # the guest runs, learning cannot flap it (a flapping MAC alarms a switch).
+            problems = _problems([
+                partial(ctx.fabric.pin_mac, switch, towards_source, ctx.vlan, ctx.mac)
+                for switch, (towards_source, _) in sides.items()])
         if problems:
             self._failed(problems)
             raise SwitchoverError("; ".join(problems))
@@ -171,27 +182,51 @@ class MakeBeforeBreak:
                  ctx.destination, self.open_ms)
         failpoints.reached(WINDOW_FAILPOINT)
 
-    def close(self) -> list[str]:
-        """Remove the rules by cookie from every fabric switch and both hosts; returns the
-        problems met (never raises: every ending of a migration calls this)."""
+    def close(self, arrived: bool = False) -> list[str]:
+        """Release the MAC's pins (``arrived``: the destination runs the guest, so each pin
+        moves to the destination's side before it goes: the switch learns the MAC there
+        once), remove the rules by cookie from every fabric switch and both hosts; returns
+        the problems met (never raises: every ending of a migration calls this).
+        ``released_pins`` counts the switches that held a pin."""
         with self._lock:
             self.closed = True
         ctx = self.ctx
+        try:
+            sides = pin_sides(ctx.topology, ctx.source, ctx.destination)
+        except (KeyError, ValueError):
+            sides = {}
+        released: list[str] = []
         tasks: list[Callable[[], object]] = [
-            partial(ctx.fabric.replace_rules, switch.name, self.cookie, [])
+            partial(_close_switch, ctx, switch.name, self.cookie,
+                    sides[switch.name][1] if arrived and switch.name in sides else None,
+                    switch.name in sides, released)
             for switch in ctx.topology.switches]
         tasks += [partial(_close_host, ctx, host, self.cookie)
                   for host in dict.fromkeys((ctx.destination, ctx.source))]
         problems = _problems(tasks)
+        self.released_pins = len(released)
         try:
             ctx.record(make_before_break="removed" if not problems else "removal-failed",
-                       make_before_break_problems=problems)
+                       make_before_break_problems=problems,
+                       **({"make_before_break_pins": sorted(released)} if released else {}))
         except Exception:  # recording must not break an ending migration
             log.exception("migration %s: cannot record the rules' removal", ctx.migration_id)
         if problems:
             log.warning("migration %s: switchover rules not all removed: %s",
                         ctx.migration_id, "; ".join(problems))
         return problems
+
+
+def _close_switch(ctx: SwitchoverContext, switch: str, cookie: int,
+                  towards_destination: str | None, on_path: bool, released: list[str]) -> None:
+    """One fabric switch's part of ``close``: its pin first (while the rules still deliver
+    both ways), then its rules."""
+    if on_path and (ctx.vlan, ctx.mac.lower()) in ctx.fabric.pinned_macs(switch):
+        if towards_destination is not None:
+            ctx.fabric.pin_mac(switch, towards_destination, ctx.vlan, ctx.mac)
+        ctx.fabric.unpin_mac(switch, ctx.vlan, ctx.mac)
+        released.append(switch)
+    ctx.fabric.replace_rules(switch, cookie, [])
 
 
 def _arm_host(ctx: SwitchoverContext, cookie: int) -> int:

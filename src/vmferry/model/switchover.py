@@ -24,6 +24,13 @@ matched and stays dropped: VLAN isolation holds at every instant.
                                                   gate if the controller has not yet
                                                   (``arrival_rules``)
 
+    fabric switch on the path, the pin              the VM's MAC held (a static entry) at the
+                                                  port towards the source from staging on, so
+                                                  learning cannot flap it while frames from
+                                                  both sides cross the switch; at arrival the
+                                                  pin moves to the port towards the
+                                                  destination, then goes (``pin_sides``)
+
 The fabric rules may be in place long before the guest stops: while the gate is closed they
 deliver nothing to the destination guest, so the switchover itself only has to open the gate.
 The closed gate carries its own cookie (``gate_cookie``: the migration's with ``GATE_BIT``).
@@ -129,6 +136,14 @@ def path_ports(topology: Topology, source: str, destination: str) -> dict[str, l
                 ports.append(links[frozenset((node, neighbour))][node])
         result[node] = ports
     return result
+
+
+def pin_sides(topology: Topology, source: str, destination: str) -> dict[str, tuple[str, str]]:
+    """Fabric switch on the path -> (its port towards the source, towards the destination):
+    where the window pins the VM's MAC, and where the pin moves once the destination runs
+    it. Raises ``KeyError``/``ValueError`` like ``path_ports``."""
+    return {switch: (ports[0], ports[-1])
+            for switch, ports in path_ports(topology, source, destination).items() if ports}
 
 
 def switch_rules(on_path: list[str], ports: SwitchPorts, vlan: int, mac: str) -> list[Rule]:

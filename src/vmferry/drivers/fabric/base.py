@@ -24,6 +24,23 @@ class Fabric(ABC):
         """Drop what ``switch`` learned about ``mac`` so the next frame teaches it anew."""
 
     @abstractmethod
+    def pin_mac(self, switch: str, port: str, vlan: int, mac: str) -> bool:
+        """Hold ``mac`` on ``vlan`` at ``port`` (a static entry): frames from the MAC entering
+        elsewhere teach the switch nothing until ``unpin_mac``; moving a pin is not a MAC
+        move. False when the switch offers no way to pin (nothing changed). Raises
+        ``FabricError``."""
+
+    @abstractmethod
+    def unpin_mac(self, switch: str, vlan: int, mac: str) -> None:
+        """Release the pin so the next frame from ``mac`` teaches the switch anew; frames
+        the switch forwarded while it held must not teach it afterwards. Idempotent. Raises
+        ``FabricError``."""
+
+    @abstractmethod
+    def pinned_macs(self, switch: str) -> set[tuple[int, str]]:
+        """(VLAN, MAC) of every pinned MAC on the switch. Raises ``FabricError``."""
+
+    @abstractmethod
     def switch_ports(self, switch: str) -> SwitchPorts:
         """The switch's ports as they are now (OpenFlow numbers, access VLAN or trunk list).
         Raises ``FabricError``."""

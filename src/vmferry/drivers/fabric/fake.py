@@ -18,6 +18,7 @@ class FakeSwitch:
     ports: dict[str, PortInfo] = field(default_factory=dict)
     rules: dict[int, list[Rule]] = field(default_factory=dict)
     learned: dict[str, str] = field(default_factory=dict)     # mac -> port
+    pinned: dict[tuple[int, str], str] = field(default_factory=dict)   # (vlan, mac) -> port
     moves: int = 0
 
 
@@ -71,9 +72,28 @@ class FakeFabric(Fabric):
     def forget_mac(self, switch: str, mac: str) -> None:
         self._get("forget_mac", switch).learned.pop(mac.lower(), None)
 
+    def pin_mac(self, switch: str, port: str, vlan: int, mac: str) -> bool:
+        known = self._get("pin_mac", switch)
+        if port not in known.ports:
+            raise FabricError(f"switch {switch} has no port {port}", switch=switch, port=port)
+        known.pinned[(vlan, mac.lower())] = port
+        known.learned[mac.lower()] = port
+        return True
+
+    def unpin_mac(self, switch: str, vlan: int, mac: str) -> None:
+        known = self._get("unpin_mac", switch)
+        if known.pinned.pop((vlan, mac.lower()), None) is not None:
+            known.learned.pop(mac.lower(), None)
+
+    def pinned_macs(self, switch: str) -> set[tuple[int, str]]:
+        return set(self._get("pinned_macs", switch).pinned)
+
     def learn(self, switch: str, mac: str, port: str) -> None:
-        """What a frame from ``mac`` entering ``port`` teaches the switch (tests call it)."""
+        """What a frame from ``mac`` entering ``port`` teaches the switch (tests call it); a
+        pinned MAC teaches nothing."""
         known = self._get("learn", switch)
+        if any(m == mac.lower() for _, m in known.pinned):
+            return
         before = known.learned.get(mac.lower())
         if before is not None and before != port:
             known.moves += 1

@@ -57,6 +57,48 @@ class OvsFabric(Fabric):
             return
         self._switch(switch).flush_fdb(SWITCH_BRIDGE, mac)
 
+    # Pinned MACs: static entries of the switch's MAC table (``ovs-appctl fdb/*``).
+
+    def pin_mac(self, switch: str, port: str, vlan: int, mac: str) -> bool:
+        if self.topology.switch(switch).unixctl is None:
+            return False            # reached by OVSDB and OpenFlow alone: no static entries
+        self._appctl(switch, ["fdb/add", SWITCH_BRIDGE, port, str(vlan), mac.lower()],
+                     f"pin {mac} at {switch}:{port}")
+        return True
+
+    def unpin_mac(self, switch: str, vlan: int, mac: str) -> None:
+        if self.topology.switch(switch).unixctl is None:
+            return
+        # OVS also learns from the statistics of frames it forwarded earlier, pushed by its
+        # revalidator up to 500 ms later: two revalidation rounds while the pin still holds
+        # account for them, so a frame the source sent before the move cannot teach the old
+        # port after the pin goes (the MAC would flap back and forth).
+        for _ in range(2):
+            self._appctl(switch, ["revalidator/wait"], f"revalidate {switch}")
+        self._appctl(switch, ["fdb/del", SWITCH_BRIDGE, str(vlan), mac.lower()],
+                     f"unpin {mac} on {switch}", missing_ok="could not find static")
+
+    def pinned_macs(self, switch: str) -> set[tuple[int, str]]:
+        if self.topology.switch(switch).unixctl is None:
+            return set()
+        shown = self._appctl(switch, ["fdb/show", SWITCH_BRIDGE], f"read {switch}'s MACs")
+        return parse_static_entries(shown)
+
+    def _appctl(self, switch: str, args: list[str], what: str,
+                missing_ok: str | None = None) -> str:
+        """Run ``ovs-appctl`` on the switch's vswitchd; its output. Raises ``FabricError``
+        (but not when the error says ``missing_ok``)."""
+        ctl = self._switch(switch).vswitchd_ctl
+        try:
+            result = subprocess.run(["ovs-appctl", "-t", str(ctl), *args],
+                                    capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise FabricError(f"cannot {what}", switch=switch, cause=str(exc)) from exc
+        if result.returncode != 0 and not (missing_ok and missing_ok in result.stderr):
+            raise FabricError(f"cannot {what}", switch=switch,
+                              cause=(result.stderr or result.stdout).strip()[-300:])
+        return result.stdout
+
     # Temporary switchover rules (vmferry.model.switchover) and MAC learning counters.
 
     def switch_ports(self, switch: str) -> SwitchPorts:
@@ -86,15 +128,8 @@ class OvsFabric(Fabric):
                               cause=exc.message) from exc
 
     def mac_moves(self, switch: str) -> int:
-        ctl = self._switch(switch).vswitchd_ctl
-        try:
-            result = subprocess.run(["ovs-appctl", "-t", str(ctl), "fdb/stats-show",
-                                     SWITCH_BRIDGE], capture_output=True, text=True,
-                                    timeout=10, check=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise FabricError(f"cannot read the MAC learning statistics of {switch}",
-                              switch=switch, cause=str(exc)) from exc
-        return parse_mac_moves(result.stdout)
+        return parse_mac_moves(self._appctl(switch, ["fdb/stats-show", SWITCH_BRIDGE],
+                                            f"read the MAC learning statistics of {switch}"))
 
     def close(self) -> None:
         with self._lock:
@@ -113,6 +148,16 @@ def parse_mac_moves(text: str) -> int:
     if match is None:
         raise FabricError("fdb/stats-show printed no moved-MAC counter", cause=text[-300:])
     return int(match.group(1))
+
+
+def parse_static_entries(text: str) -> set[tuple[int, str]]:
+    """(VLAN, MAC) of the static entries ``ovs-appctl fdb/show`` prints (age "static")."""
+    found: set[tuple[int, str]] = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[3] == "static" and parts[1].isdigit():
+            found.add((int(parts[1]), parts[2].lower()))
+    return found
 
 
 def _port_info(state: PortState) -> PortInfo:
