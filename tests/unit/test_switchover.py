@@ -248,10 +248,11 @@ def test_the_mac_is_pinned_at_the_source_while_the_window_stands_then_moves_once
     for switch, port in (("tor2", "h-host3"), ("spine", "t-tor2"), ("tor1", "t-spine")):
         fabric.learn(switch, mac, port)
     assert all(s.learned[mac] != "h-host3" for s in fabric.switches.values())
-    assert mbb.close(arrived=True) == []
-    assert all(not s.pinned and not s.rules for s in fabric.switches.values())
-    assert mbb.released_pins == 3 and recorded["make_before_break_pins"] == [
-        "spine", "tor1", "tor2"]
+    assert mbb.close(arrived=True) == [] and mbb.released_pins == 3
+    assert all(not s.rules for s in fabric.switches.values())
+    mbb.close()                     # the run's ending: waits for the pins going meanwhile
+    assert all(not s.pinned for s in fabric.switches.values())
+    assert recorded["make_before_break_pins"] == ["spine", "tor1", "tor2"]
     pins = [(m, sw) for m, sw in fabric.calls if m in ("pin_mac", "unpin_mac")]
     # Each path switch: pinned at staging, moved to the destination's side, released.
     assert sorted(pins) == sorted([("pin_mac", sw) for sw in ("tor1", "spine", "tor2")] * 2
@@ -277,6 +278,30 @@ def test_a_window_that_ends_without_arrival_releases_its_pins_where_the_guest_ru
     assert moved == [] and mbb.released_pins == 3
     assert all(not s.pinned for s in fabric.switches.values())
     assert mbb.close(arrived=True) == [] and mbb.released_pins == 0     # idempotent
+
+
+def test_an_arrival_moves_the_pins_to_the_destination_before_they_go(
+        topology: Topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbb, fabric, _, _ = window(topology)
+    mbb.prepare()
+    order: list[tuple[str, str, str]] = []
+    real_pin, real_unpin = fabric.pin_mac, fabric.unpin_mac
+
+    def pin(switch: str, port: str, vlan: int, mac: str) -> bool:
+        order.append(("pin", switch, port))
+        return real_pin(switch, port, vlan, mac)
+
+    def unpin(switch: str, vlan: int, mac: str, drain: bool = False) -> None:
+        order.append(("unpin-drained" if drain else "unpin", switch,
+                      "rules gone" if not fabric.switches[switch].rules else "rules in"))
+        real_unpin(switch, vlan, mac, drain)
+    monkeypatch.setattr(fabric, "pin_mac", pin)
+    monkeypatch.setattr(fabric, "unpin_mac", unpin)
+    mbb.close(arrived=True)
+    mbb.close()
+    for switch, port in (("tor1", "t-spine"), ("spine", "t-tor2"), ("tor2", "h-host3")):
+        mine = [o for o in order if o[1] == switch]
+        assert mine == [("pin", switch, port), ("unpin-drained", switch, "rules gone")]
 
 
 def test_a_pin_refused_fails_the_staging_and_close_removes_the_rest(

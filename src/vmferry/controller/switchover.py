@@ -59,6 +59,9 @@ __all__ = ["COOKIE_MASK", "COOKIE_PREFIX", "PRIORITY", "MakeBeforeBreak", "Switc
 log = logging.getLogger(__name__)
 
 WINDOW_FAILPOINT = "switchover-window"      # held with the gate open (tests)
+# How long an ending waits for the pins that go in the background (two revalidation rounds
+# at most on OVS, 500 ms each by default).
+RELEASE_WAIT_S = 15.0
 
 
 class SwitchoverAgent(Protocol):
@@ -108,6 +111,9 @@ class MakeBeforeBreak:
         self.closed = False
         self.open_ms: float | None = None
         self.released_pins = 0
+        self.pins_released: list[str] = []
+        self._releasing: threading.Thread | None = None
+        self._release_problems: list[str] = []
 
     def prepare(self) -> None:
         """Stage the window: the closed gate on the destination host first, then the fabric
@@ -183,32 +189,43 @@ class MakeBeforeBreak:
         failpoints.reached(WINDOW_FAILPOINT)
 
     def close(self, arrived: bool = False) -> list[str]:
-        """Release the MAC's pins (``arrived``: the destination runs the guest, so each pin
-        moves to the destination's side before it goes: the switch learns the MAC there
-        once), remove the rules by cookie from every fabric switch and both hosts; returns
-        the problems met (never raises: every ending of a migration calls this).
-        ``released_pins`` counts the switches that held a pin."""
+        """Remove the rules by cookie from every fabric switch and both hosts, and release
+        the MAC's pins; returns the problems met (never raises: every ending of a migration
+        calls this). ``arrived``: the destination runs the guest, so each pin first moves to
+        the destination's side, and goes in the background once the switch has accounted
+        for the frames it forwarded (a revalidation round, up to 500 ms: off the guest's
+        path); a later ``close`` waits for that. ``released_pins`` counts the switches that
+        held a pin."""
         with self._lock:
             self.closed = True
         ctx = self.ctx
+        problems = self._wait_release()
         try:
             sides = pin_sides(ctx.topology, ctx.source, ctx.destination)
         except (KeyError, ValueError):
             sides = {}
         released: list[str] = []
+        draining: list[str] = []
         tasks: list[Callable[[], object]] = [
             partial(_close_switch, ctx, switch.name, self.cookie,
                     sides[switch.name][1] if arrived and switch.name in sides else None,
-                    switch.name in sides, released)
+                    switch.name in sides, released, draining)
             for switch in ctx.topology.switches]
         tasks += [partial(_close_host, ctx, host, self.cookie)
                   for host in dict.fromkeys((ctx.destination, ctx.source))]
-        problems = _problems(tasks)
-        self.released_pins = len(released)
+        problems += _problems(tasks)
+        self.released_pins = len(released) + len(draining)
+        self.pins_released += released
+        if draining:
+            self._releasing = threading.Thread(
+                target=self._release, args=(draining,), daemon=True,
+                name=f"migration-{ctx.migration_id}-pins")
+            self._releasing.start()
         try:
             ctx.record(make_before_break="removed" if not problems else "removal-failed",
                        make_before_break_problems=problems,
-                       **({"make_before_break_pins": sorted(released)} if released else {}))
+                       **({"make_before_break_pins": sorted(self.pins_released)}
+                          if self.pins_released else {}))
         except Exception:  # recording must not break an ending migration
             log.exception("migration %s: cannot record the rules' removal", ctx.migration_id)
         if problems:
@@ -216,17 +233,40 @@ class MakeBeforeBreak:
                         ctx.migration_id, "; ".join(problems))
         return problems
 
+    def _release(self, switches: list[str]) -> None:
+        ctx = self.ctx
+        self._release_problems = _problems([
+            partial(ctx.fabric.unpin_mac, switch, ctx.vlan, ctx.mac, drain=True)
+            for switch in switches])
+        self.pins_released += switches
+
+    def _wait_release(self) -> list[str]:
+        """Wait (bounded) for pins going in the background; the problems met there."""
+        releasing, self._releasing = self._releasing, None
+        if releasing is None:
+            return []
+        releasing.join(RELEASE_WAIT_S)
+        if releasing.is_alive():
+            return [f"the pins of {self.ctx.vm} were not released in {RELEASE_WAIT_S:g}s"]
+        problems, self._release_problems = self._release_problems, []
+        return problems
+
 
 def _close_switch(ctx: SwitchoverContext, switch: str, cookie: int,
-                  towards_destination: str | None, on_path: bool, released: list[str]) -> None:
-    """One fabric switch's part of ``close``: its pin first (while the rules still deliver
-    both ways), then its rules."""
-    if on_path and (ctx.vlan, ctx.mac.lower()) in ctx.fabric.pinned_macs(switch):
-        if towards_destination is not None:
-            ctx.fabric.pin_mac(switch, towards_destination, ctx.vlan, ctx.mac)
+                  towards_destination: str | None, on_path: bool, released: list[str],
+                  draining: list[str]) -> None:
+    """One fabric switch's part of ``close``. A pin first moves to the destination's side
+    (``towards_destination``) so that NORMAL delivers there once the rules go, and is left
+    for ``draining``; a pin that does not move goes at once (``released``)."""
+    pinned = on_path and (ctx.vlan, ctx.mac.lower()) in ctx.fabric.pinned_macs(switch)
+    if pinned and towards_destination is not None:
+        ctx.fabric.pin_mac(switch, towards_destination, ctx.vlan, ctx.mac)
+    ctx.fabric.replace_rules(switch, cookie, [])
+    if pinned and towards_destination is not None:
+        draining.append(switch)
+    elif pinned:
         ctx.fabric.unpin_mac(switch, ctx.vlan, ctx.mac)
         released.append(switch)
-    ctx.fabric.replace_rules(switch, cookie, [])
 
 
 def _arm_host(ctx: SwitchoverContext, cookie: int) -> int:

@@ -31,10 +31,11 @@ class Fabric(ABC):
         ``FabricError``."""
 
     @abstractmethod
-    def unpin_mac(self, switch: str, vlan: int, mac: str) -> None:
-        """Release the pin so the next frame from ``mac`` teaches the switch anew; frames
-        the switch forwarded while it held must not teach it afterwards. Idempotent. Raises
-        ``FabricError``."""
+    def unpin_mac(self, switch: str, vlan: int, mac: str, drain: bool = False) -> None:
+        """Release the pin so the next frame from ``mac`` teaches the switch anew.
+        ``drain``: first let the switch account for the frames it forwarded so far, while
+        the pin holds (a switch that learns late from them would move the MAC back).
+        Idempotent. Raises ``FabricError``."""
 
     @abstractmethod
     def pinned_macs(self, switch: str) -> set[tuple[int, str]]:

@@ -80,7 +80,7 @@ class FakeFabric(Fabric):
         known.learned[mac.lower()] = port
         return True
 
-    def unpin_mac(self, switch: str, vlan: int, mac: str) -> None:
+    def unpin_mac(self, switch: str, vlan: int, mac: str, drain: bool = False) -> None:
         known = self._get("unpin_mac", switch)
         if known.pinned.pop((vlan, mac.lower()), None) is not None:
             known.learned.pop(mac.lower(), None)

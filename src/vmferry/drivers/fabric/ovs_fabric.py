@@ -66,14 +66,13 @@ class OvsFabric(Fabric):
                      f"pin {mac} at {switch}:{port}")
         return True
 
-    def unpin_mac(self, switch: str, vlan: int, mac: str) -> None:
+    def unpin_mac(self, switch: str, vlan: int, mac: str, drain: bool = False) -> None:
         if self.topology.switch(switch).unixctl is None:
             return
-        # OVS also learns from the statistics of frames it forwarded earlier, pushed by its
-        # revalidator up to 500 ms later: two revalidation rounds while the pin still holds
-        # account for them, so a frame the source sent before the move cannot teach the old
-        # port after the pin goes (the MAC would flap back and forth).
-        for _ in range(2):
+        if drain:
+            # OVS learns also from the statistics of frames it forwarded, pushed by its
+            # revalidator up to 500 ms later. The round in progress, or the next (a changed
+            # flow table starts one at once), accounts for them while the pin holds.
             self._appctl(switch, ["revalidator/wait"], f"revalidate {switch}")
         self._appctl(switch, ["fdb/del", SWITCH_BRIDGE, str(vlan), mac.lower()],
                      f"unpin {mac} on {switch}", missing_ok="could not find static")
