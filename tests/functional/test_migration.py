@@ -91,9 +91,15 @@ PROFILE = {"name": "mig-web", "vlan": 100,
                              "rules": [{"action": "deny", "protocol": "tcp", "port": 8080}]}}}
 
 
-def acl_enforced(lab: LabRun) -> bool:
-    """HTTP on 80 answers and HTTP on 8080 is blocked by the profile's ACL."""
+def acl_enforced(lab: LabRun, wait_s: float = 30) -> bool:
+    """HTTP on 80 answers and HTTP on 8080 is blocked by the profile's ACL. The guest may
+    answer pings before its web server listens (seen on a loaded machine: one try failed),
+    so port 80 gets a few tries (bounded); 8080 must stay blocked."""
+    deadline = time.monotonic() + wait_s
     page = lab.http("client-100", f"http://{VM_IP}/")
+    while page is None and time.monotonic() < deadline:
+        time.sleep(1)
+        page = lab.http("client-100", f"http://{VM_IP}/")
     return page is not None and lab.http("client-100", f"http://{VM_IP}:8080/", timeout=2) is None
 
 
