@@ -248,7 +248,7 @@ def test_the_mac_is_pinned_at_the_source_while_the_window_stands_then_moves_once
     for switch, port in (("tor2", "h-host3"), ("spine", "t-tor2"), ("tor1", "t-spine")):
         fabric.learn(switch, mac, port)
     assert all(s.learned[mac] != "h-host3" for s in fabric.switches.values())
-    assert mbb.close(arrived=True) == [] and mbb.released_pins == 3
+    assert mbb.close(arrived=True) == [] and mbb.pins_held == 3
     assert all(not s.rules for s in fabric.switches.values())
     mbb.close()                     # the run's ending: waits for the pins going meanwhile
     assert all(not s.pinned for s in fabric.switches.values())
@@ -275,9 +275,9 @@ def test_a_window_that_ends_without_arrival_releases_its_pins_where_the_guest_ru
         return real(switch, port, vlan, mac)
     monkeypatch.setattr(fabric, "pin_mac", record)
     assert mbb.close() == []                    # a rollback: never towards the destination
-    assert moved == [] and mbb.released_pins == 3
+    assert moved == [] and mbb.pins_held == 3
     assert all(not s.pinned for s in fabric.switches.values())
-    assert mbb.close(arrived=True) == [] and mbb.released_pins == 0     # idempotent
+    assert mbb.close(arrived=True) == [] and mbb.pins_held == 0     # idempotent
 
 
 def test_an_arrival_moves_the_pins_to_the_destination_before_they_go(

@@ -186,9 +186,8 @@ def announce(run: Run) -> None:
     """Tell the fabric where the VM's MAC is now: RARPs from the guest's new port; the
     window's pins move to the new place and go (``controller.switchover``), or without
     them the switches on the old path forget the old location instead of waiting for it
-    to age. A
-    move by "route" (in or out of a routed rack) switches the routers first (route_way); a
-    NAT move's translation follows the VM (controller/nat.py)."""
+    to age. A move by "route" (in or out of a routed rack) switches the routers first
+    (route_way); a NAT move's translation follows the VM (controller/nat.py)."""
     route_way.switch(run)
     nat.after_switchover(run)
     dual_nic.after_switchover(run)    # the route fails over, the old NIC goes

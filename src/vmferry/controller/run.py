@@ -144,18 +144,18 @@ class Run:
         True when a switch held the MAC pinned (it learns the new place from the pin)."""
         if not self.options.make_before_break:
             return False
-        released = 0
+        held = 0
         try:
             mbb = self.make_before_break()
             assert mbb is not None
             problems = mbb.close(arrived=arrived)
-            released = mbb.released_pins
+            held = mbb.pins_held
         except Exception as exc:  # an ending must not fail on its cleanup; recorded below
             log.exception("migration %s: closing the switchover rules failed", self.id)
             problems = [str(exc)]
         self.record_result(make_before_break="removed" if not problems else "removal-failed",
                            make_before_break_problems=problems)
-        return released > 0
+        return held > 0
 
     # ---- the record ---------------------------------------------------------------------------
 

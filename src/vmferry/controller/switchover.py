@@ -59,8 +59,8 @@ __all__ = ["COOKIE_MASK", "COOKIE_PREFIX", "PRIORITY", "MakeBeforeBreak", "Switc
 log = logging.getLogger(__name__)
 
 WINDOW_FAILPOINT = "switchover-window"      # held with the gate open (tests)
-# How long an ending waits for the pins that go in the background (two revalidation rounds
-# at most on OVS, 500 ms each by default).
+# How long an ending waits for the pins that go in the background (one revalidation round on
+# OVS, 500 ms by default).
 RELEASE_WAIT_S = 15.0
 
 
@@ -110,8 +110,8 @@ class MakeBeforeBreak:
         self.opened = False
         self.closed = False
         self.open_ms: float | None = None
-        self.released_pins = 0
-        self.pins_released: list[str] = []
+        self.pins_held = 0                          # switches holding a pin at the last close
+        self._unpinned: list[str] = []              # switches whose pin went (recorded)
         self._releasing: threading.Thread | None = None
         self._release_problems: list[str] = []
 
@@ -194,8 +194,8 @@ class MakeBeforeBreak:
         calls this). ``arrived``: the destination runs the guest, so each pin first moves to
         the destination's side, and goes in the background once the switch has accounted
         for the frames it forwarded (a revalidation round, up to 500 ms: off the guest's
-        path); a later ``close`` waits for that. ``released_pins`` counts the switches that
-        held a pin."""
+        path); a later ``close`` waits for that. ``pins_held`` counts the switches that held
+        a pin."""
         with self._lock:
             self.closed = True
         ctx = self.ctx
@@ -214,8 +214,8 @@ class MakeBeforeBreak:
         tasks += [partial(_close_host, ctx, host, self.cookie)
                   for host in dict.fromkeys((ctx.destination, ctx.source))]
         problems += _problems(tasks)
-        self.released_pins = len(released) + len(draining)
-        self.pins_released += released
+        self.pins_held = len(released) + len(draining)
+        self._unpinned += released
         if draining:
             self._releasing = threading.Thread(
                 target=self._release, args=(draining,), daemon=True,
@@ -224,8 +224,8 @@ class MakeBeforeBreak:
         try:
             ctx.record(make_before_break="removed" if not problems else "removal-failed",
                        make_before_break_problems=problems,
-                       **({"make_before_break_pins": sorted(self.pins_released)}
-                          if self.pins_released else {}))
+                       **({"make_before_break_pins": sorted(self._unpinned)}
+                          if self._unpinned else {}))
         except Exception:  # recording must not break an ending migration
             log.exception("migration %s: cannot record the rules' removal", ctx.migration_id)
         if problems:
@@ -238,7 +238,7 @@ class MakeBeforeBreak:
         self._release_problems = _problems([
             partial(ctx.fabric.unpin_mac, switch, ctx.vlan, ctx.mac, drain=True)
             for switch in switches])
-        self.pins_released += switches
+        self._unpinned += switches
 
     def _wait_release(self) -> list[str]:
         """Wait (bounded) for pins going in the background; the problems met there."""
